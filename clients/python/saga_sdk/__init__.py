@@ -1,0 +1,1 @@
+"""Python SDK for the saga coordinator: clients, and participants with an idempotency barrier."""

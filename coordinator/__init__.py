@@ -1,0 +1,1 @@
+"""The saga coordinator: runs sagas over gRPC, durably, and compensates on failure."""
