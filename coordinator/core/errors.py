@@ -1,0 +1,104 @@
+"""The coordinator's one error tree; each error has a stable reason.
+
+    SagaError                      reason
+    ├── InvalidArgument            INVALID_ARGUMENT (carries field violations)
+    │   └── InvalidDefinition      INVALID_DEFINITION
+    ├── SagaNotFound               SAGA_NOT_FOUND
+    ├── DefinitionNotFound         DEFINITION_NOT_FOUND
+    ├── SagaAlreadyExists          SAGA_ALREADY_EXISTS
+    ├── SagaNotCancellable         SAGA_ENDED / SAGA_PAST_PIVOT / SAGA_NEEDS_ATTENTION
+    ├── ConcurrentUpdate           CONCURRENT_UPDATE
+    ├── StorageUnavailable         STORAGE_UNAVAILABLE
+    ├── WatcherTooSlow             WATCHER_TOO_SLOW
+    └── ShuttingDown               SHUTTING_DOWN
+
+The transport maps each to a gRPC status code in one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid field: its path (``steps[2].compensation``) and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+class SagaError(Exception):
+    """Something the coordinator refuses or cannot do."""
+
+    reason = "SAGA_ERROR"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(SagaError):
+    """The request is invalid; nothing was stored."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, violations: tuple[FieldViolation, ...] = ()) -> None:
+        super().__init__(message)
+        self.violations = violations
+
+
+class InvalidDefinition(InvalidArgument):
+    """A saga definition is invalid."""
+
+    reason = "INVALID_DEFINITION"
+
+
+class SagaNotFound(SagaError):
+    """No saga has this id."""
+
+    reason = "SAGA_NOT_FOUND"
+
+
+class DefinitionNotFound(SagaError):
+    """No definition has this name (and version)."""
+
+    reason = "DEFINITION_NOT_FOUND"
+
+
+class SagaAlreadyExists(SagaError):
+    """A saga with this id exists, created by a different request."""
+
+    reason = "SAGA_ALREADY_EXISTS"
+
+
+class SagaNotCancellable(SagaError):
+    """The saga cannot be cancelled: it has ended, its pivot was sent, or it needs attention."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ConcurrentUpdate(SagaError):
+    """The saga changed in storage since it was read (another writer, or a stale owner)."""
+
+    reason = "CONCURRENT_UPDATE"
+
+
+class StorageUnavailable(SagaError):
+    """The store cannot take the write now (locked, full); nothing was acknowledged."""
+
+    reason = "STORAGE_UNAVAILABLE"
+
+
+class ShuttingDown(SagaError):
+    """The coordinator is stopping and takes no new work."""
+
+    reason = "SHUTTING_DOWN"
+
+
+class WatcherTooSlow(SagaError):
+    """A watcher fell too far behind the saga's changes; it may watch again."""
+
+    reason = "WATCHER_TOO_SLOW"

@@ -1,0 +1,116 @@
+"""What can happen to a saga (events) and what the coordinator must do about it (commands)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import MappingProxyType
+
+from coordinator.core.model import Operation, Saga, SagaDefinition
+
+
+def _no_headers() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class SagaCreated:
+    """A client asked for a saga to run; always the first event of a saga."""
+
+    saga_id: str
+    definition: SagaDefinition
+    input: bytes
+    trace_context: Mapping[str, str] = field(default_factory=_no_headers)
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    """The participant answered OK."""
+
+    output: bytes = b""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The participant said a business "no" (FAILED_PRECONDITION): nothing was applied."""
+
+    reason: str
+    message: str
+    code: str = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True)
+class Transient:
+    """The call failed in a way that may pass: the outcome is unknown, retry the same request."""
+
+    code: str
+    message: str
+    reason: str = ""
+    retry_after: timedelta | None = None
+    """The participant's RetryInfo: wait at least this long before retrying."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The participant cannot do this (a code that is never retried)."""
+
+    code: str
+    message: str
+    reason: str = ""
+
+
+Outcome = Succeeded | Rejected | Transient | Failed
+
+
+@dataclass(frozen=True)
+class CallAnswered:
+    """A participant answered (or a call failed) for one attempt of one step's operation."""
+
+    operation: Operation
+    step: int
+    attempt: int
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    """A client asked for the saga to be cancelled."""
+
+    reason: str
+
+
+Event = SagaCreated | CallAnswered | CancelRequested
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    """An event as stored in a saga's append-only log."""
+
+    saga_id: str
+    sequence: int
+    """Position in the saga's log, from 1; equals the saga's version after the event."""
+    recorded_at: datetime
+    event: Event
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Send one attempt of one step's operation, not before ``not_before``."""
+
+    operation: Operation
+    step: int
+    attempt: int
+    request_id: str
+    not_before: datetime | None = None
+    """When the attempt is due; None means at once."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The saga after an event, and the calls it implies."""
+
+    saga: Saga
+    commands: tuple[Dispatch, ...] = ()
+    changed: bool = True
+    """False when the event did not apply (stale answer, settled saga): nothing to store."""

@@ -1,0 +1,104 @@
+"""The narrow interfaces the engine needs: a store, a participant gateway and a clock."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from coordinator.core.calls import ParticipantCall
+from coordinator.core.events import Outcome, RecordedEvent
+from coordinator.core.model import Saga, SagaState
+
+
+@dataclass(frozen=True)
+class SagaFilter:
+    """Which sagas to list."""
+
+    states: frozenset[SagaState] = frozenset()
+    """Only these states; empty means all."""
+    definition: str | None = None
+    """Only this definition name."""
+
+
+@dataclass(frozen=True)
+class ListCursor:
+    """Where a listing resumes: after the saga created at ``created_at`` with ``saga_id``."""
+
+    created_at: datetime
+    saga_id: str
+
+
+@dataclass(frozen=True)
+class SagaPage:
+    """One page of sagas, oldest first, and where the next page starts (None: last page)."""
+
+    sagas: Sequence[Saga]
+    next_cursor: ListCursor | None
+
+
+class SagaStore(Protocol):
+    """Durable sagas and their append-only event logs.
+
+    Every write is one transaction: the saga row and its event commit together or not at all,
+    and a write returns only once it is durable. Errors are the project's own
+    (``coordinator.core.errors``): ``SagaAlreadyExists``, ``ConcurrentUpdate``,
+    ``StorageUnavailable``; a driver's exceptions never leak out.
+    """
+
+    async def create(self, saga: Saga, event: RecordedEvent, fingerprint: str) -> tuple[Saga, bool]:
+        """Store a new saga with its first event; return it and True.
+
+        If a saga with this id exists and was created with the same ``fingerprint``, return it
+        and False (idempotent creation); with another fingerprint raise ``SagaAlreadyExists``.
+        """
+        ...
+
+    async def commit(self, saga: Saga, event: RecordedEvent) -> None:
+        """Store the saga's new state with the event that led to it.
+
+        The stored saga must be at version ``saga.version - 1``, and ``event.sequence`` must be
+        ``saga.version``; otherwise raise ``ConcurrentUpdate`` and store nothing.
+        """
+        ...
+
+    async def get(self, saga_id: str) -> Saga | None:
+        """The saga, or None."""
+        ...
+
+    async def list(self, where: SagaFilter, limit: int, after: ListCursor | None) -> SagaPage:
+        """Up to ``limit`` sagas matching ``where``, oldest first, after ``after``."""
+        ...
+
+    async def events(self, saga_id: str) -> Sequence[RecordedEvent]:
+        """The saga's event log, in order (empty if the saga does not exist)."""
+        ...
+
+    async def unfinished(self) -> Sequence[Saga]:
+        """Every saga that is RUNNING or COMPENSATING: what recovery resumes."""
+        ...
+
+    async def close(self) -> None:
+        """Release the store's resources; pending writes are finished first."""
+        ...
+
+
+class ParticipantGateway(Protocol):
+    """Sends calls to participants and reads their answers as outcomes."""
+
+    async def send(self, call: ParticipantCall) -> Outcome:
+        """Send one attempt and return how it went; never raises for a participant's answer."""
+        ...
+
+    async def close(self) -> None:
+        """Close every connection."""
+        ...
+
+
+class Clock(Protocol):
+    """The time, for the engine; the core never reads a clock."""
+
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""
+        ...
