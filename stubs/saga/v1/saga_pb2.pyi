@@ -215,7 +215,7 @@ class RetryPolicy(_message.Message):
     backoff_multiplier: _builtins.float
     """Growth of the delay from one attempt to the next; at least 1. Zero means the default."""
     jitter: _builtins.float
-    """Fraction of each delay that is randomised, from 0 to 1. Negative means the default."""
+    """Fraction of each delay that is randomised, from 0 to 1. Unset means the default."""
     @_builtins.property
     def initial_backoff(self) -> _duration_pb2.Duration:
         """Delay before the second attempt. Zero means the default."""
@@ -231,13 +231,15 @@ class RetryPolicy(_message.Message):
         initial_backoff: _duration_pb2.Duration | None = ...,
         max_backoff: _duration_pb2.Duration | None = ...,
         backoff_multiplier: _builtins.float = ...,
-        jitter: _builtins.float = ...,
+        jitter: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_jitter", b"_jitter", "initial_backoff", b"initial_backoff", "jitter", b"jitter", "max_backoff", b"max_backoff"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "jitter", b"jitter", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_jitter", b"_jitter", "backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "jitter", b"jitter", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__jitter: _TypeAlias = _typing.Literal["jitter"]  # noqa: Y015
+    _WhichOneofArgType__jitter: _TypeAlias = _typing.Literal["_jitter", b"_jitter"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__jitter) -> _WhichOneofReturnType__jitter | None: ...
 
 Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
 

@@ -1,0 +1,150 @@
+"""The coordinator's settings: one frozen object, read from a YAML file and flags, built once."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ADDRESS_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+|unix):[0-9A-Za-z/._-]+$")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ParticipantEndpoint:
+    """Where a named participant is reached. Definitions name participants, never addresses."""
+
+    address: str
+    """``host:port`` of the participant's gRPC server."""
+    tls: bool = False
+    """Dial with TLS."""
+    root_certificates: bytes | None = None
+    """PEM roots to verify the participant with (TLS only); None means the system's roots."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``saga serve`` needs to run."""
+
+    database: str = "sqlite:///saga.db"
+    """Store URL: ``sqlite:///relative.db``, ``sqlite:////absolute.db`` or ``memory:``."""
+    listen: str = "127.0.0.1:50051"
+    """Address the gRPC server listens on."""
+    definitions: Path = Path("definitions")
+    """Directory of saga definitions (``*.yaml``, ``*.yml``, ``*.json``)."""
+    participants: Mapping[str, ParticipantEndpoint] = field(default_factory=dict)
+    """Participants by name."""
+    synchronous: str = "FULL"
+    """SQLite ``synchronous`` setting: FULL (no acknowledged write lost on power loss) or NORMAL."""
+    busy_timeout_ms: int = 5000
+    """How long a SQLite write waits for a lock before the request fails as UNAVAILABLE."""
+    shutdown_grace: float = 10.0
+    """Seconds calls in flight may take to finish on SIGTERM before they are cut off."""
+    max_payload_bytes: int = 1024 * 1024
+    """Largest saga input accepted by CreateSaga."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message sent or received."""
+    log_level: str = "INFO"
+    """Logging level."""
+
+
+_TOP_LEVEL = set(Settings.__dataclass_fields__)
+
+
+def _endpoint(name: str, raw: Any, source: str, base: Path) -> ParticipantEndpoint:
+    where = f"{source}: participants.{name}"
+    if isinstance(raw, str):
+        raw = {"address": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected an address or a mapping with 'address'")
+    unknown = set(raw) - {"address", "tls", "root_certificates"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    address = raw.get("address")
+    if not isinstance(address, str) or not ADDRESS_PATTERN.match(address):
+        raise ConfigError(f"{where}.address: expected host:port, got {address!r}")
+    tls = raw.get("tls", False)
+    if not isinstance(tls, bool):
+        raise ConfigError(f"{where}.tls: expected true or false")
+    roots = None
+    if raw.get("root_certificates") is not None:
+        path = base / str(raw["root_certificates"])
+        try:
+            roots = path.read_bytes()
+        except OSError as error:
+            raise ConfigError(f"{where}.root_certificates: cannot read {path}: {error}") from None
+    return ParticipantEndpoint(address, tls, roots)
+
+
+def load_settings(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from a YAML file (relative paths are relative to it), then flag overrides."""
+    settings = Settings()
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as error:
+            raise ConfigError(f"{source}: cannot read the configuration: {error}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{source}: not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+        unknown = set(raw) - _TOP_LEVEL
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown field(s) {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(sorted(_TOP_LEVEL))})"
+            )
+        base = path.parent
+        values: dict[str, Any] = {}
+        participants = raw.pop("participants", None) or {}
+        if not isinstance(participants, dict):
+            raise ConfigError(f"{source}: participants: expected a mapping of name to address")
+        values["participants"] = {
+            str(name): _endpoint(str(name), value, source, base)
+            for name, value in participants.items()
+        }
+        if "definitions" in raw:
+            values["definitions"] = base / str(raw.pop("definitions"))
+        if isinstance(raw.get("database"), str) and raw["database"].startswith("sqlite:///"):
+            db = raw.pop("database").removeprefix("sqlite:///")
+            values["database"] = "sqlite:///" + (db if db.startswith("/") else str(base / db))
+        values.update(raw)
+        settings = _checked(replace(settings, **values), source)
+    if overrides:
+        settings = _checked(
+            replace(settings, **{k: v for k, v in overrides.items() if v is not None}), "flags"
+        )
+    return settings
+
+
+def _checked(settings: Settings, source: str) -> Settings:
+    for name, expected in (
+        ("database", str),
+        ("listen", str),
+        ("synchronous", str),
+        ("log_level", str),
+        ("busy_timeout_ms", int),
+        ("max_payload_bytes", int),
+        ("max_message_bytes", int),
+        ("shutdown_grace", (int, float)),
+    ):
+        value = getattr(settings, name)
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ConfigError(f"{source}: {name}: unexpected value {value!r}")
+    if not ADDRESS_PATTERN.match(settings.listen):
+        raise ConfigError(f"{source}: listen: expected host:port, got {settings.listen!r}")
+    if settings.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+        raise ConfigError(f"{source}: synchronous: expected FULL, EXTRA or NORMAL")
+    if settings.max_payload_bytes <= 0 or settings.max_payload_bytes > settings.max_message_bytes:
+        raise ConfigError(f"{source}: max_payload_bytes: must be from 1 to max_message_bytes")
+    if settings.shutdown_grace < 0:
+        raise ConfigError(f"{source}: shutdown_grace: must not be negative")
+    return replace(settings, definitions=Path(settings.definitions))

@@ -1,0 +1,366 @@
+"""The engine: the one orchestrator. Serialises each saga's events, commits, then dispatches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from coordinator.core.calls import ParticipantCall, build_call
+from coordinator.core.definitions import NAME_PATTERN, DefinitionCatalog
+from coordinator.core.errors import (
+    ConcurrentUpdate,
+    FieldViolation,
+    InvalidArgument,
+    SagaNotFound,
+    ShuttingDown,
+    StorageUnavailable,
+    WatcherTooSlow,
+)
+from coordinator.core.events import (
+    CallAnswered,
+    CancelRequested,
+    Event,
+    RecordedEvent,
+    SagaCreated,
+)
+from coordinator.core.machine import check_cancellable, decide, pending_call, start
+from coordinator.core.model import Saga, SagaState
+from coordinator.ports import Clock, ListCursor, ParticipantGateway, SagaFilter, SagaPage, SagaStore
+
+log = logging.getLogger("coordinator.engine")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine behaves; built once by the composition root."""
+
+    watch_buffer: int = 10_000
+    """Changes a watcher may fall behind before it is cut off (it may watch again)."""
+    storage_retry_initial: float = 0.05
+    """First delay, in seconds, before retrying a write the store could not take."""
+    storage_retry_max: float = 2.0
+    """Longest delay, in seconds, between retries of a write the store could not take."""
+
+
+@dataclass(frozen=True)
+class SagaChange:
+    """One state of a watched saga: the saga, and the event that led to it (None at first)."""
+
+    saga: Saga
+    event: RecordedEvent | None
+
+
+@dataclass(eq=False)
+class _Watcher:
+    queue: asyncio.Queue[SagaChange | None] = field(default_factory=asyncio.Queue)
+    overflowed: bool = False
+
+
+@dataclass
+class _Active:
+    """A saga this process is moving forward: its latest committed state and its runner."""
+
+    saga: Saga
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    runner: asyncio.Task[None] | None = None
+    in_flight: bool = False
+
+
+def fingerprint(definition: str, version: int, payload: bytes) -> str:
+    """What makes two CreateSaga requests "the same request" for idempotency."""
+    digest = hashlib.sha256()
+    for part in (definition.encode(), str(version).encode(), payload):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+class Engine:
+    """Runs sagas: decides with the core, commits with the store, then calls participants."""
+
+    def __init__(
+        self,
+        store: SagaStore,
+        gateway: ParticipantGateway,
+        clock: Clock,
+        catalog: DefinitionCatalog,
+        settings: EngineSettings | None = None,
+        *,
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._gateway = gateway
+        self._clock = clock
+        self._catalog = catalog
+        self._settings = settings or EngineSettings()
+        self._new_id = new_id
+        self._on_fatal = on_fatal
+        self._active: dict[str, _Active] = {}
+        self._watchers: dict[str, set[_Watcher]] = {}
+        self._stopping = False
+        self._started = False
+
+    @property
+    def catalog(self) -> DefinitionCatalog:
+        """The definitions this engine runs."""
+        return self._catalog
+
+    @property
+    def active_count(self) -> int:
+        """Sagas this process is currently moving forward."""
+        return len(self._active)
+
+    async def start(self) -> int:
+        """Resume every unfinished saga (recovery); return how many were resumed."""
+        self._started = True
+        unfinished = await self._store.unfinished()
+        for saga in unfinished:
+            if saga.saga_id not in self._active:
+                self._activate(saga)
+        if unfinished:
+            log.info("resumed %d unfinished sagas", len(unfinished))
+        return len(unfinished)
+
+    async def create_saga(
+        self,
+        saga_id: str | None,
+        definition: str,
+        version: int,
+        payload: bytes,
+        trace_context: dict[str, str] | None = None,
+    ) -> tuple[Saga, bool]:
+        """Store a new saga and start it; idempotent on ``saga_id``. Returns (saga, created)."""
+        if self._stopping:
+            raise ShuttingDown("the coordinator is shutting down; retry on another instance")
+        if saga_id is not None and not NAME_PATTERN.match(saga_id):
+            raise InvalidArgument(
+                "invalid saga_id",
+                (
+                    FieldViolation(
+                        "saga_id",
+                        "must be 1 to 128 letters, digits, '.', '_' or '-', starting with a "
+                        "letter or digit",
+                    ),
+                ),
+            )
+        resolved = self._catalog.resolve(definition, version)
+        saga_id = saga_id or self._new_id()
+        now = self._clock.now()
+        created = SagaCreated(saga_id, resolved, payload, dict(trace_context or {}))
+        decision = start(created, now)
+        record = RecordedEvent(saga_id, decision.saga.version, now, created)
+        saga, is_new = await self._store.create(
+            decision.saga, record, fingerprint(definition, version, payload)
+        )
+        if is_new:
+            log.info(
+                "saga created",
+                extra={"saga_id": saga_id, "definition": resolved.name},
+            )
+            self._publish(SagaChange(saga, record))
+            self._activate(saga)
+        elif saga_id in self._active:
+            saga = self._active[saga_id].saga
+        return saga, is_new
+
+    async def get_saga(self, saga_id: str) -> Saga:
+        """The saga's latest committed state."""
+        active = self._active.get(saga_id)
+        if active is not None:
+            return active.saga
+        saga = await self._store.get(saga_id)
+        if saga is None:
+            raise SagaNotFound(f"no saga with id {saga_id!r}")
+        return saga
+
+    async def list_sagas(self, where: SagaFilter, limit: int, after: ListCursor | None) -> SagaPage:
+        """One page of sagas, oldest first."""
+        return await self._store.list(where, limit, after)
+
+    async def events(self, saga_id: str) -> list[RecordedEvent]:
+        """The saga's event log."""
+        events = list(await self._store.events(saga_id))
+        if not events:
+            raise SagaNotFound(f"no saga with id {saga_id!r}")
+        return events
+
+    async def cancel_saga(self, saga_id: str, reason: str) -> Saga:
+        """Cancel a running saga: it compensates every step that had been sent."""
+        active = self._active.get(saga_id)
+        if active is None:
+            saga = await self.get_saga(saga_id)
+            if saga.state is SagaState.COMPENSATING:
+                return saga
+            check_cancellable(saga)
+            # Unfinished sagas are always active after start(); reaching here means the saga
+            # settled between the two reads.
+            return await self.get_saga(saga_id)
+        async with active.lock:
+            if active.saga.state is SagaState.COMPENSATING:
+                return active.saga
+            check_cancellable(active.saga)
+            await self._apply_locked(active, CancelRequested(reason))
+            return active.saga
+
+    async def watch(self, saga_id: str) -> AsyncIterator[SagaChange]:
+        """The saga's current state, then every change in order, until it settles."""
+        watcher = _Watcher()
+        self._watchers.setdefault(saga_id, set()).add(watcher)
+        try:
+            # Registered before reading: a change committed after the read is in the queue, one
+            # committed before is in the state read; versions tell them apart.
+            current = await self.get_saga(saga_id)
+            yield SagaChange(current, None)
+            seen = current.version
+            settled = current.state.is_settled
+            while not settled:
+                change = await watcher.queue.get()
+                if change is None:
+                    raise ShuttingDown("the coordinator is shutting down; watch again")
+                if watcher.overflowed:
+                    raise WatcherTooSlow(
+                        f"watcher of saga {saga_id} fell more than "
+                        f"{self._settings.watch_buffer} changes behind; watch again"
+                    )
+                if change.saga.version <= seen:
+                    continue
+                seen = change.saga.version
+                settled = change.saga.state.is_settled
+                yield change
+        finally:
+            watchers = self._watchers.get(saga_id)
+            if watchers is not None:
+                watchers.discard(watcher)
+                if not watchers:
+                    del self._watchers[saga_id]
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking work; let calls in flight finish for up to ``grace`` seconds.
+
+        Everything is already committed before it is sent, so a call cut off here is simply
+        re-sent, with the same request_id, by the next start.
+        """
+        self._stopping = True
+        for watchers in self._watchers.values():
+            for watcher in watchers:
+                watcher.queue.put_nowait(None)
+        for active in self._active.values():
+            active.wake.set()
+        runners = [a.runner for a in self._active.values() if a.runner is not None]
+        if not runners:
+            return
+        _, pending = await asyncio.wait(runners, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("%d calls were still in flight after %.1fs; cut off", len(pending), grace)
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- inside ---------------------------------------------------------------------------------
+
+    def _activate(self, saga: Saga) -> None:
+        if saga.state.is_settled or self._stopping:
+            return
+        active = _Active(saga)
+        self._active[saga.saga_id] = active
+        active.runner = asyncio.create_task(self._run(active), name=f"saga {saga.saga_id}")
+
+    async def _run(self, active: _Active) -> None:
+        saga_id = active.saga.saga_id
+        try:
+            await self._drive(active)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # a runner that dies silently would strand its saga
+            log.exception("saga runner failed", extra={"saga_id": saga_id})
+            if self._on_fatal is not None:
+                self._on_fatal(error)
+        finally:
+            if self._active.get(saga_id) is active:
+                del self._active[saga_id]
+
+    async def _drive(self, active: _Active) -> None:
+        while not self._stopping:
+            call: ParticipantCall | None = None
+            async with active.lock:
+                dispatch = pending_call(active.saga)
+                if dispatch is None:
+                    return
+                delay = 0.0
+                if dispatch.not_before is not None:
+                    delay = (dispatch.not_before - self._clock.now()).total_seconds()
+                if delay <= 0:
+                    call = build_call(active.saga, dispatch)
+                else:
+                    active.wake.clear()
+            if call is None:
+                # Waiting out a backoff; a cancellation or a stop wakes us early.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(active.wake.wait(), timeout=delay)
+                continue
+            active.in_flight = True
+            try:
+                outcome = await self._gateway.send(call)
+            finally:
+                active.in_flight = False
+            answered = CallAnswered(dispatch.operation, dispatch.step, dispatch.attempt, outcome)
+            async with active.lock:
+                await self._apply_locked(active, answered)
+
+    async def _apply_locked(self, active: _Active, event: Event) -> None:
+        """Decide, commit, then publish; the caller holds the saga's lock."""
+        delay = self._settings.storage_retry_initial
+        while True:
+            now = self._clock.now()
+            decision = decide(active.saga, event, now)
+            if not decision.changed:
+                return
+            record = RecordedEvent(active.saga.saga_id, decision.saga.version, now, event)
+            try:
+                # Commit before acting: the decision (and the call it implies) is durable before
+                # any participant hears of it, so a crash re-sends rather than forgets.
+                await self._store.commit(decision.saga, record)
+            except StorageUnavailable as error:
+                if self._stopping:
+                    raise ShuttingDown("stopping with a write the store could not take") from error
+                log.warning(
+                    "store unavailable, retrying in %.2fs: %s",
+                    delay,
+                    error.message,
+                    extra={"saga_id": active.saga.saga_id},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.storage_retry_max)
+                continue
+            except ConcurrentUpdate:
+                stored = await self._store.get(active.saga.saga_id)
+                if stored is None:
+                    raise
+                active.saga = stored
+                continue
+            previous, active.saga = active.saga, decision.saga
+            active.wake.set()
+            self._publish(SagaChange(decision.saga, record))
+            if decision.saga.state is not previous.state:
+                log.info(
+                    "saga %s -> %s",
+                    previous.state.value,
+                    decision.saga.state.value,
+                    extra={"saga_id": decision.saga.saga_id},
+                )
+            return
+
+    def _publish(self, change: SagaChange) -> None:
+        for watcher in self._watchers.get(change.saga.saga_id, ()):
+            if watcher.overflowed:
+                continue
+            if watcher.queue.qsize() >= self._settings.watch_buffer:
+                watcher.overflowed = True
+            watcher.queue.put_nowait(change)

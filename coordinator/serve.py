@@ -1,0 +1,109 @@
+"""The composition root of ``saga serve``: settings in, a running coordinator out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.clock import SystemClock
+from coordinator.config import Settings
+from coordinator.engine import Engine
+from coordinator.ports import SagaStore
+from coordinator.store import open_store
+from coordinator.transport.definition_files import load_definitions
+from coordinator.transport.participant_gateway import GrpcParticipantGateway
+from coordinator.transport.server import CoordinatorServer, start_server
+
+log = logging.getLogger("coordinator")
+
+
+@dataclass
+class Coordinator:
+    """A running coordinator: its engine, store, gateway and server."""
+
+    settings: Settings
+    engine: Engine
+    store: SagaStore
+    gateway: GrpcParticipantGateway
+    server: CoordinatorServer
+    fatal: asyncio.Future[BaseException]
+    """Set when the coordinator must stop because it can no longer keep its promises."""
+
+    @property
+    def port(self) -> int:
+        """The port the server is bound to."""
+        return self.server.port
+
+    async def stop(self) -> None:
+        """Stop taking work, let calls in flight finish within the grace period, close all."""
+        grace = self.settings.shutdown_grace
+        await asyncio.gather(self.server.stop(grace), self.engine.stop(grace))
+        await self.gateway.close()
+        await self.store.close()
+
+
+async def start_coordinator(settings: Settings) -> Coordinator:
+    """Load definitions, open the store, resume unfinished sagas, and serve."""
+    catalog = load_definitions(settings.definitions, settings.participants.keys())
+    sqlite_options = {
+        "synchronous": settings.synchronous,
+        "busy_timeout_ms": settings.busy_timeout_ms,
+    }
+    store = await open_store(
+        settings.database, **(sqlite_options if settings.database.startswith("sqlite:") else {})
+    )
+    gateway = GrpcParticipantGateway(
+        settings.participants, max_message_bytes=settings.max_message_bytes
+    )
+    loop = asyncio.get_running_loop()
+    fatal: asyncio.Future[BaseException] = loop.create_future()
+
+    def on_fatal(error: BaseException) -> None:
+        if not fatal.done():
+            fatal.set_result(error)
+
+    engine = Engine(store, gateway, SystemClock(), catalog, on_fatal=on_fatal)
+    try:
+        resumed = await engine.start()
+        server = await start_server(engine, settings)
+    except BaseException:
+        await engine.stop(0)
+        await gateway.close()
+        await store.close()
+        raise
+    log.info(
+        "coordinator serving on port %d (store %s, %d definitions, %d sagas resumed)",
+        server.port,
+        settings.database,
+        len(catalog.all()),
+        resumed,
+    )
+    return Coordinator(settings, engine, store, gateway, server, fatal)
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM or SIGINT (exit 0) or a fatal error (exit 1)."""
+    coordinator = await start_coordinator(settings)
+    print(f"saga coordinator listening on {settings.listen.rsplit(':', 1)[0]}:{coordinator.port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    stop_wait = asyncio.ensure_future(stop.wait())
+    waiters: list[asyncio.Future[Any]] = [stop_wait, coordinator.fatal]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    stop_wait.cancel()
+    code = 0
+    if coordinator.fatal.done():
+        log.error("stopping: %s", coordinator.fatal.result())
+        code = 1
+    else:
+        log.info("stopping: finishing calls in flight (up to %.1fs)", settings.shutdown_grace)
+    await coordinator.stop()
+    log.info("stopped")
+    return code

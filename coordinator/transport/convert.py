@@ -1,0 +1,204 @@
+"""Conversion between the domain and the saga.v1 protobuf messages."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from saga.v1 import saga_pb2
+
+from coordinator.core.events import (
+    CallAnswered,
+    CancelRequested,
+    Failed,
+    RecordedEvent,
+    Rejected,
+    SagaCreated,
+    Succeeded,
+    Transient,
+)
+from coordinator.core.model import (
+    DEFAULT_COMPENSATION_RETRY,
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT,
+    Failure,
+    Operation,
+    RetryPolicy,
+    Saga,
+    SagaDefinition,
+    SagaState,
+    StepDefinition,
+    StepKind,
+    StepRun,
+)
+
+
+def saga_state_to_proto(state: SagaState) -> saga_pb2.SagaState.ValueType:
+    """The proto enum value of a saga state."""
+    return saga_pb2.SagaState.Value(f"SAGA_STATE_{state.value}")
+
+
+def saga_state_from_proto(value: int) -> SagaState:
+    """The saga state of a proto enum value; ValueError for UNSPECIFIED or unknown."""
+    try:
+        name = saga_pb2.SagaState.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        raise ValueError(f"unknown saga state {value}") from None
+    if name == "SAGA_STATE_UNSPECIFIED":
+        raise ValueError("saga state is unspecified")
+    return SagaState(name.removeprefix("SAGA_STATE_"))
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _failure(failure: Failure | None) -> saga_pb2.Failure | None:
+    if failure is None:
+        return None
+    return saga_pb2.Failure(
+        step=failure.step,
+        operation=failure.operation,
+        code=failure.code,
+        reason=failure.reason,
+        message=failure.message,
+    )
+
+
+def step_to_proto(step: StepRun, definition: StepDefinition) -> saga_pb2.StepRun:
+    """The proto record of one step of a saga."""
+    message = saga_pb2.StepRun(
+        name=step.name,
+        participant=definition.participant,
+        kind=saga_pb2.StepKind.Value(f"STEP_KIND_{definition.kind.value}"),
+        state=saga_pb2.StepState.Value(f"STEP_STATE_{step.state.value}"),
+        execute_attempts=step.execute_attempts,
+        compensate_attempts=step.compensate_attempts,
+        failure=_failure(step.failure),
+        start_time=_timestamp(step.started_at),
+        end_time=_timestamp(step.ended_at),
+        next_attempt_time=_timestamp(step.next_attempt_at),
+    )
+    if step.output is not None:
+        message.output = step.output
+    return message
+
+
+def saga_to_proto(saga: Saga) -> saga_pb2.Saga:
+    """The proto resource of a saga."""
+    return saga_pb2.Saga(
+        name=saga.name,
+        saga_id=saga.saga_id,
+        definition=saga.definition.name,
+        definition_version=saga.definition.version,
+        state=saga_state_to_proto(saga.state),
+        input=saga.input,
+        steps=[
+            step_to_proto(step, definition)
+            for step, definition in zip(saga.steps, saga.definition.steps, strict=True)
+        ],
+        failure=_failure(saga.failure),
+        cancel_reason=saga.cancel_reason or "",
+        create_time=_timestamp(saga.created_at),
+        update_time=_timestamp(saga.updated_at),
+        end_time=_timestamp(saga.ended_at),
+        version=saga.version,
+    )
+
+
+_ANSWER_TYPES = {
+    (Operation.EXECUTE, Succeeded): saga_pb2.SAGA_EVENT_TYPE_STEP_SUCCEEDED,
+    (Operation.EXECUTE, Rejected): saga_pb2.SAGA_EVENT_TYPE_STEP_REJECTED,
+    (Operation.EXECUTE, Transient): saga_pb2.SAGA_EVENT_TYPE_STEP_ATTEMPT_FAILED,
+    (Operation.EXECUTE, Failed): saga_pb2.SAGA_EVENT_TYPE_STEP_FAILED,
+    (Operation.COMPENSATE, Succeeded): saga_pb2.SAGA_EVENT_TYPE_COMPENSATION_SUCCEEDED,
+    (Operation.COMPENSATE, Rejected): saga_pb2.SAGA_EVENT_TYPE_COMPENSATION_FAILED,
+    (Operation.COMPENSATE, Transient): saga_pb2.SAGA_EVENT_TYPE_COMPENSATION_ATTEMPT_FAILED,
+    (Operation.COMPENSATE, Failed): saga_pb2.SAGA_EVENT_TYPE_COMPENSATION_FAILED,
+}
+
+
+def event_to_proto(record: RecordedEvent, saga: Saga) -> saga_pb2.SagaEvent:
+    """The proto form of one entry of a saga's event log."""
+    message = saga_pb2.SagaEvent(sequence=record.sequence, time=_timestamp(record.recorded_at))
+    event = record.event
+    match event:
+        case SagaCreated():
+            message.type = saga_pb2.SAGA_EVENT_TYPE_CREATED
+        case CancelRequested(reason=reason):
+            message.type = saga_pb2.SAGA_EVENT_TYPE_CANCEL_REQUESTED
+            message.failure.CopyFrom(
+                saga_pb2.Failure(operation="cancel", reason="SAGA_CANCELLED", message=reason)
+            )
+        case CallAnswered(operation=operation, step=index, attempt=attempt, outcome=outcome):
+            step = saga.steps[index].name
+            message.type = _ANSWER_TYPES[(operation, type(outcome))]
+            message.step = step
+            message.attempt = attempt
+            if not isinstance(outcome, Succeeded):
+                message.failure.CopyFrom(
+                    saga_pb2.Failure(
+                        step=step,
+                        operation=operation.value,
+                        code=outcome.code,
+                        reason=outcome.reason,
+                        message=outcome.message,
+                    )
+                )
+    return message
+
+
+def _duration(value: duration_pb2.Duration, default: timedelta) -> timedelta:
+    delta = value.ToTimedelta()
+    return delta if delta else default
+
+
+def _retry(message: saga_pb2.RetryPolicy, has: bool, fallback: RetryPolicy) -> RetryPolicy:
+    if not has:
+        return fallback
+    return RetryPolicy(
+        max_attempts=message.max_attempts or fallback.max_attempts,
+        initial_backoff=_duration(message.initial_backoff, fallback.initial_backoff),
+        max_backoff=_duration(message.max_backoff, fallback.max_backoff),
+        multiplier=message.backoff_multiplier or fallback.multiplier,
+        jitter=message.jitter if message.HasField("jitter") else fallback.jitter,
+    )
+
+
+def definition_from_proto(message: saga_pb2.SagaDefinition) -> SagaDefinition:
+    """The domain definition of a proto one; unset fields take the defaults."""
+    retry = _retry(message.retry, message.HasField("retry"), DEFAULT_RETRY)
+    compensation_retry = _retry(
+        message.compensation_retry,
+        message.HasField("compensation_retry"),
+        DEFAULT_COMPENSATION_RETRY,
+    )
+    steps = []
+    for step in message.steps:
+        kind_name = saga_pb2.StepKind.Name(step.kind).removeprefix("STEP_KIND_")
+        steps.append(
+            StepDefinition(
+                name=step.name,
+                participant=step.participant,
+                action=step.action,
+                compensation=step.compensation,
+                kind=StepKind.COMPENSATABLE if kind_name == "UNSPECIFIED" else StepKind(kind_name),
+                timeout=_duration(step.timeout, DEFAULT_TIMEOUT),
+                retry=_retry(step.retry, step.HasField("retry"), retry),
+                compensation_retry=_retry(
+                    step.compensation_retry,
+                    step.HasField("compensation_retry"),
+                    compensation_retry,
+                ),
+            )
+        )
+    return SagaDefinition(
+        name=message.name,
+        version=message.version,
+        steps=tuple(steps),
+        description=message.description,
+    )

@@ -1,0 +1,202 @@
+"""CoordinatorService: what clients and operators call, checked and translated for the engine."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import NoReturn, TypeVar
+
+import grpc
+from saga.v1 import coordinator_service_pb2 as pb
+from saga.v1 import coordinator_service_pb2_grpc as pb_grpc
+
+from coordinator.core.definitions import NAME_PATTERN
+from coordinator.core.errors import FieldViolation, InvalidArgument, SagaError
+from coordinator.engine import Engine
+from coordinator.ports import ListCursor, SagaFilter
+from coordinator.transport.convert import (
+    event_to_proto,
+    saga_state_from_proto,
+    saga_to_proto,
+)
+from coordinator.transport.errors import status_of
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+_ID_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+T = TypeVar("T")
+
+
+async def _abort(context: grpc.aio.ServicerContext[object, object], error: SagaError) -> NoReturn:
+    await context.abort_with_status(status_of(error))
+    raise AssertionError("abort_with_status returns only by raising")
+
+
+def saga_id_of(name: str, field: str = "name") -> str:
+    """The id in a resource name ``sagas/{id}``; InvalidArgument otherwise."""
+    saga_id = name.removeprefix("sagas/")
+    if not name.startswith("sagas/") or not NAME_PATTERN.match(saga_id):
+        raise InvalidArgument(
+            f"invalid saga name {name[:200]!r}: expected sagas/{{id}}",
+            (FieldViolation(field, f"expected sagas/{{id}} where id is {_ID_RULE}"),),
+        )
+    return saga_id
+
+
+def _filter_key(where: SagaFilter) -> str:
+    text = json.dumps([sorted(s.value for s in where.states), where.definition])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def encode_page_token(cursor: ListCursor, where: SagaFilter) -> str:
+    """An opaque token for the page after ``cursor``, bound to the listing's filters."""
+    body = json.dumps(
+        {"t": cursor.created_at.isoformat(), "i": cursor.saga_id, "f": _filter_key(where)}
+    )
+    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, where: SagaFilter) -> ListCursor:
+    """The cursor inside a page token; InvalidArgument if it is not one of ours or filters moved."""
+    try:
+        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        cursor = ListCursor(datetime.fromisoformat(body["t"]), str(body["i"]))
+        key = body["f"]
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument(
+            "invalid page_token",
+            (FieldViolation("page_token", "not a token returned by ListSagas"),),
+        ) from None
+    if key != _filter_key(where):
+        raise InvalidArgument(
+            "page_token was issued for other filters",
+            (FieldViolation("page_token", "the filters must stay the same across pages"),),
+        )
+    return cursor
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
+    """Validates requests, calls the engine, and maps its errors to rich statuses."""
+
+    def __init__(self, engine: Engine, *, max_payload_bytes: int) -> None:
+        self._engine = engine
+        self._max_payload_bytes = max_payload_bytes
+
+    async def _call(
+        self, context: grpc.aio.ServicerContext[object, object], work: Callable[[], Awaitable[T]]
+    ) -> T:
+        try:
+            return await work()
+        except SagaError as error:
+            await _abort(context, error)
+
+    async def CreateSaga(
+        self,
+        request: pb.CreateSagaRequest,
+        context: grpc.aio.ServicerContext[pb.CreateSagaRequest, pb.CreateSagaResponse],
+    ) -> pb.CreateSagaResponse:
+        """Start a saga; answer once it is stored."""
+
+        async def work() -> pb.CreateSagaResponse:
+            violations = []
+            if request.saga_id and not NAME_PATTERN.match(request.saga_id):
+                violations.append(FieldViolation("saga_id", f"must be {_ID_RULE}"))
+            if not request.definition:
+                violations.append(FieldViolation("definition", "is required"))
+            if len(request.input) > self._max_payload_bytes:
+                violations.append(
+                    FieldViolation("input", f"at most {self._max_payload_bytes} bytes")
+                )
+            if violations:
+                raise InvalidArgument("invalid CreateSaga request", tuple(violations))
+            saga, created = await self._engine.create_saga(
+                request.saga_id or None,
+                request.definition,
+                request.definition_version,
+                request.input,
+            )
+            return pb.CreateSagaResponse(saga=saga_to_proto(saga), created=created)
+
+        return await self._call(context, work)  # type: ignore[arg-type]
+
+    async def GetSaga(
+        self,
+        request: pb.GetSagaRequest,
+        context: grpc.aio.ServicerContext[pb.GetSagaRequest, pb.GetSagaResponse],
+    ) -> pb.GetSagaResponse:
+        """Return one saga."""
+
+        async def work() -> pb.GetSagaResponse:
+            saga = await self._engine.get_saga(saga_id_of(request.name))
+            return pb.GetSagaResponse(saga=saga_to_proto(saga))
+
+        return await self._call(context, work)  # type: ignore[arg-type]
+
+    async def ListSagas(
+        self,
+        request: pb.ListSagasRequest,
+        context: grpc.aio.ServicerContext[pb.ListSagasRequest, pb.ListSagasResponse],
+    ) -> pb.ListSagasResponse:
+        """Return one page of sagas, oldest first."""
+
+        async def work() -> pb.ListSagasResponse:
+            violations = []
+            states = set()
+            for i, value in enumerate(request.states):
+                try:
+                    states.add(saga_state_from_proto(value))
+                except ValueError as error:
+                    violations.append(FieldViolation(f"states[{i}]", str(error)))
+            if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+                violations.append(FieldViolation("page_size", f"must be from 0 to {MAX_PAGE_SIZE}"))
+            if violations:
+                raise InvalidArgument("invalid ListSagas request", tuple(violations))
+            where = SagaFilter(frozenset(states), request.definition or None)
+            after = decode_page_token(request.page_token, where) if request.page_token else None
+            page = await self._engine.list_sagas(
+                where, request.page_size or DEFAULT_PAGE_SIZE, after
+            )
+            token = encode_page_token(page.next_cursor, where) if page.next_cursor else ""
+            return pb.ListSagasResponse(
+                sagas=[saga_to_proto(s) for s in page.sagas], next_page_token=token
+            )
+
+        return await self._call(context, work)  # type: ignore[arg-type]
+
+    async def WatchSaga(
+        self,
+        request: pb.WatchSagaRequest,
+        context: grpc.aio.ServicerContext[pb.WatchSagaRequest, pb.WatchSagaResponse],
+    ) -> AsyncIterator[pb.WatchSagaResponse]:
+        """Stream the saga's current state, then every change, until it settles."""
+        try:
+            saga_id = saga_id_of(request.name)
+            async for change in self._engine.watch(saga_id):
+                response = pb.WatchSagaResponse(saga=saga_to_proto(change.saga))
+                if change.event is not None:
+                    response.event.CopyFrom(event_to_proto(change.event, change.saga))
+                yield response
+        except SagaError as error:
+            await _abort(context, error)  # type: ignore[arg-type]
+
+    async def CancelSaga(
+        self,
+        request: pb.CancelSagaRequest,
+        context: grpc.aio.ServicerContext[pb.CancelSagaRequest, pb.CancelSagaResponse],
+    ) -> pb.CancelSagaResponse:
+        """Cancel a running saga; answer once the cancellation is stored."""
+
+        async def work() -> pb.CancelSagaResponse:
+            if len(request.reason) > 1024:
+                raise InvalidArgument(
+                    "reason is too long", (FieldViolation("reason", "at most 1024 characters"),)
+                )
+            saga = await self._engine.cancel_saga(saga_id_of(request.name), request.reason)
+            return pb.CancelSagaResponse(saga=saga_to_proto(saga))
+
+        return await self._call(context, work)  # type: ignore[arg-type]

@@ -1,0 +1,115 @@
+"""Saga definitions read from YAML or JSON files, checked against the proto's SagaDefinition."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+from saga.v1 import saga_pb2
+
+from coordinator.core.definitions import DefinitionCatalog, validate_definition
+from coordinator.core.errors import FieldViolation, InvalidDefinition
+from coordinator.core.model import SagaDefinition
+from coordinator.transport.convert import definition_from_proto
+
+SUFFIXES = (".yaml", ".yml", ".json")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_FIELDS = ("timeout", "initial_backoff", "initialBackoff", "max_backoff", "maxBackoff")
+
+
+def _normalise_duration(value: Any, path: str) -> Any:
+    """Accept 2, 1.5, "500ms", "2s", "1m" as well as the proto JSON form "2s"."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return f"{float(value)}s"
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise InvalidDefinition(
+                f"{path}: expected a duration like 500ms, 2s or 1m, got {value!r}",
+                (FieldViolation(path, "expected a duration like 500ms, 2s or 1m"),),
+            )
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        return f"{seconds:.9f}s"
+    return value
+
+
+def _normalise(raw: Any, path: str = "") -> Any:
+    """Friendly spellings of the YAML form, turned into the proto JSON form."""
+    if isinstance(raw, dict):
+        result = {}
+        for key, value in raw.items():
+            child = f"{path}.{key}" if path else str(key)
+            if key in _DURATION_FIELDS:
+                result[key] = _normalise_duration(value, child)
+            elif key == "kind" and isinstance(value, str) and not value.startswith("STEP_KIND_"):
+                result[key] = "STEP_KIND_" + value.upper()
+            else:
+                result[key] = _normalise(value, child)
+        return result
+    if isinstance(raw, list):
+        return [_normalise(item, f"{path}[{i}]") for i, item in enumerate(raw)]
+    return raw
+
+
+def parse_definition(raw: Any, source: str, participants: Collection[str]) -> SagaDefinition:
+    """A validated definition from the parsed contents of one file."""
+    if not isinstance(raw, dict):
+        raise InvalidDefinition(
+            f"{source}: a saga definition is a mapping (name, version, steps)",
+            (FieldViolation("", "expected a mapping"),),
+        )
+    try:
+        message = json_format.ParseDict(
+            _normalise(raw, ""), saga_pb2.SagaDefinition(), ignore_unknown_fields=False
+        )
+    except InvalidDefinition as error:
+        raise InvalidDefinition(f"{source}: {error.message}", error.violations) from None
+    except json_format.ParseError as error:
+        raise InvalidDefinition(
+            f"{source}: invalid saga definition: {error}", (FieldViolation("", str(error)),)
+        ) from None
+    return validate_definition(definition_from_proto(message), participants, source)
+
+
+def load_definition_file(path: Path, participants: Collection[str]) -> SagaDefinition:
+    """Read and validate one definition file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidDefinition(f"{path}: cannot read: {error}") from None
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise InvalidDefinition(f"{path}: not valid {path.suffix[1:].upper()}: {error}") from None
+    return parse_definition(raw, str(path), participants)
+
+
+def load_definitions(directory: Path, participants: Collection[str]) -> DefinitionCatalog:
+    """Every definition in a directory; any invalid file refuses them all, naming each problem."""
+    if not directory.is_dir():
+        raise InvalidDefinition(f"{directory}: not a directory of saga definitions")
+    files = sorted(p for p in directory.iterdir() if p.suffix in SUFFIXES and p.is_file())
+    definitions: list[SagaDefinition] = []
+    problems: list[InvalidDefinition] = []
+    for path in files:
+        try:
+            definitions.append(load_definition_file(path, participants))
+        except InvalidDefinition as error:
+            problems.append(error)
+    if problems:
+        raise InvalidDefinition(
+            "\n".join(error.message for error in problems),
+            tuple(v for error in problems for v in error.violations),
+        )
+    try:
+        return DefinitionCatalog.of(definitions)
+    except InvalidDefinition as error:
+        raise InvalidDefinition(f"{directory}: {error.message}", error.violations) from None
