@@ -1,0 +1,110 @@
+"""Real coordinator processes for tests: started with ``saga serve``, killed with SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.participants import ScriptedParticipant
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class CoordinatorProcess:
+    """``saga serve`` in a child process, on a fixed port so that it can be restarted."""
+
+    config: Path
+    port: int
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @classmethod
+    def configure(
+        cls,
+        config: Path,
+        database: Path,
+        participants: Mapping[str, ScriptedParticipant],
+        **extra: object,
+    ) -> CoordinatorProcess:
+        """Write a configuration file next to ``definitions/`` and return the process."""
+        port = free_port()
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "database": f"sqlite:///{database}",
+                    "listen": f"127.0.0.1:{port}",
+                    "definitions": "definitions",
+                    "shutdown_grace": 2.0,
+                    "participants": {name: p.address for name, p in participants.items()},
+                    **extra,
+                }
+            )
+        )
+        return cls(config, port, config.with_suffix(".log"))
+
+    @property
+    def target(self) -> str:
+        """Where clients reach it."""
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self, timeout: float = 20.0) -> None:
+        """Start it and wait until its health check answers SERVING."""
+        assert self.process is None or self.process.poll() is not None
+        self.starts += 1
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+            )
+        async with asyncio.timeout(timeout):
+            while not await self._serving():
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"coordinator exited with {self.process.returncode}:\n"
+                        + self.log.read_text()[-4000:]
+                    )
+                await asyncio.sleep(0.05)
+
+    async def _serving(self) -> bool:
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            try:
+                response = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=0.5
+                )
+            except grpc.aio.AioRpcError:
+                return False
+            return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to flush or say goodbye."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then wait for the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.to_thread(self.process.wait, timeout)
