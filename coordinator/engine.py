@@ -29,7 +29,7 @@ from coordinator.core.events import (
     SagaCreated,
 )
 from coordinator.core.machine import check_cancellable, decide, pending_call, start
-from coordinator.core.model import Saga, SagaState
+from coordinator.core.model import Saga
 from coordinator.ports import Clock, ListCursor, ParticipantGateway, SagaFilter, SagaPage, SagaStore
 
 log = logging.getLogger("coordinator.engine")
@@ -195,16 +195,12 @@ class Engine:
         """Cancel a running saga: it compensates every step that had been sent."""
         active = self._active.get(saga_id)
         if active is None:
+            # Unfinished sagas are always active after start(): this one has settled (and
+            # check_cancellable says why it cannot be cancelled) or is compensating already.
             saga = await self.get_saga(saga_id)
-            if saga.state is SagaState.COMPENSATING:
-                return saga
             check_cancellable(saga)
-            # Unfinished sagas are always active after start(); reaching here means the saga
-            # settled between the two reads.
-            return await self.get_saga(saga_id)
+            return saga
         async with active.lock:
-            if active.saga.state is SagaState.COMPENSATING:
-                return active.saga
             check_cancellable(active.saga)
             await self._apply_locked(active, CancelRequested(reason))
             return active.saga

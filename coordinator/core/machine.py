@@ -115,7 +115,12 @@ def pending_call(saga: Saga) -> Dispatch | None:
 
 
 def check_cancellable(saga: Saga) -> None:
-    """Raise SagaNotCancellable unless a cancellation would compensate the saga."""
+    """Raise SagaNotCancellable unless a cancellation would compensate the saga.
+
+    A saga that is already compensating accepts a cancellation as a no-op.
+    """
+    if saga.state is SagaState.COMPENSATING:
+        return
     if saga.state.is_terminal:
         raise SagaNotCancellable(f"saga {saga.saga_id} has ended {saga.state}", "SAGA_ENDED")
     if saga.state is SagaState.NEEDS_ATTENTION:

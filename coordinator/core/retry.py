@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from datetime import timedelta
 
 from coordinator.core.model import RetryPolicy
@@ -23,10 +24,16 @@ def backoff(
     random share of it off so that retries from many sagas spread out. A participant's
     ``retry_after`` (gRPC RetryInfo) is a floor: we never retry sooner than it asked.
     """
-    # Retry-forever steps reach large attempt numbers: bound the exponent, not just the result.
-    growth = policy.multiplier ** min(attempt - 1, 64)
-    base = policy.initial_backoff.total_seconds() * growth
-    capped = min(base, policy.max_backoff.total_seconds())
+    initial = policy.initial_backoff.total_seconds()
+    cap = policy.max_backoff.total_seconds()
+    exponent = attempt - 1
+    # Retry-forever steps reach large attempt numbers: stop the exponent once the delay has
+    # reached the cap, so that the power cannot overflow and the growth is exact up to it.
+    if policy.multiplier <= 1 or initial <= 0 or initial >= cap:
+        exponent = min(exponent, 1)
+    else:
+        exponent = min(exponent, math.ceil(math.log(cap / initial, policy.multiplier)) + 1)
+    capped = min(initial * policy.multiplier**exponent, cap)
     delay = timedelta(seconds=capped * (1.0 - policy.jitter * jitter_fraction(key, attempt)))
     if retry_after is not None and retry_after > delay:
         return retry_after
