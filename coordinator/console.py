@@ -49,23 +49,23 @@ def _duration(start: datetime | None, end: datetime | None) -> str:
 def saga_panel(saga: Saga) -> Panel:
     """The saga as a panel: its steps, their attempts and outputs, and how it ended."""
     table = Table(box=None, pad_edge=False, expand=False)
-    for column in ("#", "step", "participant", "kind", "state", "attempts", "output / failure"):
-        table.add_column(column, no_wrap=column != "output / failure")
+    table.add_column("#", no_wrap=True)
+    table.add_column("step", no_wrap=True)
+    table.add_column("participant", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("exec/comp", no_wrap=True, justify="right")
+    table.add_column("output or failure", overflow="ellipsis", no_wrap=True, max_width=36)
     for index, step in enumerate(saga.steps, start=1):
-        attempts = str(step.execute_attempts)
-        if step.compensate_attempts:
-            attempts += f" + {step.compensate_attempts} comp."
-        detail = _payload(step.output)
-        if step.failure is not None:
-            failure = f"{step.failure.code} {step.failure.reason}: {step.failure.message}"
-            detail = f"{detail}  [red]{failure}[/]" if detail else f"[red]{failure}[/]"
+        kind = "" if step.kind.value == "COMPENSATABLE" else f" ({step.kind.value.lower()})"
+        detail = Text(_payload(step.output, limit=36))
+        if step.failure is not None and not step.output:
+            detail = Text(step.failure.reason or step.failure.code, style="red")
         table.add_row(
             str(index),
-            step.name,
+            step.name + kind,
             step.participant,
-            step.kind.value.lower(),
             Text(step.state.value, style=STEP_STYLE[step.state]),
-            attempts,
+            f"{step.execute_attempts}/{step.compensate_attempts}",
             detail,
         )
     ending = Text.assemble(
@@ -81,8 +81,8 @@ def saga_panel(saga: Saga) -> Panel:
     if saga.failure is not None:
         lines.append(
             Text(
-                f"because {saga.failure.step or 'the saga'} "
-                f"{saga.failure.operation}: {saga.failure.reason} {saga.failure.message}",
+                f"because {saga.failure.step or 'the saga'} ({saga.failure.operation}) "
+                f"{saga.failure.reason}: {saga.failure.message}",
                 style=SAGA_STYLE[saga.state],
             )
         )
@@ -116,5 +116,6 @@ def update_line(update: SagaUpdate) -> Text:
 
 
 def console() -> Console:
-    """The console to print to (colour only on a terminal)."""
-    return Console(highlight=False)
+    """The console to print to: colour only on a terminal, 100 columns when not one."""
+    terminal = Console(highlight=False)
+    return terminal if terminal.is_terminal else Console(highlight=False, width=100)

@@ -1,0 +1,183 @@
+"""The main job: onboard two corporate clients; one succeeds, one is refused a card and undone.
+
+Starts four participant processes (Identity, Accounts, Cards, Billing), each with its own SQLite
+database, and the coordinator on its own SQLite file; runs the two sagas; prints each saga's
+steps and ending; then stops every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.rule import Rule
+from saga_sdk.client import SagaClient
+from saga_sdk.model import SagaState
+
+from coordinator.console import console, saga_panel, update_line
+
+HERE = Path(__file__).resolve().parent / "demo"
+SERVICES = ("identity", "accounts", "cards", "billing")
+CLIENTS = (
+    ("acme-corp", {"company": "Acme Corp", "admin": "ada@acme.example", "plan": "business"}),
+    (
+        "globex-corp",
+        {
+            "company": "Globex Corp",
+            "admin": "hank@globex.example",
+            "plan": "business",
+            "card_limit": 250_000,
+        },
+    ),
+)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until the process at ``address`` answers its health check."""
+    deadline = time.monotonic() + 30
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"{log.stem} exited early:\n{log.read_text()[-2000:]}")
+            try:
+                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{log.stem} did not start in time:\n{log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+
+@dataclass
+class Processes:
+    """Every process the demo started, so that each one is stopped, by its pid."""
+
+    workdir: Path
+    started: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def start(self, name: str, command: list[str], address: str) -> None:
+        self.spawn(name, command)
+        self.wait(name, address)
+
+    def spawn(self, name: str, command: list[str]) -> None:
+        log = self.workdir / f"{name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        self.started.append((name, process))
+
+    def wait(self, name: str, address: str) -> None:
+        process = dict(self.started)[name]
+        wait_serving(address, process, self.workdir / f"{name}.log")
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self.started):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in reversed(self.started):
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop on SIGTERM; killing pid {process.pid}")
+                process.kill()
+                process.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="where files go")
+    args = parser.parse_args()
+    out = console()
+    workdir: Path = args.workdir.resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+
+    ports = {name: free_port() for name in (*SERVICES, "coordinator")}
+    config = workdir / "saga.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database": f"sqlite:///{workdir / 'saga.db'}",
+                "listen": f"127.0.0.1:{ports['coordinator']}",
+                "definitions": str(HERE / "definitions"),
+                "participants": {name: f"127.0.0.1:{ports[name]}" for name in SERVICES},
+            }
+        )
+    )
+    processes = Processes(workdir)
+    started_at = time.monotonic()
+    try:
+        out.print(Rule("Starting the four services and the coordinator"))
+        for name in SERVICES:  # all four start at once, then each is awaited
+            processes.spawn(
+                name,
+                [
+                    sys.executable,
+                    str(HERE / "services.py"),
+                    name,
+                    "--port",
+                    str(ports[name]),
+                    "--database",
+                    str(workdir / f"{name}.db"),
+                ],
+            )
+        for name in SERVICES:
+            processes.wait(name, f"127.0.0.1:{ports[name]}")
+            out.print(f"  {name:<11} on 127.0.0.1:{ports[name]}  ({workdir / f'{name}.db'})")
+        target = f"127.0.0.1:{ports['coordinator']}"
+        processes.start(
+            "coordinator",
+            [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(config)],
+            target,
+        )
+        out.print(f"  coordinator on {target}  ({workdir / 'saga.db'})")
+
+        outcomes = []
+        with SagaClient(target) as client:
+            for saga_id, payload in CLIENTS:
+                out.print(Rule(f"Onboarding {payload['company']}"))
+                result = client.create("onboard-corporate-client", payload, saga_id=saga_id)
+                out.print(f"started sagas/{result.saga.saga_id}")
+                for update in client.watch(saga_id):
+                    out.print("  ", update_line(update))
+                saga = client.get(saga_id)
+                out.print(saga_panel(saga))
+                outcomes.append(saga.state)
+        expected = [SagaState.SUCCEEDED, SagaState.COMPENSATED]
+        out.print(Rule("Done"))
+        out.print(
+            f"{len(outcomes)} sagas: "
+            + ", ".join(
+                f"{sid} {state.value}" for (sid, _), state in zip(CLIENTS, outcomes, strict=True)
+            )
+            + f" in {time.monotonic() - started_at:.1f}s. Logs and databases in {workdir}"
+        )
+        return 0 if outcomes == expected else 1
+    finally:
+        processes.stop_all()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The demo's domain services: Identity, Accounts, Cards and Billing, one per process.
+
+Each is a participant written with the Python SDK, with its own SQLite database: the business
+rows and the idempotency barrier commit in one local transaction, so a repeated or late call
+never applies its effect twice.
+
+    python scripts/demo/services.py accounts --port 50062 --database accounts.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from saga_sdk.errors import Rejected
+from saga_sdk.participant import CompensateContext, ExecuteContext, Participant
+from saga_sdk.sqlite_barrier import SqliteBarrier
+
+CARD_LIMIT = 100_000
+"""Cards refuses a first card whose requested limit is above this."""
+
+
+def identity(participant: Participant) -> str:
+    @participant.action("CreateUser")
+    def create_user(ctx: ExecuteContext) -> dict[str, str]:
+        user_id = f"usr_{uuid.uuid4().hex[:10]}"
+        ctx.tx.execute(
+            "INSERT INTO users (id, saga, email, company, active) VALUES (?, ?, ?, ?, 1)",
+            (user_id, ctx.saga_id, ctx.input["admin"], ctx.input["company"]),
+        )
+        return {"user_id": user_id}
+
+    @participant.compensation("DeactivateUser")
+    def deactivate_user(ctx: CompensateContext) -> None:
+        ctx.tx.execute("UPDATE users SET active = 0 WHERE saga = ?", (ctx.saga_id,))
+
+    return (
+        "CREATE TABLE IF NOT EXISTS users (id TEXT PRIMARY KEY, saga TEXT, email TEXT,"
+        " company TEXT, active INTEGER)"
+    )
+
+
+def accounts(participant: Participant) -> str:
+    @participant.action("OpenAccount")
+    def open_account(ctx: ExecuteContext) -> dict[str, str]:
+        owner = ctx.previous_outputs["create-user"]["user_id"]
+        account_id = f"acc_{uuid.uuid4().hex[:10]}"
+        ctx.tx.execute(
+            "INSERT INTO accounts (id, saga, owner, status) VALUES (?, ?, ?, 'open')",
+            (account_id, ctx.saga_id, owner),
+        )
+        return {"account_id": account_id, "iban": f"DE89 3704 {account_id[-8:].upper()}"}
+
+    @participant.compensation("CloseAccount")
+    def close_account(ctx: CompensateContext) -> None:
+        ctx.tx.execute("UPDATE accounts SET status = 'closed' WHERE saga = ?", (ctx.saga_id,))
+
+    return (
+        "CREATE TABLE IF NOT EXISTS accounts (id TEXT PRIMARY KEY, saga TEXT, owner TEXT,"
+        " status TEXT)"
+    )
+
+
+def cards(participant: Participant) -> str:
+    @participant.action("IssueCard")
+    def issue_card(ctx: ExecuteContext) -> dict[str, str]:
+        limit = int(ctx.input.get("card_limit", 10_000))
+        if limit > CARD_LIMIT:
+            raise Rejected(
+                "CARD_LIMIT_EXCEEDED",
+                f"a first card's limit is at most {CARD_LIMIT}, {limit} was asked",
+            )
+        account = ctx.previous_outputs["open-account"]["account_id"]
+        card_id = f"card_{uuid.uuid4().hex[:10]}"
+        last4 = f"{uuid.uuid4().int % 10_000:04d}"
+        ctx.tx.execute(
+            "INSERT INTO cards (id, saga, account, last4, card_limit, status)"
+            " VALUES (?, ?, ?, ?, ?, 'active')",
+            (card_id, ctx.saga_id, account, last4, limit),
+        )
+        return {"card_id": card_id, "last4": last4}
+
+    @participant.compensation("CancelCard")
+    def cancel_card(ctx: CompensateContext) -> None:
+        ctx.tx.execute("UPDATE cards SET status = 'cancelled' WHERE saga = ?", (ctx.saga_id,))
+
+    return (
+        "CREATE TABLE IF NOT EXISTS cards (id TEXT PRIMARY KEY, saga TEXT, account TEXT,"
+        " last4 TEXT, card_limit INTEGER, status TEXT)"
+    )
+
+
+def billing(participant: Participant) -> str:
+    @participant.action("CreateSubscription")
+    def create_subscription(ctx: ExecuteContext) -> dict[str, str]:
+        subscription_id = f"sub_{uuid.uuid4().hex[:10]}"
+        ctx.tx.execute(
+            "INSERT INTO subscriptions (id, saga, account, plan, status)"
+            " VALUES (?, ?, ?, ?, 'active')",
+            (
+                subscription_id,
+                ctx.saga_id,
+                ctx.previous_outputs["open-account"]["account_id"],
+                ctx.input.get("plan", "business"),
+            ),
+        )
+        return {"subscription_id": subscription_id}
+
+    @participant.compensation("CancelSubscription")
+    def cancel_subscription(ctx: CompensateContext) -> None:
+        ctx.tx.execute(
+            "UPDATE subscriptions SET status = 'cancelled' WHERE saga = ?", (ctx.saga_id,)
+        )
+
+    return (
+        "CREATE TABLE IF NOT EXISTS subscriptions (id TEXT PRIMARY KEY, saga TEXT, account TEXT,"
+        " plan TEXT, status TEXT)"
+    )
+
+
+SERVICES: dict[str, Callable[[Participant], str]] = {
+    "identity": identity,
+    "accounts": accounts,
+    "cards": cards,
+    "billing": billing,
+}
+
+
+def build(name: str, database: Path) -> Participant:
+    """The participant ``name`` with its handlers, barrier and business table."""
+    barrier = SqliteBarrier(database)
+    participant = Participant(name, barrier=barrier)
+    schema = SERVICES[name](participant)
+    connection = barrier.connect()
+    try:
+        connection.execute(schema)
+    finally:
+        connection.close()
+    return participant
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run one of the demo's domain services.")
+    parser.add_argument("service", choices=sorted(SERVICES))
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--database", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.service}: %(message)s")
+    build(args.service, args.database).run(f"127.0.0.1:{args.port}")
+
+
+if __name__ == "__main__":
+    main()
