@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -423,3 +425,34 @@ async def test_list_filters_and_pages_through_every_saga(harness: Harness) -> No
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.stub.ListSagas(cpb.ListSagasRequest(page_token="garbage"))
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_code_that_is_never_retried_fails_the_step_at_once(
+    harness: Harness, participants: dict[str, ScriptedParticipant]
+) -> None:
+    participants["cards"].script("IssueCard", error(grpc.StatusCode.UNIMPLEMENTED, "no such"))
+
+    await harness.create("onboard", saga_id="unimplemented")
+    saga = await harness.wait("unimplemented")
+
+    assert state(saga) == "COMPENSATED"
+    assert len(participants["cards"].calls("execute")) == 1
+    assert saga.steps[2].failure.code == "UNIMPLEMENTED"
+    assert compensation_order(participants) == ["issue-card", "open-account", "create-user"]
+
+
+async def test_retry_info_from_the_participant_is_honoured(
+    harness: Harness, participants: dict[str, ScriptedParticipant]
+) -> None:
+    participants["identity"].script(
+        "CreateUser", error(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after=timedelta(seconds=0.4))
+    )
+    began = time.monotonic()
+
+    await harness.create("onboard", saga_id="slow-down")
+    saga = await harness.wait("slow-down")
+
+    assert state(saga) == "SUCCEEDED"
+    assert time.monotonic() - began >= 0.4  # the policy alone would have waited 10 ms
+    _first, second = participants["identity"].calls("execute")
+    assert second.request.attempt == 2
