@@ -1,0 +1,326 @@
+"""The SQLite saga store: one file, WAL mode, group commit, the embedded default.
+
+Writes go through one writer thread that commits concurrent writes together (see
+``sqlite_writer``); reads go through a second connection on a reader thread, which in WAL mode
+neither blocks the writer nor waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from coordinator.core.events import RecordedEvent
+from coordinator.core.model import Saga
+from coordinator.ports import ListCursor, SagaFilter, SagaPage
+from coordinator.store.codec import (
+    decode_datetime,
+    decode_event,
+    decode_saga,
+    encode_datetime,
+    encode_event,
+    encode_saga,
+    event_type,
+)
+from coordinator.store.errors import StoreClosed, StoreCorrupt
+from coordinator.store.rules import (
+    UNFINISHED,
+    already_exists,
+    check_commit,
+    check_creation,
+    check_limit,
+    page_of,
+    stale,
+)
+from coordinator.store.sqlite_errors import translate
+from coordinator.store.sqlite_schema import (
+    SYNCHRONOUS_MODES,
+    load_migrations,
+    open_reader,
+    open_writer,
+)
+from coordinator.store.sqlite_writer import GroupCommitWriter, WriterStats
+
+T = TypeVar("T")
+
+_SELECT_FOR_CREATE = "SELECT fingerprint, body FROM sagas WHERE saga_id = ?"
+_INSERT_SAGA = """
+INSERT INTO sagas (saga_id, definition_name, definition_version, state, created_at, updated_at,
+                   version, fingerprint, body)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_UPDATE_SAGA = """
+UPDATE sagas SET state = ?, updated_at = ?, version = ?, body = ?
+WHERE saga_id = ? AND version = ?
+"""
+_SELECT_VERSION = "SELECT version FROM sagas WHERE saga_id = ?"
+_INSERT_EVENT = """
+INSERT INTO saga_events (saga_id, sequence, recorded_at, type, body) VALUES (?, ?, ?, ?, ?)
+"""
+_SELECT_SAGA = "SELECT body FROM sagas WHERE saga_id = ?"
+_SELECT_EVENTS = """
+SELECT sequence, recorded_at, body FROM saga_events WHERE saga_id = ? ORDER BY sequence
+"""
+_SELECT_UNFINISHED = f"""
+SELECT body FROM sagas WHERE state IN ({", ".join(f"'{state}'" for state in sorted(UNFINISHED))})
+ORDER BY created_at, saga_id
+"""
+
+
+class SqliteStore:
+    """Sagas and their append-only event logs in one SQLite file.
+
+    Open it with ``await SqliteStore.open(path)``; close it with ``await store.close()``.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        writer: GroupCommitWriter,
+        reader: sqlite3.Connection,
+        reader_thread: ThreadPoolExecutor,
+    ) -> None:
+        """Assemble an opened store; use ``SqliteStore.open``."""
+        self._path = path
+        self._writer = writer
+        self._reader = reader
+        self._reader_thread = reader_thread
+        self._closed = False
+        self._closing: asyncio.Future[None] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 5000,
+        max_batch: int = 256,
+        max_page_count: int | None = None,
+    ) -> SqliteStore:
+        """Open (or create) the store at ``path`` and migrate it to the current schema.
+
+        ``synchronous``: ``FULL`` (the default) makes every acknowledged write survive a power
+        cut; ``NORMAL`` is faster but may lose the last commits then. ``busy_timeout_ms``: how
+        long a write waits for a lock held by another connection before it fails with
+        ``StorageUnavailable``. ``max_batch``: the most writes one transaction carries.
+        ``max_page_count``: a cap on the file's size in pages (writes beyond it fail as a full
+        disk would).
+
+        Raises ``StoreCorrupt`` for a file that is not a saga store or is damaged, and
+        ``SchemaTooNew`` for one written by a newer coordinator; such files are not modified.
+        """
+        mode = synchronous.upper()
+        if mode not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, not {synchronous!r}")
+        if busy_timeout_ms < 0:
+            raise ValueError(f"busy_timeout_ms must not be negative, not {busy_timeout_ms}")
+        file = Path(path)
+        migrations = load_migrations()
+
+        def connect() -> sqlite3.Connection:
+            connection = open_writer(
+                file, migrations, synchronous=mode, busy_timeout_ms=busy_timeout_ms
+            )
+            if max_page_count is not None:
+                connection.execute(f"PRAGMA max_page_count = {int(max_page_count)}")
+            return connection
+
+        writer = GroupCommitWriter(connect, max_batch=max_batch, name=f"saga-store-writer {file}")
+        await writer.start()
+        reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saga-store-reader")
+        try:
+            reader = await asyncio.get_running_loop().run_in_executor(
+                reader_thread, open_reader, file, busy_timeout_ms
+            )
+        except BaseException:
+            await writer.stop()
+            reader_thread.shutdown(wait=False)
+            raise
+        return cls(file, writer, reader, reader_thread)
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def write_stats(self) -> WriterStats:
+        """How many transactions carried how many writes so far (the group commit at work)."""
+        return self._writer.stats
+
+    # --- writes ------------------------------------------------------------------------------
+
+    async def create(self, saga: Saga, event: RecordedEvent, fingerprint: str) -> tuple[Saga, bool]:
+        """Store a new saga with its first event; see ``SagaStore.create``."""
+        self._check_open()
+        check_creation(saga, event)
+        saga_row = (
+            saga.saga_id,
+            saga.definition.name,
+            saga.definition.version,
+            saga.state.value,
+            encode_datetime(saga.created_at),
+            encode_datetime(saga.updated_at),
+            saga.version,
+            fingerprint,
+            encode_saga(saga),
+        )
+        event_row = _event_row(event)
+
+        def create(connection: sqlite3.Connection) -> tuple[Saga, bool]:
+            # Inside the writer's transaction: a concurrent create of the same id, even in the
+            # same batch, runs before or after this one, never in between.
+            found = connection.execute(_SELECT_FOR_CREATE, (saga.saga_id,)).fetchone()
+            if found is not None:
+                stored_fingerprint, body = found
+                if stored_fingerprint == fingerprint:
+                    return decode_saga(body), False
+                raise already_exists(saga.saga_id)
+            connection.execute(_INSERT_SAGA, saga_row)
+            connection.execute(_INSERT_EVENT, event_row)
+            return saga, True
+
+        return await self._writer.submit(create, f"creating saga {saga.saga_id}")
+
+    async def commit(self, saga: Saga, event: RecordedEvent) -> None:
+        """Store the saga's new state with its event; see ``SagaStore.commit``."""
+        self._check_open()
+        check_commit(saga, event)
+        update = (
+            saga.state.value,
+            encode_datetime(saga.updated_at),
+            saga.version,
+            encode_saga(saga),
+            saga.saga_id,
+            saga.version - 1,
+        )
+        event_row = _event_row(event)
+
+        def commit(connection: sqlite3.Connection) -> None:
+            if connection.execute(_UPDATE_SAGA, update).rowcount != 1:
+                found = connection.execute(_SELECT_VERSION, (saga.saga_id,)).fetchone()
+                raise stale(saga, None if found is None else found[0])
+            connection.execute(_INSERT_EVENT, event_row)
+
+        await self._writer.submit(commit, f"committing saga {saga.saga_id} v{saga.version}")
+
+    # --- reads -------------------------------------------------------------------------------
+
+    async def get(self, saga_id: str) -> Saga | None:
+        """The saga, or None."""
+
+        def get(connection: sqlite3.Connection) -> Saga | None:
+            found = connection.execute(_SELECT_SAGA, (saga_id,)).fetchone()
+            return None if found is None else decode_saga(found[0])
+
+        return await self._read(get, f"reading saga {saga_id}")
+
+    async def list(self, where: SagaFilter, limit: int, after: ListCursor | None) -> SagaPage:
+        """Up to ``limit`` sagas matching ``where``, oldest first, after ``after``."""
+        check_limit(limit)
+        clauses: list[str] = []
+        params: list[Any] = []
+        if where.states:
+            states = sorted(state.value for state in where.states)
+            clauses.append(f"state IN ({', '.join('?' for _ in states)})")
+            params.extend(states)
+        if where.definition is not None:
+            clauses.append("definition_name = ?")
+            params.append(where.definition)
+        if after is not None:
+            # Keyset pagination: resume strictly after the last row seen, however rows were
+            # added meanwhile; (created_at, saga_id) is unique, so nothing is seen twice.
+            clauses.append("(created_at, saga_id) > (?, ?)")
+            params.extend((encode_datetime(after.created_at), after.saga_id))
+        where_sql = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT body FROM sagas {where_sql} ORDER BY created_at, saga_id LIMIT ?"
+        params.append(limit + 1)  # one more than asked tells whether another page exists
+
+        def list_sagas(connection: sqlite3.Connection) -> SagaPage:
+            rows = connection.execute(sql, params).fetchall()
+            return page_of([decode_saga(body) for (body,) in rows], limit)
+
+        return await self._read(list_sagas, "listing sagas")
+
+    async def events(self, saga_id: str) -> Sequence[RecordedEvent]:
+        """The saga's event log, in order (empty if the saga does not exist)."""
+
+        def events(connection: sqlite3.Connection) -> Sequence[RecordedEvent]:
+            rows = connection.execute(_SELECT_EVENTS, (saga_id,)).fetchall()
+            return tuple(
+                RecordedEvent(saga_id, sequence, _datetime(recorded_at), decode_event(body))
+                for sequence, recorded_at, body in rows
+            )
+
+        return await self._read(events, f"reading the events of saga {saga_id}")
+
+    async def unfinished(self) -> Sequence[Saga]:
+        """Every saga that is RUNNING or COMPENSATING, oldest first."""
+
+        def unfinished(connection: sqlite3.Connection) -> Sequence[Saga]:
+            rows = connection.execute(_SELECT_UNFINISHED).fetchall()
+            return tuple(decode_saga(body) for (body,) in rows)
+
+        return await self._read(unfinished, "reading the unfinished sagas")
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Finish the queued writes, then close both connections and threads. Idempotent."""
+        self._closed = True
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._shut_down())
+        await asyncio.shield(self._closing)
+
+    async def _shut_down(self) -> None:
+        try:
+            await self._writer.stop()
+        finally:
+            # Queued behind any read still running, so that read finishes first.
+            await asyncio.get_running_loop().run_in_executor(
+                self._reader_thread, self._reader.close
+            )
+            self._reader_thread.shutdown(wait=False)
+
+    async def _on_writer(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``run`` on the write connection in the writer's next transaction (tests only)."""
+        return await self._writer.submit(run, "running a test hook")
+
+    async def _read(self, query: Callable[[sqlite3.Connection], T], doing: str) -> T:
+        self._check_open()
+
+        def read() -> T:
+            try:
+                return query(self._reader)
+            except sqlite3.Error as error:
+                raise translate(error, doing) from error
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"the saga store {self._path} is closed")
+
+
+def _event_row(event: RecordedEvent) -> tuple[str, int, str, str, str]:
+    return (
+        event.saga_id,
+        event.sequence,
+        encode_datetime(event.recorded_at),
+        event_type(event.event),
+        encode_event(event.event),
+    )
+
+
+def _datetime(text: str) -> datetime:
+    try:
+        return decode_datetime(text)
+    except (TypeError, ValueError) as error:
+        raise StoreCorrupt(f"stored time {text!r} cannot be decoded") from error

@@ -1,0 +1,78 @@
+"""``open_store`` picks the adapter by URL and explains the URLs it accepts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from coordinator.store import open_store, sqlite_path
+from coordinator.store.errors import InvalidStoreUrl
+from coordinator.store.memory import MemoryStore
+from coordinator.store.sqlite import SqliteStore
+
+
+async def test_memory_url_opens_the_in_memory_store() -> None:
+    store = await open_store("memory:")
+
+    assert isinstance(store, MemoryStore)
+    await store.close()
+
+
+async def test_sqlite_url_with_three_slashes_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = await open_store("sqlite:///sagas.db", synchronous="NORMAL")
+    try:
+        assert isinstance(store, SqliteStore)
+        assert store.path == Path("sagas.db")
+        assert store.path.resolve() == tmp_path / "sagas.db"
+    finally:
+        await store.close()
+
+
+async def test_sqlite_url_with_four_slashes_is_absolute(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite:///{tmp_path}/sagas.db")
+    try:
+        assert isinstance(store, SqliteStore)
+        assert store.path == tmp_path / "sagas.db"
+        assert store.path.is_absolute()
+    finally:
+        await store.close()
+
+
+def test_sqlite_urls_map_to_paths() -> None:
+    assert sqlite_path("sqlite:///data/sagas.db") == Path("data/sagas.db")
+    assert sqlite_path("sqlite:////var/lib/saga/sagas.db") == Path("/var/lib/saga/sagas.db")
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://localhost/sagas", "sagas.db", "", "memory", "mysql://x"]
+)
+async def test_an_unsupported_url_is_refused_naming_the_accepted_ones(url: str) -> None:
+    with pytest.raises(InvalidStoreUrl, match=r"'memory:'.*'sqlite:///") as refused:
+        await open_store(url)
+
+    assert isinstance(refused.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("sqlite://sagas.db", "sqlite:///relative"),
+        ("sqlite:///", "names no file"),
+        ("sqlite:///data/", "names no file"),
+        ("sqlite:///:memory:", "use 'memory:'"),
+        ("sqlite:///sagas.db?mode=ro", "not in the URL"),
+    ],
+)
+async def test_an_invalid_sqlite_url_is_refused_saying_why(url: str, why: str) -> None:
+    with pytest.raises(InvalidStoreUrl, match=re.escape(why)):
+        await open_store(url)
+
+
+async def test_the_memory_store_takes_no_options() -> None:
+    with pytest.raises(TypeError, match="no options"):
+        await open_store("memory:", synchronous="FULL")

@@ -1,0 +1,373 @@
+"""What only the SQLite store promises: a durable, guarded file, and group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.core.errors import ConcurrentUpdate, StorageUnavailable
+from coordinator.store.errors import SchemaTooNew, StorageFailure, StoreCorrupt
+from coordinator.store.sqlite import SqliteStore
+
+from .strategies import OK, T0, SagaHistory, run_history
+
+FINGERPRINT = "fp-1"
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    """Where the test's database lives."""
+    return tmp_path / "sagas.db"
+
+
+@pytest.fixture
+async def store(db: Path) -> AsyncIterator[SqliteStore]:
+    """A store on a new file, closed after the test."""
+    store = await SqliteStore.open(db)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def store_history(store: SqliteStore, history: SagaHistory) -> None:
+    """Create the saga and commit all its events."""
+    await store.create(history.first, history.log[0], FINGERPRINT)
+    for saga, event in history.commits():
+        await store.commit(saga, event)
+
+
+async def pragma(store: SqliteStore, name: str) -> object:
+    """A pragma's value as the store's write connection sees it."""
+    return await store._on_writer(lambda c: c.execute(f"PRAGMA {name}").fetchone()[0])
+
+
+def query(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows read from the file by a connection of the test's own."""
+    connection = sqlite3.connect(db)
+    try:
+        return connection.execute(sql).fetchall()
+    finally:
+        connection.close()
+
+
+def read(path: Path) -> bytes:
+    """A file's bytes (tests read small files where they stand, blocking or not)."""
+    return path.read_bytes()
+
+
+def write(path: Path, data: bytes) -> None:
+    """Replace a file's bytes."""
+    path.write_bytes(data)
+
+
+def files_in(folder: Path) -> list[str]:
+    """The names of the files in a folder."""
+    return sorted(path.name for path in folder.iterdir())
+
+
+# --- durability and settings -----------------------------------------------------------------
+
+
+async def test_sagas_and_logs_survive_close_and_reopen(db: Path) -> None:
+    history = run_history("s-1", [OK, OK])
+    store = await SqliteStore.open(db)
+    await store_history(store, history)
+    await store.close()
+
+    reopened = await SqliteStore.open(db)
+    try:
+        assert await reopened.get("s-1") == history.last
+        assert await reopened.events("s-1") == history.log
+        assert await reopened.unfinished() == (history.last,)
+    finally:
+        await reopened.close()
+
+
+async def test_opens_in_wal_mode_with_full_sync_foreign_keys_and_a_busy_timeout(
+    store: SqliteStore,
+) -> None:
+    assert await pragma(store, "journal_mode") == "wal"
+    assert await pragma(store, "synchronous") == 2  # FULL
+    assert await pragma(store, "foreign_keys") == 1
+    assert await pragma(store, "busy_timeout") == 5000
+
+
+async def test_sync_mode_busy_timeout_and_size_cap_are_configurable(db: Path) -> None:
+    store = await SqliteStore.open(
+        db, synchronous="normal", busy_timeout_ms=250, max_page_count=10_000
+    )
+    try:
+        assert await pragma(store, "synchronous") == 1  # NORMAL
+        assert await pragma(store, "busy_timeout") == 250
+        assert await pragma(store, "max_page_count") == 10_000
+    finally:
+        await store.close()
+
+
+async def test_an_unknown_sync_mode_is_refused_before_the_file_is_created(db: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous must be one of"):
+        await SqliteStore.open(db, synchronous="OFF")
+
+    assert files_in(db.parent) == []
+
+
+async def test_tables_are_strict(store: SqliteStore) -> None:
+    def insert_text_version(connection: sqlite3.Connection) -> None:
+        connection.execute(
+            "INSERT INTO sagas VALUES ('x', 'd', 1, 'RUNNING', 't', 't', 'one', 'fp', '{}')"
+        )
+
+    with pytest.raises(StorageFailure, match="cannot store TEXT value in INTEGER column"):
+        await store._on_writer(insert_text_version)
+
+
+# --- migrations ------------------------------------------------------------------------------
+
+
+async def test_migrations_are_recorded_and_not_run_again_on_reopen(db: Path) -> None:
+    await (await SqliteStore.open(db)).close()
+    recorded = query(db, "SELECT version, name, applied_at FROM schema_migrations")
+
+    await (await SqliteStore.open(db)).close()
+
+    assert [(version, name) for version, name, _ in recorded] == [(1, "initial")]
+    assert query(db, "SELECT version, name, applied_at FROM schema_migrations") == recorded
+
+
+async def test_two_stores_opening_a_new_file_at_once_migrate_it_once(db: Path) -> None:
+    stores = await asyncio.gather(SqliteStore.open(db), SqliteStore.open(db))
+    for store in stores:
+        await store.close()
+
+    assert query(db, "SELECT version FROM schema_migrations") == [(1,)]
+
+
+async def test_a_database_with_a_newer_schema_is_refused_and_left_untouched(db: Path) -> None:
+    await (await SqliteStore.open(db)).close()
+    with sqlite3.connect(db) as newer:
+        newer.execute("INSERT INTO schema_migrations VALUES (2, 'from_the_future', 'later')")
+    newer.close()
+    before = read(db)
+
+    with pytest.raises(SchemaTooNew, match=r"schema version 2, newer than this coordinator"):
+        await SqliteStore.open(db)
+
+    assert read(db) == before
+
+
+# --- files that are not ours -----------------------------------------------------------------
+
+
+async def test_random_bytes_are_refused_and_left_untouched(db: Path) -> None:
+    garbage = random.Random(7).randbytes(8192)
+    write(db, garbage)
+
+    with pytest.raises(StoreCorrupt, match=r"is not a SQLite database.*left untouched"):
+        await SqliteStore.open(db)
+
+    assert read(db) == garbage
+    assert files_in(db.parent) == ["sagas.db"], "no journal or WAL file either"
+
+
+def scramble_all_but_the_first_page(data: bytearray, page_size: int, index_page: int) -> None:
+    """Random bytes over every page but the first (the header and the schema)."""
+    data[page_size:] = random.Random(7).randbytes(len(data) - page_size)
+
+
+def break_an_index_page(data: bytearray, page_size: int, index_page: int) -> None:
+    """Point the first cells of an index page out of the page: a subtle, local damage."""
+    start = (index_page - 1) * page_size + 8  # a leaf page's cell pointers follow its header
+    data[start : start + 8] = b"\xff" * 8
+
+
+@pytest.mark.parametrize(
+    ("damage", "found"),
+    [(scramble_all_but_the_first_page, "not a readable"), (break_an_index_page, "integrity")],
+)
+async def test_a_damaged_database_is_refused_and_left_untouched(
+    db: Path, damage: Callable[[bytearray, int, int], None], found: str
+) -> None:
+    store = await SqliteStore.open(db)
+    for i in range(50):
+        await store_history(store, run_history(f"s-{i}", [OK], at=T0 + timedelta(seconds=i)))
+    await store.close()
+    [(index_page,)] = query(db, "SELECT rootpage FROM sqlite_master WHERE name = 'sagas_by_state'")
+    damaged = bytearray(read(db))
+    damage(damaged, int.from_bytes(damaged[16:18], "big"), index_page)
+    write(db, bytes(damaged))
+
+    with pytest.raises(StoreCorrupt, match=re.escape(str(db))) as refused:
+        await SqliteStore.open(db)
+
+    assert found in str(refused.value)
+    assert "left untouched" in str(refused.value)
+    assert read(db) == bytes(damaged)
+
+
+async def test_another_applications_database_is_refused_and_left_untouched(db: Path) -> None:
+    with sqlite3.connect(db) as other:
+        other.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    other.close()
+    before = read(db)
+
+    with pytest.raises(StoreCorrupt, match=r"another application.*invoices"):
+        await SqliteStore.open(db)
+
+    assert read(db) == before
+
+
+async def test_a_file_that_cannot_be_opened_is_a_storage_failure(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "sagas.db"
+
+    with pytest.raises(StorageFailure, match="no-such-dir"):
+        await SqliteStore.open(missing)
+
+
+# --- the log is append-only ------------------------------------------------------------------
+
+
+async def test_the_database_refuses_to_update_or_delete_events(
+    store: SqliteStore, db: Path
+) -> None:
+    history = run_history("s-1", [OK])
+    await store_history(store, history)
+    before = query(db, "SELECT * FROM saga_events")
+
+    connection = sqlite3.connect(db)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            connection.execute("UPDATE saga_events SET body = '{}' WHERE sequence = 2")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            connection.execute("DELETE FROM saga_events")
+        connection.commit()
+    finally:
+        connection.close()
+
+    assert query(db, "SELECT * FROM saga_events") == before
+    assert len(before) == 2
+
+
+# --- failures at write time ------------------------------------------------------------------
+
+
+async def test_a_database_locked_past_the_busy_timeout_fails_writes_and_stores_nothing(
+    db: Path,
+) -> None:
+    store = await SqliteStore.open(db, busy_timeout_ms=50)
+    histories = [run_history(f"s-{i}") for i in range(3)]
+    blocker = sqlite3.connect(db, isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        results = await asyncio.gather(
+            *(store.create(h.first, h.log[0], FINGERPRINT) for h in histories),
+            return_exceptions=True,
+        )
+        blocker.execute("ROLLBACK")
+
+        assert all(isinstance(result, StorageUnavailable) for result in results), results
+        assert "locked" in str(results[0])
+        assert [await store.get(h.saga_id) for h in histories] == [None] * 3
+        # The lock is gone: the same write now succeeds.
+        assert await store.create(histories[0].first, histories[0].log[0], FINGERPRINT) == (
+            histories[0].first,
+            True,
+        )
+    finally:
+        blocker.close()
+        await store.close()
+
+
+async def test_a_full_disk_fails_writes_until_there_is_room_again(store: SqliteStore) -> None:
+    pages = await pragma(store, "page_count")
+    await store._on_writer(lambda c: c.execute(f"PRAGMA max_page_count = {pages}").fetchone())
+    big = run_history("big", input=b"x" * 200_000)
+
+    with pytest.raises(StorageUnavailable, match="disk full"):
+        await store.create(big.first, big.log[0], FINGERPRINT)
+
+    assert await store.get("big") is None
+    assert await store.events("big") == ()
+    await store._on_writer(lambda c: c.execute("PRAGMA max_page_count = 1000000").fetchone())
+    assert await store.create(big.first, big.log[0], FINGERPRINT) == (big.first, True)
+    assert await store.get("big") == big.first
+
+
+async def test_after_an_io_error_the_store_refuses_every_later_write(store: SqliteStore) -> None:
+    def fail_with_io_error(connection: sqlite3.Connection) -> None:
+        error = sqlite3.OperationalError("disk I/O error")
+        error.sqlite_errorcode = 778  # SQLITE_IOERR_WRITE, as a failing disk reports it
+        error.sqlite_errorname = "SQLITE_IOERR_WRITE"
+        raise error
+
+    with pytest.raises(StorageFailure, match="I/O error"):
+        await store._on_writer(fail_with_io_error)
+
+    history = run_history("s-1")
+    with pytest.raises(StorageFailure, match="restarts"):
+        await store.create(history.first, history.log[0], FINGERPRINT)
+    assert await store.get("s-1") is None
+
+
+async def test_a_refused_write_is_undone_alone_while_its_batch_commits(
+    store: SqliteStore, db: Path
+) -> None:
+    history = run_history("kept")
+
+    def write_then_refuse(connection: sqlite3.Connection) -> None:
+        connection.execute(
+            "INSERT INTO sagas VALUES ('undone', 'd', 1, 'RUNNING', 't', 't', 1, 'fp', '{}')"
+        )
+        raise ConcurrentUpdate("refused after writing")
+
+    results = await asyncio.gather(
+        store._on_writer(write_then_refuse),
+        store.create(history.first, history.log[0], FINGERPRINT),
+        return_exceptions=True,
+    )
+
+    assert isinstance(results[0], ConcurrentUpdate)
+    assert results[1] == (history.first, True)
+    assert query(db, "SELECT saga_id FROM sagas") == [("kept",)]
+
+
+# --- group commit ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("max_batch", "shared"), [(256, True), (1, False)])
+async def test_concurrent_writes_share_transactions_up_to_the_batch_size(
+    db: Path, max_batch: int, shared: bool
+) -> None:
+    store = await SqliteStore.open(db, max_batch=max_batch)
+    histories = [run_history(f"s-{i:03d}") for i in range(300)]
+    try:
+        await asyncio.gather(*(store.create(h.first, h.log[0], FINGERPRINT) for h in histories))
+        stats = store.write_stats
+    finally:
+        await store.close()
+
+    assert stats.jobs == 300
+    assert (stats.transactions < stats.jobs) is shared
+    assert query(db, "SELECT count(*) FROM sagas") == [(300,)]
+
+
+async def test_close_finishes_the_writes_already_queued(db: Path) -> None:
+    store = await SqliteStore.open(db)
+    histories = [run_history(f"s-{i:03d}") for i in range(100)]
+    writes = [
+        asyncio.ensure_future(store.create(h.first, h.log[0], FINGERPRINT)) for h in histories
+    ]
+    await asyncio.sleep(0)  # every write is queued
+
+    await store.close()
+
+    assert all(write.result()[1] for write in writes)
+    assert query(db, "SELECT count(*) FROM sagas") == [(100,)]
