@@ -92,7 +92,7 @@ async def test_four_step_saga_succeeds_with_inputs_and_earlier_outputs(
     for index, name in enumerate(NAMES):
         executes = participants[name].calls("execute")
         assert len(executes) == 1, name
-        request = executes[0].request
+        request = executes[0].execute
         assert request.input == payload
         assert request.saga == "sagas/acme-1"
         assert request.attempt == 1
@@ -130,7 +130,7 @@ async def test_rejection_at_step_three_compensates_three_two_one_newest_first(
         )
         assert compensate.request.execute_request_id == execute.request.request_id
     (card_compensation,) = participants["cards"].calls("compensate")
-    assert not card_compensation.request.HasField("execute_output")
+    assert not card_compensation.compensate.HasField("execute_output")
 
 
 async def test_unavailable_twice_then_ok_retries_the_same_request_and_succeeds(
@@ -152,7 +152,7 @@ async def test_unavailable_twice_then_ok_retries_the_same_request_and_succeeds(
     assert {c.request.request_id for c in attempts} == {"sagas/flaky/steps/open-account:execute"}
     assert saga.steps[1].execute_attempts == 3
     assert json.loads(saga.steps[1].output) == {"account": "A-1"}
-    assert sorted(participants["cards"].calls("execute")[0].request.previous_outputs) == [
+    assert sorted(participants["cards"].calls("execute")[0].execute.previous_outputs) == [
         "create-user",
         "open-account",
     ]

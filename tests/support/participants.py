@@ -58,6 +58,18 @@ class Received:
         """The step's name."""
         return self.request.step
 
+    @property
+    def execute(self) -> pb.ExecuteRequest:
+        """The request, which must be an Execute."""
+        assert isinstance(self.request, pb.ExecuteRequest)
+        return self.request
+
+    @property
+    def compensate(self) -> pb.CompensateRequest:
+        """The request, which must be a Compensate."""
+        assert isinstance(self.request, pb.CompensateRequest)
+        return self.request
+
 
 @dataclass
 class ScriptedParticipant(pb_grpc.ParticipantServiceServicer):
