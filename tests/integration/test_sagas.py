@@ -123,12 +123,12 @@ async def test_rejection_at_step_three_compensates_three_two_one_newest_first(
     for name in ("identity", "accounts"):
         (execute,) = participants[name].calls("execute")
         (compensate,) = participants[name].calls("compensate")
-        assert compensate.request.HasField("execute_output")
+        assert compensate.compensate.HasField("execute_output")
         assert (
-            compensate.request.execute_output
+            compensate.compensate.execute_output
             == participants[name].answers[execute.request.request_id]
         )
-        assert compensate.request.execute_request_id == execute.request.request_id
+        assert compensate.compensate.execute_request_id == execute.request.request_id
     (card_compensation,) = participants["cards"].calls("compensate")
     assert not card_compensation.compensate.HasField("execute_output")
 
