@@ -12,13 +12,13 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from saga_sdk import errors as sdk_errors
-from saga_sdk.client import SagaClient
-from saga_sdk.model import Saga, SagaState
 
 from coordinator.config import ConfigError, ParticipantEndpoint, load_settings
 from coordinator.console import SAGA_STYLE, console, saga_panel, update_line
 from coordinator.core.errors import SagaError
+from saga_sdk import errors as sdk_errors
+from saga_sdk.client import SagaClient
+from saga_sdk.model import Saga, SagaState
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 

@@ -9,6 +9,7 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
 from saga_sdk.model import Saga, SagaState, SagaUpdate, StepState
 
 SAGA_STYLE = {

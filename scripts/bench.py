@@ -26,6 +26,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from saga.v1 import participant_service_pb2 as pb
 from saga.v1 import participant_service_pb2_grpc as pb_grpc
+
 from saga_sdk.client import AsyncSagaClient
 from saga_sdk.model import SagaState
 

@@ -22,10 +22,10 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.rule import Rule
-from saga_sdk.client import SagaClient
-from saga_sdk.model import SagaState
 
 from coordinator.console import console, saga_panel, update_line
+from saga_sdk.client import SagaClient
+from saga_sdk.model import SagaState
 
 HERE = Path(__file__).resolve().parent / "demo"
 SERVICES = ("identity", "accounts", "cards", "billing")

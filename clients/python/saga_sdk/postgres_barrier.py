@@ -1,0 +1,203 @@
+"""The idempotency barrier on PostgreSQL, with psycopg 3 and its connection pools.
+
+Needs the `postgresql` extra: `pip install 'saga-sdk[postgresql]'`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from saga_sdk.barrier import (
+    DEFAULT_TABLE,
+    AsyncEffect,
+    Barrier,
+    BarrierKey,
+    BarrierSql,
+    Outcome,
+    SyncEffect,
+    run_guarded,
+    run_guarded_async,
+)
+from saga_sdk.sqlite_barrier import check_identifier
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {table} (
+    saga_id    TEXT NOT NULL,
+    step       TEXT NOT NULL,
+    operation  TEXT NOT NULL CHECK (operation IN ('execute', 'compensate')),
+    request_id TEXT NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('pending', 'done', 'rejected', 'blocked')),
+    output     BYTEA,
+    reason     TEXT NOT NULL DEFAULT '',
+    message    TEXT NOT NULL DEFAULT '',
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (saga_id, step, operation, request_id)
+)
+"""
+
+
+def _query(sql: str) -> LiteralString:
+    # The only text interpolated into the barrier's SQL is its table name, checked to be a
+    # plain identifier; every value travels as a bound parameter.
+    return sql
+
+
+class PostgresBarrier(Barrier):
+    """The barrier in a PostgreSQL database, next to the participant's business tables.
+
+    `conninfo` is a libpq connection string or URL. Blocking effects (`run`) receive a
+    `psycopg.Connection` and coroutine effects (`run_async`) a `psycopg.AsyncConnection`, each
+    inside an open transaction: write the business rows on it and never commit it.
+
+    A call first inserts its barrier row (`INSERT ... ON CONFLICT DO NOTHING`): a concurrent
+    duplicate blocks on that row's lock until the first call commits, then reads its answer.
+    Connections come from a pool of at most `max_size` per flavour (sync and async), opened on
+    first use; `close()` / `aclose()` release them.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        table: str = DEFAULT_TABLE,
+        min_size: int = 1,
+        max_size: int = 10,
+    ) -> None:
+        self.conninfo = conninfo
+        self.table = check_identifier(table)
+        self._min_size = min_size
+        self._max_size = max_size
+        self._sql = BarrierSql.build(self.table, "%s")
+        self._pool: ConnectionPool | None = None
+        self._async_pool: AsyncConnectionPool | None = None
+        self._lock = threading.Lock()
+        self._async_lock: asyncio.Lock | None = None
+
+    def migrate(self) -> None:
+        """Create the barrier's table when it is missing (done by the first call anyway)."""
+        with psycopg.connect(self.conninfo) as connection:
+            _migrate(connection, self.table)
+
+    def run(self, key: BarrierKey, effect: SyncEffect) -> Outcome:
+        """Apply `effect` once for `key`; see `Barrier.run`."""
+        with self._sync_pool().connection() as connection:
+            return run_guarded(_Session(connection), self._sql, key, effect)
+
+    async def run_async(self, key: BarrierKey, effect: AsyncEffect) -> Outcome:
+        """Apply the coroutine `effect` once for `key`; see `Barrier.run_async`."""
+        pool = await self._aio_pool()
+        async with pool.connection() as connection:
+            return await run_guarded_async(_AsyncSession(connection), self._sql, key, effect)
+
+    def close(self) -> None:
+        """Close the blocking pool (the async one needs `aclose()`)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    async def aclose(self) -> None:
+        """Close both pools."""
+        pool, self._async_pool = self._async_pool, None
+        if pool is not None:
+            await pool.close()
+        await asyncio.to_thread(self.close)
+
+    def _sync_pool(self) -> ConnectionPool:
+        with self._lock:
+            if self._pool is None:
+                self.migrate()
+                pool: ConnectionPool = ConnectionPool(
+                    self.conninfo, min_size=self._min_size, max_size=self._max_size, open=False
+                )
+                pool.open(wait=True)
+                self._pool = pool
+            return self._pool
+
+    async def _aio_pool(self) -> AsyncConnectionPool:
+        if self._async_lock is None:
+            self._async_lock = asyncio.Lock()
+        async with self._async_lock:
+            if self._async_pool is None:
+                async with await psycopg.AsyncConnection.connect(self.conninfo) as connection:
+                    await _migrate_async(connection, self.table)
+                pool: AsyncConnectionPool = AsyncConnectionPool(
+                    self.conninfo, min_size=self._min_size, max_size=self._max_size, open=False
+                )
+                await pool.open(wait=True)
+                self._async_pool = pool
+            return self._async_pool
+
+
+def _migrate(connection: psycopg.Connection[Any], table: str) -> None:
+    # The advisory lock serialises participants starting together: concurrent CREATE TABLE IF
+    # NOT EXISTS can otherwise fail on PostgreSQL's catalog unique index.
+    with connection.transaction():
+        connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (table,))
+        connection.execute(_query(_SCHEMA.format(table=table)))
+
+
+async def _migrate_async(connection: psycopg.AsyncConnection[Any], table: str) -> None:
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (table,))
+        await connection.execute(_query(_SCHEMA.format(table=table)))
+
+
+class _Session:
+    """A psycopg connection as the barrier's rules drive it."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self._connection = connection
+
+    @property
+    def connection(self) -> Any:
+        return self._connection
+
+    def begin(self) -> None:
+        # psycopg opens the transaction with the first statement; the barrier row's insert
+        # is that statement, and its row lock is what orders concurrent duplicates.
+        self._connection.autocommit = False
+
+    def execute(self, sql: str, params: Sequence[object]) -> int:
+        return self._connection.execute(_query(sql), params).rowcount
+
+    def fetch(self, sql: str, params: Sequence[object]) -> tuple[Any, ...] | None:
+        return self._connection.execute(_query(sql), params).fetchone()
+
+    def commit(self) -> None:
+        self._connection.commit()
+
+    def rollback(self) -> None:
+        self._connection.rollback()
+
+
+class _AsyncSession:
+    """A psycopg async connection as the barrier's rules drive it."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        self._connection = connection
+
+    @property
+    def connection(self) -> Any:
+        return self._connection
+
+    async def begin(self) -> None:
+        await self._connection.set_autocommit(False)
+
+    async def execute(self, sql: str, params: Sequence[object]) -> int:
+        return (await self._connection.execute(_query(sql), params)).rowcount
+
+    async def fetch(self, sql: str, params: Sequence[object]) -> tuple[Any, ...] | None:
+        return await (await self._connection.execute(_query(sql), params)).fetchone()
+
+    async def commit(self) -> None:
+        await self._connection.commit()
+
+    async def rollback(self) -> None:
+        await self._connection.rollback()

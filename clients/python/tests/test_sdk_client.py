@@ -1,0 +1,571 @@
+"""SagaClient and AsyncSagaClient against a fake CoordinatorService on a real loopback server."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from saga.v1 import coordinator_service_pb2, coordinator_service_pb2_grpc, saga_pb2
+
+from saga_sdk import (
+    AlreadyExists,
+    AsyncSagaClient,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SagaClient,
+    SagaEventType,
+    SagaRpcError,
+    SagaState,
+    StepKind,
+    StepState,
+    WaitTimeout,
+)
+
+DOMAIN = "saga.fake"
+KNOWN_DEFINITIONS = {"onboard": 3, "offboard": 1}
+SAGA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SETTLED = {
+    saga_pb2.SAGA_STATE_SUCCEEDED,
+    saga_pb2.SAGA_STATE_COMPENSATED,
+    saga_pb2.SAGA_STATE_NEEDS_ATTENTION,
+}
+
+
+def abort(
+    context: grpc.ServicerContext,
+    code: grpc.StatusCode,
+    reason: str,
+    message: str,
+    violations: tuple[tuple[str, str], ...] = (),
+) -> None:
+    """End the call with a rich google.rpc.Status, as the real coordinator does."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata={"k": "v"}))
+    details = [info]
+    if violations:
+        bad = any_pb2.Any()
+        bad.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                    for f, d in violations
+                ]
+            )
+        )
+        details.append(bad)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+@dataclass
+class FakeCoordinator(coordinator_service_pb2_grpc.CoordinatorServiceServicer):
+    """Keeps sagas in memory and lets the test move them; records what it was asked."""
+
+    sagas: dict[str, saga_pb2.Saga] = field(default_factory=dict)
+    requests: dict[str, coordinator_service_pb2.CreateSagaRequest] = field(default_factory=dict)
+    list_requests: list[coordinator_service_pb2.ListSagasRequest] = field(default_factory=list)
+    watches: int = 0
+    break_watches: int = 0
+    """How many of the next watches break with UNAVAILABLE after their first message."""
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def CreateSaga(
+        self, request: coordinator_service_pb2.CreateSagaRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.CreateSagaResponse:
+        saga_id = request.saga_id or f"generated-{len(self.sagas) + 1}"
+        if not SAGA_ID.match(saga_id):
+            abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_ARGUMENT",
+                "the request is invalid",
+                (("saga_id", "letters, digits, '.', '_' and '-' only"),),
+            )
+        if request.definition not in KNOWN_DEFINITIONS:
+            abort(context, grpc.StatusCode.NOT_FOUND, "DEFINITION_NOT_FOUND", "no definition")
+        with self.changed:
+            if saga_id in self.sagas:
+                if self.requests[saga_id] != request:
+                    abort(
+                        context,
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        "SAGA_ALREADY_EXISTS",
+                        f"saga {saga_id} exists with another request",
+                    )
+                return coordinator_service_pb2.CreateSagaResponse(
+                    saga=self.sagas[saga_id], created=False
+                )
+            saga = saga_pb2.Saga(
+                name=f"sagas/{saga_id}",
+                saga_id=saga_id,
+                definition=request.definition,
+                definition_version=request.definition_version
+                or KNOWN_DEFINITIONS[request.definition],
+                state=saga_pb2.SAGA_STATE_RUNNING,
+                input=request.input,
+                steps=[
+                    saga_pb2.StepRun(
+                        name="open-account",
+                        participant="accounts",
+                        state=saga_pb2.STEP_STATE_RUNNING,
+                        execute_attempts=1,
+                    ),
+                    saga_pb2.StepRun(
+                        name="issue-card",
+                        participant="cards",
+                        kind=saga_pb2.STEP_KIND_PIVOT,
+                        state=saga_pb2.STEP_STATE_PENDING,
+                    ),
+                ],
+                version=1,
+            )
+            saga.create_time.GetCurrentTime()
+            saga.update_time.CopyFrom(saga.create_time)
+            self.sagas[saga_id] = saga
+            self.requests[saga_id] = request
+            return coordinator_service_pb2.CreateSagaResponse(saga=saga, created=True)
+
+    def GetSaga(
+        self, request: coordinator_service_pb2.GetSagaRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.GetSagaResponse:
+        return coordinator_service_pb2.GetSagaResponse(saga=self._find(request.name, context))
+
+    def ListSagas(
+        self, request: coordinator_service_pb2.ListSagasRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.ListSagasResponse:
+        self.list_requests.append(request)
+        matching = [
+            s
+            for s in self.sagas.values()
+            if (not request.states or s.state in request.states)
+            and (not request.definition or s.definition == request.definition)
+        ]
+        start = int(request.page_token or "0")
+        end = start + (request.page_size or 100)
+        return coordinator_service_pb2.ListSagasResponse(
+            sagas=matching[start:end],
+            next_page_token=str(end) if end < len(matching) else "",
+        )
+
+    def WatchSaga(
+        self, request: coordinator_service_pb2.WatchSagaRequest, context: grpc.ServicerContext
+    ) -> Iterator[coordinator_service_pb2.WatchSagaResponse]:
+        saga = self._find(request.name, context)
+        with self.changed:
+            self.watches += 1
+            breaks = self.break_watches > 0
+            self.break_watches -= 1 if breaks else 0
+        yield coordinator_service_pb2.WatchSagaResponse(saga=saga)
+        if breaks:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is restarting")
+        seen = saga.version
+        while context.is_active() and saga.state not in SETTLED:
+            with self.changed:
+                self.changed.wait(0.05)
+                saga = self.sagas[saga.saga_id]
+            if saga.version > seen:
+                seen = saga.version
+                event = saga_pb2.SagaEvent(
+                    sequence=saga.version, type=saga_pb2.SAGA_EVENT_TYPE_STEP_SUCCEEDED, step="x"
+                )
+                event.time.GetCurrentTime()
+                yield coordinator_service_pb2.WatchSagaResponse(saga=saga, event=event)
+
+    def CancelSaga(
+        self, request: coordinator_service_pb2.CancelSagaRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.CancelSagaResponse:
+        saga = self._find(request.name, context)
+        if saga.state in SETTLED:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "SAGA_ENDED", "saga has ended")
+        saga.cancel_reason = request.reason
+        self.move(saga.saga_id, saga_pb2.SAGA_STATE_COMPENSATING)
+        return coordinator_service_pb2.CancelSagaResponse(saga=self.sagas[saga.saga_id])
+
+    def move(self, saga_id: str, state: saga_pb2.SagaState.ValueType) -> None:
+        """Change a saga's state as the engine would, waking the watchers."""
+        with self.changed:
+            saga = self.sagas[saga_id]
+            saga.state = state
+            saga.version += 1
+            saga.update_time.GetCurrentTime()
+            if state in SETTLED:
+                saga.end_time.GetCurrentTime()
+                saga.steps[0].state = saga_pb2.STEP_STATE_SUCCEEDED
+                saga.steps[0].output = b'{"account":"A-1"}'
+            self.changed.notify_all()
+
+    def _find(self, name: str, context: grpc.ServicerContext) -> saga_pb2.Saga:
+        saga_id = name.removeprefix("sagas/")
+        if saga_id not in self.sagas:
+            abort(context, grpc.StatusCode.NOT_FOUND, "SAGA_NOT_FOUND", f"no saga {name}")
+        return self.sagas[saga_id]
+
+
+@pytest.fixture
+def coordinator() -> Iterator[tuple[FakeCoordinator, str]]:
+    """A fake coordinator served by a real gRPC server on a loopback port."""
+    fake = FakeCoordinator()
+    server = grpc.server(ThreadPoolExecutor(max_workers=16))
+    coordinator_service_pb2_grpc.add_CoordinatorServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield fake, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def later(seconds: float, action: object) -> threading.Timer:
+    """Run `action` on a timer thread after `seconds`."""
+    assert callable(action)
+    timer = threading.Timer(seconds, action)
+    timer.start()
+    return timer
+
+
+# --- blocking client ----------------------------------------------------------------------
+
+
+def test_create_returns_the_typed_saga_and_a_replay_says_not_created(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    _, target = coordinator
+    with SagaClient(target) as client:
+        first = client.create("onboard", {"name": "ACME", "n": 1}, saga_id="acme-1")
+        again = client.create("onboard", {"name": "ACME", "n": 1}, saga_id="acme-1")
+
+    assert first.created is True
+    assert again.created is False
+    saga = first.saga
+    assert saga.saga_id == "acme-1"
+    assert saga.definition == "onboard"
+    assert saga.definition_version == 3
+    assert saga.state is SagaState.RUNNING
+    assert saga.input == b'{"name":"ACME","n":1}'
+    assert saga.input_json() == {"name": "ACME", "n": 1}
+    assert saga.create_time is not None
+    assert saga.create_time.tzinfo is not None
+    assert abs((datetime.now(UTC) - saga.create_time).total_seconds()) < 60
+    assert saga.end_time is None
+    assert [s.name for s in saga.steps] == ["open-account", "issue-card"]
+    assert saga.steps[0].kind is StepKind.COMPENSATABLE  # UNSPECIFIED reads as the default
+    assert saga.steps[1].kind is StepKind.PIVOT
+    assert saga.steps[1].state is StepState.PENDING
+    assert saga.steps[0].output is None
+    assert saga.steps[0].output_json() is None
+    assert again.saga == saga
+
+
+def test_create_sends_bytes_input_as_is_and_none_as_empty(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", b"\x00raw", saga_id="raw")
+        client.create("onboard", saga_id="empty", definition_version=2)
+        generated = client.create("offboard", "text")
+
+    assert fake.requests["raw"].input == b"\x00raw"
+    assert fake.requests["empty"].input == b""
+    assert fake.requests["empty"].definition_version == 2
+    assert generated.saga.saga_id.startswith("generated-")
+    assert generated.saga.input_json() == "text"
+
+
+def test_same_id_with_another_request_raises_already_exists_with_its_error_info(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    _, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", {"a": 1}, saga_id="dup")
+        with pytest.raises(AlreadyExists) as caught:
+            client.create("onboard", {"a": 2}, saga_id="dup")
+
+    error = caught.value
+    assert error.code == grpc.StatusCode.ALREADY_EXISTS
+    assert error.reason == "SAGA_ALREADY_EXISTS"
+    assert error.domain == DOMAIN
+    assert error.metadata == {"k": "v"}
+    assert error.message == "saga dup exists with another request"
+    assert "SAGA_ALREADY_EXISTS" in str(error)
+
+
+def test_invalid_input_raises_invalid_argument_with_the_field_violations(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    _, target = coordinator
+    with SagaClient(target) as client, pytest.raises(InvalidArgument) as caught:
+        client.create("onboard", {}, saga_id="not valid!")
+
+    assert caught.value.reason == "INVALID_ARGUMENT"
+    assert caught.value.field_violations == (("saga_id", "letters, digits, '.', '_' and '-' only"),)
+    assert caught.value.field_violations[0].field == "saga_id"
+
+
+def test_unknown_saga_raises_not_found(coordinator: tuple[FakeCoordinator, str]) -> None:
+    _, target = coordinator
+    with SagaClient(target) as client, pytest.raises(NotFound) as caught:
+        client.get("nope")
+
+    assert caught.value.reason == "SAGA_NOT_FOUND"
+    assert caught.value.message == "no saga sagas/nope"
+    assert isinstance(caught.value, SagaRpcError)
+
+
+def test_an_unreachable_coordinator_raises_unavailable() -> None:
+    with SagaClient("127.0.0.1:1", timeout=5) as client, pytest.raises(SagaRpcError) as caught:
+        client.get("x")
+
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.reason == ""
+
+
+def test_saga_ids_are_plain_ids() -> None:
+    with SagaClient("127.0.0.1:1") as client:
+        with pytest.raises(ValueError, match="plain saga id"):
+            client.get("sagas/x")
+        with pytest.raises(ValueError, match="empty"):
+            client.watch("")
+
+
+def test_list_walks_every_page_with_the_filters(coordinator: tuple[FakeCoordinator, str]) -> None:
+    fake, target = coordinator
+    with SagaClient(target) as client:
+        for i in range(25):
+            client.create("onboard" if i % 5 else "offboard", {"i": i}, saga_id=f"s-{i:02}")
+        fake.move("s-03", saga_pb2.SAGA_STATE_SUCCEEDED)
+
+        every = list(client.list(page_size=7))
+        pages = len(fake.list_requests)
+        onboard_running = list(
+            client.list(states=[SagaState.RUNNING, "COMPENSATING"], definition="onboard")
+        )
+
+    assert [s.saga_id for s in every] == [f"s-{i:02}" for i in range(25)]
+    assert pages == 4
+    assert [r.page_token for r in fake.list_requests[:4]] == ["", "7", "14", "21"]
+    assert {s.saga_id for s in onboard_running} == {
+        f"s-{i:02}" for i in range(25) if i % 5 and i != 3
+    }
+    assert list(fake.list_requests[-1].states) == [
+        saga_pb2.SAGA_STATE_RUNNING,
+        saga_pb2.SAGA_STATE_COMPENSATING,
+    ]
+
+
+def test_list_rejects_a_page_size_out_of_range() -> None:
+    with SagaClient("127.0.0.1:1") as client, pytest.raises(ValueError, match="page_size"):
+        client.list(page_size=0)
+
+
+def test_cancel_compensates_and_an_ended_saga_cannot_be_cancelled(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="c1")
+        cancelled = client.cancel("c1", reason="customer left")
+        fake.move("c1", saga_pb2.SAGA_STATE_COMPENSATED)
+        with pytest.raises(FailedPrecondition) as caught:
+            client.cancel("c1")
+
+    assert cancelled.state is SagaState.COMPENSATING
+    assert cancelled.cancel_reason == "customer left"
+    assert caught.value.reason == "SAGA_ENDED"
+
+
+def test_watch_yields_every_change_until_the_saga_settles(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="w1")
+        later(0.2, lambda: fake.move("w1", saga_pb2.SAGA_STATE_COMPENSATING))
+        later(0.4, lambda: fake.move("w1", saga_pb2.SAGA_STATE_COMPENSATED))
+        updates = list(client.watch("w1"))
+
+    assert [u.saga.state for u in updates] == [
+        SagaState.RUNNING,
+        SagaState.COMPENSATING,
+        SagaState.COMPENSATED,
+    ]
+    assert updates[0].event is None
+    assert updates[2].event is not None
+    assert updates[2].event.type is SagaEventType.STEP_SUCCEEDED
+    assert updates[2].event.sequence == 3
+    assert updates[2].event.time is not None
+    assert updates[2].saga.end_time is not None
+    assert updates[2].saga.steps[0].output_json() == {"account": "A-1"}
+
+
+def test_watch_of_an_unknown_saga_raises_not_found(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    _, target = coordinator
+    with SagaClient(target) as client, pytest.raises(NotFound):
+        next(iter(client.watch("ghost")))
+
+
+def test_wait_returns_the_settled_saga(coordinator: tuple[FakeCoordinator, str]) -> None:
+    fake, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="ok")
+        later(0.3, lambda: fake.move("ok", saga_pb2.SAGA_STATE_SUCCEEDED))
+        saga = client.wait("ok", timeout=10)
+
+    assert saga.state is SagaState.SUCCEEDED
+    assert saga.end_time is not None
+
+
+def test_wait_gives_up_with_a_timeout_error(coordinator: tuple[FakeCoordinator, str]) -> None:
+    _, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="slow")
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout) as caught:
+            client.wait("slow", timeout=0.5)
+    elapsed = time.monotonic() - started
+
+    assert isinstance(caught.value, TimeoutError)
+    assert caught.value.saga_id == "slow"
+    assert 0.4 < elapsed < 5
+
+
+def test_wait_watches_again_when_the_stream_breaks_with_unavailable(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="flaky")
+        fake.break_watches = 2
+        later(0.5, lambda: fake.move("flaky", saga_pb2.SAGA_STATE_NEEDS_ATTENTION))
+        saga = client.wait("flaky", timeout=10)
+
+    assert saga.state is SagaState.NEEDS_ATTENTION
+    assert fake.watches >= 3
+
+
+def test_wait_raises_other_errors_at_once(coordinator: tuple[FakeCoordinator, str]) -> None:
+    _, target = coordinator
+    with SagaClient(target) as client, pytest.raises(NotFound):
+        client.wait("ghost", timeout=10)
+
+
+def test_wait_survives_a_coordinator_restart() -> None:
+    fake = FakeCoordinator()
+    first = grpc.server(ThreadPoolExecutor(max_workers=8))
+    coordinator_service_pb2_grpc.add_CoordinatorServiceServicer_to_server(fake, first)
+    port = first.add_insecure_port("127.0.0.1:0")
+    first.start()
+    second = grpc.server(ThreadPoolExecutor(max_workers=8))
+    coordinator_service_pb2_grpc.add_CoordinatorServiceServicer_to_server(fake, second)
+
+    def restart() -> None:
+        first.stop(0)
+        time.sleep(0.3)
+        fake.move("r1", saga_pb2.SAGA_STATE_SUCCEEDED)
+        assert second.add_insecure_port(f"127.0.0.1:{port}") == port
+        second.start()
+
+    try:
+        with SagaClient(f"127.0.0.1:{port}") as client:
+            client.create("onboard", saga_id="r1")
+            later(0.3, restart)
+            saga = client.wait("r1", timeout=20)
+    finally:
+        first.stop(0)
+        second.stop(0)
+
+    assert saga.state is SagaState.SUCCEEDED
+    assert fake.watches >= 2
+
+
+def test_a_given_channel_stays_open_after_close(coordinator: tuple[FakeCoordinator, str]) -> None:
+    _, target = coordinator
+    channel = grpc.insecure_channel(target)
+    with SagaClient(channel=channel) as client:
+        client.create("onboard", saga_id="ch")
+    with SagaClient(channel=channel) as again:
+        assert again.get("ch").saga_id == "ch"
+    channel.close()
+    with pytest.raises(ValueError, match="exactly one"):
+        SagaClient(target, channel=channel)
+
+
+# --- asyncio client -----------------------------------------------------------------------
+
+
+async def test_async_create_get_and_already_exists(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    _, target = coordinator
+    async with AsyncSagaClient(target) as client:
+        result = await client.create("onboard", [1, 2], saga_id="a1")
+        replay = await client.create("onboard", [1, 2], saga_id="a1")
+        got = await client.get("a1")
+        with pytest.raises(AlreadyExists) as caught:
+            await client.create("onboard", [3], saga_id="a1")
+
+    assert (result.created, replay.created) == (True, False)
+    assert got == result.saga
+    assert got.input_json() == [1, 2]
+    assert caught.value.reason == "SAGA_ALREADY_EXISTS"
+    assert caught.value.domain == DOMAIN
+
+
+async def test_async_errors_carry_the_rich_status(coordinator: tuple[FakeCoordinator, str]) -> None:
+    _, target = coordinator
+    async with AsyncSagaClient(target) as client:
+        with pytest.raises(InvalidArgument) as invalid:
+            await client.create("onboard", saga_id="bad id")
+        with pytest.raises(NotFound) as missing:
+            await client.get("nope")
+
+    assert [v.field for v in invalid.value.field_violations] == ["saga_id"]
+    assert missing.value.reason == "SAGA_NOT_FOUND"
+    assert missing.value.metadata == {"k": "v"}
+
+
+async def test_async_list_walks_every_page(coordinator: tuple[FakeCoordinator, str]) -> None:
+    fake, target = coordinator
+    async with AsyncSagaClient(target) as client:
+        for i in range(11):
+            await client.create("onboard", saga_id=f"p{i:02}")
+        sagas = [s.saga_id async for s in client.list(page_size=3, definition="onboard")]
+
+    assert sagas == [f"p{i:02}" for i in range(11)]
+    assert len(fake.list_requests) == 4
+
+
+async def test_async_watch_and_wait(coordinator: tuple[FakeCoordinator, str]) -> None:
+    fake, target = coordinator
+    async with AsyncSagaClient(target) as client:
+        await client.create("onboard", saga_id="aw")
+        fake.break_watches = 1
+        later(0.3, lambda: fake.move("aw", saga_pb2.SAGA_STATE_SUCCEEDED))
+        waited = await client.wait("aw", timeout=10)
+        updates = [u async for u in client.watch("aw")]
+        cancelled_too_late = client.cancel("aw")
+        with pytest.raises(FailedPrecondition):
+            await cancelled_too_late
+
+    assert waited.state is SagaState.SUCCEEDED
+    assert fake.watches >= 2
+    assert [u.saga.state for u in updates] == [SagaState.SUCCEEDED]
+
+
+async def test_async_wait_times_out(coordinator: tuple[FakeCoordinator, str]) -> None:
+    _, target = coordinator
+    async with AsyncSagaClient(target) as client:
+        await client.create("onboard", saga_id="stuck")
+        with pytest.raises(WaitTimeout):
+            await client.wait("stuck", timeout=0.3)

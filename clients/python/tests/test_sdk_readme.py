@@ -1,0 +1,79 @@
+"""The README's examples: the participant runs as written and passes the conformance kit."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from saga_sdk.conformance import run
+
+README = Path(__file__).parent.parent / "README.md"
+ADDRESS = "127.0.0.1:50051"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def participant_example() -> str:
+    (example,) = [block for block in python_blocks() if "Participant(" in block]
+    return example
+
+
+def test_the_participant_example_is_at_most_30_lines() -> None:
+    assert len(participant_example().strip().splitlines()) <= 30
+
+
+def test_every_example_compiles() -> None:
+    for block in python_blocks():
+        compile(block, "README.md", "exec")
+
+
+def test_the_participant_example_serves_and_passes_the_conformance_kit(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    example = participant_example()
+    assert ADDRESS in example
+    script = tmp_path / "participant.py"
+    script.write_text(example.replace(ADDRESS, f"127.0.0.1:{port}"))
+    log = (tmp_path / "log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, str(script)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        target = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        with grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                assert process.poll() is None, (tmp_path / "log").read_text()
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == SERVING:
+                        break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+
+        results = run(target, "OpenAccount", "CloseAccount", {"owner": "ACME"})
+        refused = run(target, "OpenAccount", "CloseAccount", {})
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert all(r.passed for r in results), results
+    assert (tmp_path / "accounts.db").exists()
+    assert not next(r for r in refused if r.name == "execute-ok").passed
+    assert "OWNER_MISSING" in next(r for r in refused if r.name == "execute-ok").detail
