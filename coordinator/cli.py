@@ -16,6 +16,7 @@ from rich.table import Table
 from coordinator.config import ConfigError, ParticipantEndpoint, load_settings
 from coordinator.console import SAGA_STYLE, console, saga_panel, update_line
 from coordinator.core.errors import SagaError
+from saga_sdk import conformance
 from saga_sdk import errors as sdk_errors
 from saga_sdk.client import SagaClient
 from saga_sdk.model import Saga, SagaState
@@ -81,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
 
     watch = client("watch", "follow a saga's changes until it ends")
     watch.add_argument("saga_id")
+
+    # Parsed by the SDK's kit itself (see main); listed here for `saga --help`.
+    commands.add_parser(
+        "conformance",
+        help="check a participant, in any language, against the contract",
+        add_help=False,
+    )
     return parser
 
 
@@ -241,6 +249,9 @@ def _print_list(out: Console, sagas: Sequence[Saga], *, as_json: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``saga`` command; return its exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["conformance"]:
+        return conformance.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)

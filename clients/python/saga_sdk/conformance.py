@@ -32,7 +32,7 @@ import argparse
 import asyncio
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -105,12 +105,14 @@ class _Caller:
         compensation: str,
         payload: bytes,
         timeout: float,
+        previous_outputs: Mapping[str, bytes],
     ) -> None:
         self.stub = stub
         self.action = action
         self.compensation = compensation
         self.payload = payload
         self.timeout = timeout
+        self.previous_outputs = dict(previous_outputs)
 
     def execute_request(
         self, saga_id: str, request_id: str = "", action: str = ""
@@ -124,6 +126,7 @@ class _Caller:
             request_id=request_id or uuid.uuid4().hex,
             attempt=1,
             input=self.payload,
+            previous_outputs=self.previous_outputs,
         )
 
     def compensate_request(
@@ -295,11 +298,14 @@ async def run_async(
     credentials: grpc.ChannelCredentials | None = None,
     timeout: float = 10.0,
     concurrency: int = 8,
+    previous_outputs: Mapping[str, bytes] | None = None,
 ) -> list[CheckResult]:
     """Run every check against the participant at `target`; see the module docstring.
 
     `payload` is the saga input sent with each call: bytes as they are, anything else as JSON.
-    `timeout` is each call's deadline; `concurrency` the number of concurrent duplicates.
+    `timeout` is each call's deadline; `concurrency` the number of concurrent duplicates;
+    `previous_outputs` the earlier steps' outputs each Execute carries (by step name), for a
+    participant that reads them.
     """
     body = encode_payload(payload)
     if credentials is None:
@@ -308,7 +314,7 @@ async def run_async(
         channel = grpc.aio.secure_channel(target, credentials)
     async with channel:
         stub = participant_service_pb2_grpc.ParticipantServiceStub(channel)
-        c = _Caller(stub, action, compensation, body, timeout)
+        c = _Caller(stub, action, compensation, body, timeout, previous_outputs or {})
         results = [
             await _check("execute-ok", lambda: _execute_ok(c)),
             await _check("duplicate-execute", lambda: _duplicate_execute(c)),
@@ -332,6 +338,7 @@ def run(
     credentials: grpc.ChannelCredentials | None = None,
     timeout: float = 10.0,
     concurrency: int = 8,
+    previous_outputs: Mapping[str, bytes] | None = None,
 ) -> list[CheckResult]:
     """Blocking form of `run_async`."""
     return asyncio.run(
@@ -343,6 +350,7 @@ def run(
             credentials=credentials,
             timeout=timeout,
             concurrency=concurrency,
+            previous_outputs=previous_outputs,
         )
     )
 
@@ -386,11 +394,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, s")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent duplicates")
     parser.add_argument("--tls", action="store_true", help="use TLS with the system's roots")
+    parser.add_argument(
+        "--previous",
+        action="append",
+        default=[],
+        metavar="STEP=JSON",
+        help="an earlier step's output sent with each Execute (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         json.loads(args.payload)
     except json.JSONDecodeError as error:
         parser.error(f"--payload is not JSON: {error}")
+    previous: dict[str, bytes] = {}
+    for entry in args.previous:
+        step, sep, value = entry.partition("=")
+        if not sep or not step:
+            parser.error(f"--previous {entry!r}: expected STEP=JSON")
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as error:
+            parser.error(f"--previous {entry!r}: the output is not JSON: {error}")
+        previous[step] = value.encode("utf-8")
     results = run(
         args.target,
         args.action,
@@ -399,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         credentials=grpc.ssl_channel_credentials() if args.tls else None,
         timeout=args.timeout,
         concurrency=args.concurrency,
+        previous_outputs=previous,
     )
     print_results(results)
     return 0 if all(r.passed for r in results) else 1
