@@ -117,16 +117,22 @@ async def start_participants(*names: str) -> dict[str, ScriptedParticipant]:
 @asynccontextmanager
 async def running_coordinator(
     tmp_path: Path,
-    participants: Mapping[str, ScriptedParticipant],
+    participants: Mapping[str, ScriptedParticipant | str],
     definitions: Sequence[Mapping[str, Any]],
     **settings: Any,
 ) -> AsyncIterator[Harness]:
-    """A coordinator on ``tmp_path/saga.db`` serving on a free loopback port."""
+    """A coordinator on ``tmp_path/saga.db`` serving on a free loopback port.
+
+    ``participants`` maps names to scripted participants or to addresses.
+    """
     base = Settings(
         database=f"sqlite:///{tmp_path / 'saga.db'}",
         listen="127.0.0.1:0",
         definitions=write_definitions(tmp_path / "definitions", definitions),
-        participants={name: ParticipantEndpoint(p.address) for name, p in participants.items()},
+        participants={
+            name: ParticipantEndpoint(p if isinstance(p, str) else p.address)
+            for name, p in participants.items()
+        },
         shutdown_grace=1.0,
     )
     coordinator = await start_coordinator(replace(base, **settings))

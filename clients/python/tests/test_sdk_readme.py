@@ -11,38 +11,48 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from saga_sdk.conformance import run
 
-README = Path(__file__).parent.parent / "README.md"
+# The SDK's README and the project's both carry the participant example.
+READMES = [
+    Path(__file__).parent.parent / "README.md",
+    Path(__file__).parents[3] / "README.md",
+]
 ADDRESS = "127.0.0.1:50051"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+def python_blocks(readme: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.DOTALL)
 
 
-def participant_example() -> str:
-    (example,) = [block for block in python_blocks() if "Participant(" in block]
+def participant_example(readme: Path) -> str:
+    (example,) = [block for block in python_blocks(readme) if "Participant(" in block]
     return example
 
 
-def test_the_participant_example_is_at_most_30_lines() -> None:
-    assert len(participant_example().strip().splitlines()) <= 30
+@pytest.mark.parametrize("readme", READMES, ids=["sdk", "project"])
+def test_the_participant_example_is_at_most_30_lines(readme: Path) -> None:
+    assert len(participant_example(readme).strip().splitlines()) <= 30
 
 
-def test_every_example_compiles() -> None:
-    for block in python_blocks():
-        compile(block, "README.md", "exec")
+@pytest.mark.parametrize("readme", READMES, ids=["sdk", "project"])
+def test_every_example_compiles(readme: Path) -> None:
+    for block in python_blocks(readme):
+        compile(block, str(readme), "exec")
 
 
-def test_the_participant_example_serves_and_passes_the_conformance_kit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("readme", READMES, ids=["sdk", "project"])
+def test_the_participant_example_serves_and_passes_the_conformance_kit(
+    tmp_path: Path, readme: Path
+) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    example = participant_example()
+    example = participant_example(readme)
     assert ADDRESS in example
     script = tmp_path / "participant.py"
     script.write_text(example.replace(ADDRESS, f"127.0.0.1:{port}"))
