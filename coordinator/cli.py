@@ -125,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
     except SagaError as error:
         print(f"saga serve: {error.message}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, ValueError) as error:
         print(f"saga serve: {error}", file=sys.stderr)
         return 2
 

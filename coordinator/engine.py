@@ -29,7 +29,8 @@ from coordinator.core.events import (
     SagaCreated,
 )
 from coordinator.core.machine import check_cancellable, decide, pending_call, start
-from coordinator.core.model import Saga
+from coordinator.core.model import Operation, Saga
+from coordinator.crashpoints import NO_CRASH_POINTS, CrashPoint, CrashPoints
 from coordinator.ports import Clock, ListCursor, ParticipantGateway, SagaFilter, SagaPage, SagaStore
 
 log = logging.getLogger("coordinator.engine")
@@ -94,6 +95,7 @@ class Engine:
         *,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
         on_fatal: Callable[[BaseException], None] | None = None,
+        crash_points: CrashPoints = NO_CRASH_POINTS,
     ) -> None:
         self._store = store
         self._gateway = gateway
@@ -102,6 +104,7 @@ class Engine:
         self._settings = settings or EngineSettings()
         self._new_id = new_id
         self._on_fatal = on_fatal
+        self._crash = crash_points
         self._active: dict[str, _Active] = {}
         self._watchers: dict[str, set[_Watcher]] = {}
         self._stopping = False
@@ -160,6 +163,7 @@ class Engine:
             decision.saga, record, fingerprint(definition, version, payload)
         )
         if is_new:
+            self._crash.reach(CrashPoint.AFTER_CREATE_COMMIT)
             log.info(
                 "saga created",
                 extra={"saga_id": saga_id, "definition": resolved.name},
@@ -301,11 +305,14 @@ class Engine:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(active.wake.wait(), timeout=delay)
                 continue
+            if dispatch.operation is Operation.COMPENSATE:
+                self._crash.reach(CrashPoint.INSIDE_COMPENSATION)
             active.in_flight = True
             try:
                 outcome = await self._gateway.send(call)
             finally:
                 active.in_flight = False
+            self._crash.reach(CrashPoint.AFTER_ANSWER)
             answered = CallAnswered(dispatch.operation, dispatch.step, dispatch.attempt, outcome)
             async with active.lock:
                 await self._apply_locked(active, answered)
@@ -319,6 +326,8 @@ class Engine:
             if not decision.changed:
                 return
             record = RecordedEvent(active.saga.saga_id, decision.saga.version, now, event)
+            if decision.saga.state.is_terminal:
+                self._crash.reach(CrashPoint.BEFORE_TERMINAL_WRITE)
             try:
                 # Commit before acting: the decision (and the call it implies) is durable before
                 # any participant hears of it, so a crash re-sends rather than forgets.
@@ -341,6 +350,8 @@ class Engine:
                     raise
                 active.saga = stored
                 continue
+            if decision.commands:
+                self._crash.reach(CrashPoint.AFTER_DISPATCH_COMMIT)
             previous, active.saga = active.saga, decision.saga
             active.wake.set()
             self._publish(SagaChange(decision.saga, record))

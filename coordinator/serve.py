@@ -10,6 +10,7 @@ from typing import Any
 
 from coordinator.clock import SystemClock
 from coordinator.config import Settings
+from coordinator.crashpoints import CrashPoints
 from coordinator.engine import Engine
 from coordinator.ports import SagaStore
 from coordinator.store import open_store
@@ -65,7 +66,14 @@ async def start_coordinator(settings: Settings) -> Coordinator:
         if not fatal.done():
             fatal.set_result(error)
 
-    engine = Engine(store, gateway, SystemClock(), catalog, on_fatal=on_fatal)
+    engine = Engine(
+        store,
+        gateway,
+        SystemClock(),
+        catalog,
+        on_fatal=on_fatal,
+        crash_points=CrashPoints.from_environment(),
+    )
     try:
         resumed = await engine.start()
         server = await start_server(engine, settings)
