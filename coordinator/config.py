@@ -51,6 +51,8 @@ class Settings:
     """Largest saga input accepted by CreateSaga."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message sent or received."""
+    max_calls_per_participant: int = 64
+    """Calls in flight to one participant at most; the other sagas wait their turn."""
     log_level: str = "INFO"
     """Logging level."""
 
@@ -134,6 +136,7 @@ def _checked(settings: Settings, source: str) -> Settings:
         ("busy_timeout_ms", int),
         ("max_payload_bytes", int),
         ("max_message_bytes", int),
+        ("max_calls_per_participant", int),
         ("shutdown_grace", (int, float)),
     ):
         value = getattr(settings, name)
@@ -145,6 +148,8 @@ def _checked(settings: Settings, source: str) -> Settings:
         raise ConfigError(f"{source}: synchronous: expected FULL, EXTRA or NORMAL")
     if settings.max_payload_bytes <= 0 or settings.max_payload_bytes > settings.max_message_bytes:
         raise ConfigError(f"{source}: max_payload_bytes: must be from 1 to max_message_bytes")
+    if settings.max_calls_per_participant < 1:
+        raise ConfigError(f"{source}: max_calls_per_participant: must be at least 1")
     if settings.shutdown_grace < 0:
         raise ConfigError(f"{source}: shutdown_grace: must not be negative")
     return replace(settings, definitions=Path(settings.definitions))

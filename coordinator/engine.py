@@ -18,6 +18,7 @@ from coordinator.core.errors import (
     InvalidArgument,
     SagaNotFound,
     ShuttingDown,
+    StorageFailure,
     StorageUnavailable,
     WatcherTooSlow,
 )
@@ -159,9 +160,13 @@ class Engine:
         created = SagaCreated(saga_id, resolved, payload, dict(trace_context or {}))
         decision = start(created, now)
         record = RecordedEvent(saga_id, decision.saga.version, now, created)
-        saga, is_new = await self._store.create(
-            decision.saga, record, fingerprint(definition, version, payload)
-        )
+        try:
+            saga, is_new = await self._store.create(
+                decision.saga, record, fingerprint(definition, version, payload)
+            )
+        except StorageFailure as error:
+            self._fail(error)
+            raise
         if is_new:
             self._crash.reach(CrashPoint.AFTER_CREATE_COMMIT)
             log.info(
@@ -278,10 +283,11 @@ class Engine:
             await self._drive(active)
         except asyncio.CancelledError:
             raise
+        except StorageFailure as error:  # _apply_locked has asked the process to stop
+            log.error("storage failed: %s", error.message, extra={"saga_id": saga_id})
         except BaseException as error:  # a runner that dies silently would strand its saga
             log.exception("saga runner failed", extra={"saga_id": saga_id})
-            if self._on_fatal is not None:
-                self._on_fatal(error)
+            self._fail(error)
         finally:
             if self._active.get(saga_id) is active:
                 del self._active[saga_id]
@@ -344,6 +350,9 @@ class Engine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.storage_retry_max)
                 continue
+            except StorageFailure as error:
+                self._fail(error)
+                raise
             except ConcurrentUpdate:
                 stored = await self._store.get(active.saga.saga_id)
                 if stored is None:
@@ -363,6 +372,11 @@ class Engine:
                     extra={"saga_id": decision.saga.saga_id},
                 )
             return
+
+    def _fail(self, error: BaseException) -> None:
+        """The coordinator can no longer keep its promises: ask the process to stop."""
+        if self._on_fatal is not None:
+            self._on_fatal(error)
 
     def _publish(self, change: SagaChange) -> None:
         for watcher in self._watchers.get(change.saga.saga_id, ()):

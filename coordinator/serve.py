@@ -57,7 +57,9 @@ async def start_coordinator(settings: Settings) -> Coordinator:
         settings.database, **(sqlite_options if settings.database.startswith("sqlite:") else {})
     )
     gateway = GrpcParticipantGateway(
-        settings.participants, max_message_bytes=settings.max_message_bytes
+        settings.participants,
+        max_message_bytes=settings.max_message_bytes,
+        max_calls_per_participant=settings.max_calls_per_participant,
     )
     loop = asyncio.get_running_loop()
     fatal: asyncio.Future[BaseException] = loop.create_future()

@@ -9,6 +9,7 @@
     ├── SagaNotCancellable         SAGA_ENDED / SAGA_PAST_PIVOT / SAGA_NEEDS_ATTENTION
     ├── ConcurrentUpdate           CONCURRENT_UPDATE
     ├── StorageUnavailable         STORAGE_UNAVAILABLE
+    ├── StorageFailure             STORAGE_FAILURE (fatal: the coordinator stops)
     ├── WatcherTooSlow             WATCHER_TOO_SLOW
     └── ShuttingDown               SHUTTING_DOWN
 
@@ -90,6 +91,16 @@ class StorageUnavailable(SagaError):
     """The store cannot take the write now (locked, full); nothing was acknowledged."""
 
     reason = "STORAGE_UNAVAILABLE"
+
+
+class StorageFailure(SagaError):
+    """The storage failed in a way that retrying will not fix (I/O error, damage).
+
+    The write that met it was not acknowledged. The coordinator stops: what the disk says it
+    wrote can no longer be trusted until a restart, which re-reads and resumes everything.
+    """
+
+    reason = "STORAGE_FAILURE"
 
 
 class ShuttingDown(SagaError):

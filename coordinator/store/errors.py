@@ -9,26 +9,19 @@
     │   └── SchemaTooNew                  SCHEMA_TOO_NEW       written by a newer coordinator
     └── InvalidStoreUrl (also ValueError) INVALID_STORE_URL    no adapter for this URL
 
-Every driver exception is translated into one of these at the adapter's edge.
+StorageFailure itself lives in the core's tree, since the engine must recognise it (it stops
+the coordinator). Every driver exception is translated into one of these at the adapter's edge.
 """
 
 from __future__ import annotations
 
-from coordinator.core.errors import SagaError, ShuttingDown
+from coordinator.core.errors import SagaError, ShuttingDown, StorageFailure
+
+__all__ = ["InvalidStoreUrl", "SchemaTooNew", "StorageFailure", "StoreClosed", "StoreCorrupt"]
 
 
 class StoreClosed(ShuttingDown):
     """The store was closed and takes no more reads or writes."""
-
-
-class StorageFailure(SagaError):
-    """The storage failed in a way that retrying will not fix (I/O error, damage).
-
-    The write that met it was not acknowledged. After an I/O error the store refuses every
-    later write too: what the disk says it wrote can no longer be trusted until a restart.
-    """
-
-    reason = "STORAGE_FAILURE"
 
 
 class StoreCorrupt(StorageFailure):

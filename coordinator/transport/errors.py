@@ -17,6 +17,7 @@ from coordinator.core.errors import (
     SagaNotCancellable,
     SagaNotFound,
     ShuttingDown,
+    StorageFailure,
     StorageUnavailable,
     WatcherTooSlow,
 )
@@ -32,6 +33,7 @@ STATUS_OF: tuple[tuple[type[SagaError], grpc.StatusCode], ...] = (
     (SagaNotCancellable, grpc.StatusCode.FAILED_PRECONDITION),
     (ConcurrentUpdate, grpc.StatusCode.ABORTED),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (StorageFailure, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (WatcherTooSlow, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )

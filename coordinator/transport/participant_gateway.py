@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
@@ -59,16 +60,20 @@ def outcome_of(
 
 
 class GrpcParticipantGateway:
-    """One reused channel per participant; per-call deadlines from the step definition."""
+    """One reused channel per participant, a bound on calls in flight to each, and per-call
+    deadlines from the step definition."""
 
     def __init__(
         self,
         endpoints: Mapping[str, ParticipantEndpoint],
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
+        max_calls_per_participant: int = 64,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         self._endpoints = dict(endpoints)
+        self._max_calls = max_calls_per_participant
+        self._slots: dict[str, asyncio.Semaphore] = {}
         self._max_message_bytes = max_message_bytes
         self._interceptors = list(interceptors)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -110,6 +115,16 @@ class GrpcParticipantGateway:
                 message=f"participant {call.participant!r} is not in the configuration",
             )
         timeout = max(call.timeout, timedelta(milliseconds=1)).total_seconds()
+        slots = self._slots.get(call.participant)
+        if slots is None:
+            slots = self._slots[call.participant] = asyncio.Semaphore(self._max_calls)
+        # Backpressure: a slow participant holds its sagas here rather than being flooded.
+        async with slots:
+            return await self._send(stub, call, timeout)
+
+    async def _send(
+        self, stub: pb_grpc.ParticipantServiceAsyncStub, call: ParticipantCall, timeout: float
+    ) -> Outcome:
         try:
             if call.operation is Operation.EXECUTE:
                 response = await stub.Execute(execute_request(call), timeout=timeout)

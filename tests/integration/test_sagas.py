@@ -456,3 +456,19 @@ async def test_retry_info_from_the_participant_is_honoured(
     assert time.monotonic() - began >= 0.4  # the policy alone would have waited 10 ms
     _first, second = participants["identity"].calls("execute")
     assert second.request.attempt == 2
+
+
+async def test_calls_in_flight_per_participant_are_bounded(
+    tmp_path: Path, participants: dict[str, ScriptedParticipant]
+) -> None:
+    participants["accounts"].rule = lambda request: ok(delay=0.05)
+    async with running_coordinator(
+        tmp_path, participants, [four_step_definition("onboard")], max_calls_per_participant=2
+    ) as harness:
+        for index in range(12):
+            await harness.create("onboard", saga_id=f"busy-{index}")
+        finals = [await harness.wait(f"busy-{index}") for index in range(12)]
+
+    assert {state(saga) for saga in finals} == {"SUCCEEDED"}
+    assert participants["accounts"].max_in_flight == 2
+    assert participants["identity"].max_in_flight <= 2
