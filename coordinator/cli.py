@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from rich.table import Table
 from coordinator.config import ConfigError, ParticipantEndpoint, load_settings
 from coordinator.console import SAGA_STYLE, console, saga_panel, update_line
 from coordinator.core.errors import SagaError
+from coordinator.logs import configure_logging
 from saga_sdk import conformance
 from saga_sdk import errors as sdk_errors
 from saga_sdk.client import SagaClient
@@ -53,6 +53,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--synchronous", choices=("FULL", "EXTRA", "NORMAL"))
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
     serve.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument("--log-format", choices=("text", "json"), help="log lines (default text)")
+    serve.add_argument(
+        "--log-payloads",
+        action="store_true",
+        default=None,
+        help="also log saga inputs and step outputs",
+    )
+    serve.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export traces and metrics over OTLP/gRPC (e.g. http://127.0.0.1:4317); "
+        "default: the OTEL_EXPORTER_OTLP_ENDPOINT variable, else nothing is exported",
+    )
+    serve.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics on /metrics"
+    )
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
@@ -110,16 +126,16 @@ def _serve(args: argparse.Namespace) -> int:
                 "synchronous": args.synchronous,
                 "shutdown_grace": args.shutdown_grace,
                 "log_level": args.log_level,
+                "log_format": args.log_format,
+                "log_payloads": args.log_payloads,
+                "otlp_endpoint": args.otlp_endpoint,
+                "metrics_listen": args.metrics_listen,
             },
         )
     except ConfigError as error:
         print(f"saga serve: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         return asyncio.run(serve(settings))
     except SagaError as error:

@@ -55,6 +55,23 @@ class Settings:
     """Calls in flight to one participant at most; the other sagas wait their turn."""
     log_level: str = "INFO"
     """Logging level."""
+    log_format: str = "text"
+    """Log lines as ``text`` or ``json`` (one object per line, with saga id, step, trace id)."""
+    log_payloads: bool = False
+    """Log saga inputs and step outputs (off: payloads may hold personal data)."""
+    otlp_endpoint: str | None = None
+    """OTLP/gRPC endpoint for traces and metrics (what Jaeger ingests on 4317), e.g.
+    ``http://127.0.0.1:4317``. Unset: the standard ``OTEL_EXPORTER_OTLP_*`` variables, else
+    nothing is exported."""
+    otlp_timeout: float = 2.0
+    """Seconds an export may take; a collector that is down costs at most this, off the path
+    of sagas."""
+    metrics_interval: float = 10.0
+    """Seconds between two OTLP metric exports."""
+    metrics_listen: str | None = None
+    """``host:port`` of a Prometheus scrape endpoint (``/metrics``); unset: none."""
+    service_name: str = "saga-coordinator"
+    """``service.name`` of the telemetry (``OTEL_SERVICE_NAME`` wins)."""
 
 
 _TOP_LEVEL = set(Settings.__dataclass_fields__)
@@ -138,10 +155,25 @@ def _checked(settings: Settings, source: str) -> Settings:
         ("max_message_bytes", int),
         ("max_calls_per_participant", int),
         ("shutdown_grace", (int, float)),
+        ("log_format", str),
+        ("log_payloads", bool),
+        ("otlp_timeout", (int, float)),
+        ("metrics_interval", (int, float)),
+        ("service_name", str),
     ):
         value = getattr(settings, name)
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise ConfigError(f"{source}: {name}: unexpected value {value!r}")
+    for name in ("otlp_endpoint", "metrics_listen"):
+        value = getattr(settings, name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{source}: {name}: unexpected value {value!r}")
+    if settings.metrics_listen is not None and not ADDRESS_PATTERN.match(settings.metrics_listen):
+        raise ConfigError(f"{source}: metrics_listen: expected host:port")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError(f"{source}: log_format: expected text or json")
+    if settings.otlp_timeout <= 0 or settings.metrics_interval <= 0:
+        raise ConfigError(f"{source}: otlp_timeout and metrics_interval must be positive")
     if not ADDRESS_PATTERN.match(settings.listen):
         raise ConfigError(f"{source}: listen: expected host:port, got {settings.listen!r}")
     if settings.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):

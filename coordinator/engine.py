@@ -7,8 +7,9 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from coordinator.core.calls import ParticipantCall, build_call
 from coordinator.core.definitions import NAME_PATTERN, DefinitionCatalog
@@ -25,14 +26,17 @@ from coordinator.core.errors import (
 from coordinator.core.events import (
     CallAnswered,
     CancelRequested,
+    Dispatch,
     Event,
     RecordedEvent,
     SagaCreated,
+    Succeeded,
 )
 from coordinator.core.machine import check_cancellable, decide, pending_call, start
-from coordinator.core.model import Operation, Saga
+from coordinator.core.model import Operation, Saga, SagaState
 from coordinator.crashpoints import NO_CRASH_POINTS, CrashPoint, CrashPoints
 from coordinator.ports import Clock, ListCursor, ParticipantGateway, SagaFilter, SagaPage, SagaStore
+from coordinator.telemetry import TRACEPARENT, SagaTelemetry
 
 log = logging.getLogger("coordinator.engine")
 
@@ -72,6 +76,8 @@ class _Active:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None
     in_flight: bool = False
+    states: list[SagaState] | None = None
+    """The saga's state after each event, when this process saw them all (for its trace)."""
 
 
 def fingerprint(definition: str, version: int, payload: bytes) -> str:
@@ -81,6 +87,17 @@ def fingerprint(definition: str, version: int, payload: bytes) -> str:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()
+
+
+def _about(saga: Saga, step: str | None = None) -> dict[str, str]:
+    """What a log line about a saga carries: its id, the step, and the saga's trace id."""
+    extra = {"saga_id": saga.saga_id}
+    if step is not None:
+        extra["step"] = step
+    traceparent = saga.trace_context.get(TRACEPARENT, "")
+    if traceparent.count("-") == 3:
+        extra["trace_id"] = traceparent.split("-")[1]
+    return extra
 
 
 class Engine:
@@ -95,8 +112,10 @@ class Engine:
         settings: EngineSettings | None = None,
         *,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        log_payloads: bool = False,
         on_fatal: Callable[[BaseException], None] | None = None,
         crash_points: CrashPoints = NO_CRASH_POINTS,
+        telemetry: SagaTelemetry | None = None,
     ) -> None:
         self._store = store
         self._gateway = gateway
@@ -105,7 +124,10 @@ class Engine:
         self._settings = settings or EngineSettings()
         self._new_id = new_id
         self._on_fatal = on_fatal
+        self._log_payloads = log_payloads
         self._crash = crash_points
+        self._telemetry = telemetry or SagaTelemetry()
+        self._exports: set[asyncio.Task[None]] = set()
         self._active: dict[str, _Active] = {}
         self._watchers: dict[str, set[_Watcher]] = {}
         self._stopping = False
@@ -124,6 +146,8 @@ class Engine:
     async def start(self) -> int:
         """Resume every unfinished saga (recovery); return how many were resumed."""
         self._started = True
+        parked = SagaFilter(states=frozenset({SagaState.NEEDS_ATTENTION}))
+        self._telemetry.set_needs_attention(await self._store.count(parked))
         unfinished = await self._store.unfinished()
         for saga in unfinished:
             if saga.saga_id not in self._active:
@@ -138,9 +162,12 @@ class Engine:
         definition: str,
         version: int,
         payload: bytes,
-        trace_context: dict[str, str] | None = None,
+        client_headers: Mapping[str, str] | None = None,
     ) -> tuple[Saga, bool]:
-        """Store a new saga and start it; idempotent on ``saga_id``. Returns (saga, created)."""
+        """Store a new saga and start it; idempotent on ``saga_id``. Returns (saga, created).
+
+        ``client_headers`` are the caller's trace headers: the saga's trace links to them.
+        """
         if self._stopping:
             raise ShuttingDown("the coordinator is shutting down; retry on another instance")
         if saga_id is not None and not NAME_PATTERN.match(saga_id):
@@ -157,7 +184,8 @@ class Engine:
         resolved = self._catalog.resolve(definition, version)
         saga_id = saga_id or self._new_id()
         now = self._clock.now()
-        created = SagaCreated(saga_id, resolved, payload, dict(trace_context or {}))
+        trace_context = self._telemetry.new_trace(client_headers or {})
+        created = SagaCreated(saga_id, resolved, payload, trace_context)
         decision = start(created, now)
         record = RecordedEvent(saga_id, decision.saga.version, now, created)
         try:
@@ -169,12 +197,12 @@ class Engine:
             raise
         if is_new:
             self._crash.reach(CrashPoint.AFTER_CREATE_COMMIT)
-            log.info(
-                "saga created",
-                extra={"saga_id": saga_id, "definition": resolved.name},
-            )
+            self._telemetry.saga_started(saga)
+            log.info("saga created (%s v%d)", resolved.name, resolved.version, extra=_about(saga))
+            if self._log_payloads:
+                log.info("saga input: %r", payload[:4096], extra=_about(saga))
             self._publish(SagaChange(saga, record))
-            self._activate(saga)
+            self._activate(saga, [saga.state])
         elif saga_id in self._active:
             saga = self._active[saga_id].saga
         return saga, is_new
@@ -260,6 +288,7 @@ class Engine:
             active.wake.set()
         runners = [a.runner for a in self._active.values() if a.runner is not None]
         if not runners:
+            await self._drain_exports(grace)
             return
         _, pending = await asyncio.wait(runners, timeout=grace)
         for task in pending:
@@ -267,13 +296,18 @@ class Engine:
         if pending:
             log.warning("%d calls were still in flight after %.1fs; cut off", len(pending), grace)
             await asyncio.gather(*pending, return_exceptions=True)
+        await self._drain_exports(grace)
+
+    async def _drain_exports(self, grace: float) -> None:
+        if self._exports:
+            await asyncio.wait(list(self._exports), timeout=max(grace, 1.0))
 
     # -- inside ---------------------------------------------------------------------------------
 
-    def _activate(self, saga: Saga) -> None:
+    def _activate(self, saga: Saga, states: list[SagaState] | None = None) -> None:
         if saga.state.is_settled or self._stopping:
             return
-        active = _Active(saga)
+        active = _Active(saga, states=states)
         self._active[saga.saga_id] = active
         active.runner = asyncio.create_task(self._run(active), name=f"saga {saga.saga_id}")
 
@@ -304,6 +338,7 @@ class Engine:
                     delay = (dispatch.not_before - self._clock.now()).total_seconds()
                 if delay <= 0:
                     call = build_call(active.saga, dispatch)
+                    call = replace(call, headers=self._telemetry.call_headers(active.saga, call))
                 else:
                     active.wake.clear()
             if call is None:
@@ -314,12 +349,15 @@ class Engine:
             if dispatch.operation is Operation.COMPENSATE:
                 self._crash.reach(CrashPoint.INSIDE_COMPENSATION)
             active.in_flight = True
+            sent_at = self._clock.now()
             try:
                 outcome = await self._gateway.send(call)
             finally:
                 active.in_flight = False
             self._crash.reach(CrashPoint.AFTER_ANSWER)
-            answered = CallAnswered(dispatch.operation, dispatch.step, dispatch.attempt, outcome)
+            answered = CallAnswered(
+                dispatch.operation, dispatch.step, dispatch.attempt, outcome, sent_at
+            )
             async with active.lock:
                 await self._apply_locked(active, answered)
 
@@ -362,16 +400,57 @@ class Engine:
             if decision.commands:
                 self._crash.reach(CrashPoint.AFTER_DISPATCH_COMMIT)
             previous, active.saga = active.saga, decision.saga
+            if active.states is not None:
+                active.states.append(decision.saga.state)
             active.wake.set()
             self._publish(SagaChange(decision.saga, record))
-            if decision.saga.state is not previous.state:
-                log.info(
-                    "saga %s -> %s",
-                    previous.state.value,
-                    decision.saga.state.value,
-                    extra={"saga_id": decision.saga.saga_id},
-                )
+            self._observe(previous, decision.saga, event, now, decision.commands, active.states)
             return
+
+    def _observe(
+        self,
+        previous: Saga,
+        saga: Saga,
+        event: Event,
+        now: datetime,
+        commands: tuple[Dispatch, ...],
+        states: list[SagaState] | None,
+    ) -> None:
+        """Logs, metrics and, once the saga settles, its trace."""
+        if isinstance(event, CallAnswered):
+            retried = any(c.step == event.step and c.operation is event.operation for c in commands)
+            self._telemetry.call_answered(saga, event, now, retried)
+            step = saga.steps[event.step].name
+            if not isinstance(event.outcome, Succeeded):
+                log.warning(
+                    "%s %s attempt %d: %s %s %s",
+                    event.operation.value,
+                    step,
+                    event.attempt,
+                    event.outcome.code,
+                    event.outcome.reason,
+                    event.outcome.message,
+                    extra=_about(saga, step),
+                )
+            elif self._log_payloads and event.outcome.output:
+                log.info(
+                    "%s output: %r", step, event.outcome.output[:4096], extra=_about(saga, step)
+                )
+        if saga.state is not previous.state:
+            log.info("saga %s -> %s", previous.state.value, saga.state.value, extra=_about(saga))
+        if saga.state.is_settled and not previous.state.is_settled:
+            self._telemetry.saga_ended(saga)
+            if self._telemetry.should_export():
+                task = asyncio.create_task(self._export_trace(saga, states))
+                self._exports.add(task)
+                task.add_done_callback(self._exports.discard)
+
+    async def _export_trace(self, saga: Saga, states: list[SagaState] | None) -> None:
+        try:
+            history = await self._store.events(saga.saga_id)
+            self._telemetry.saga_settled(saga, history, states)
+        except Exception:  # telemetry must never stop a saga
+            log.exception("could not export the saga's trace", extra=_about(saga))
 
     def _fail(self, error: BaseException) -> None:
         """The coordinator can no longer keep its promises: ask the process to stop."""

@@ -71,6 +71,10 @@ class SagaStore(Protocol):
         """Up to ``limit`` sagas matching ``where``, oldest first, after ``after``."""
         ...
 
+    async def count(self, where: SagaFilter) -> int:
+        """How many sagas match ``where``."""
+        ...
+
     async def events(self, saga_id: str) -> Sequence[RecordedEvent]:
         """The saga's event log, in order (empty if the saga does not exist)."""
         ...

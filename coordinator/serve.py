@@ -12,6 +12,7 @@ from coordinator.clock import SystemClock
 from coordinator.config import Settings
 from coordinator.crashpoints import CrashPoints
 from coordinator.engine import Engine
+from coordinator.observability import Observability, configure_observability
 from coordinator.ports import SagaStore
 from coordinator.store import open_store
 from coordinator.transport.definition_files import load_definitions
@@ -30,6 +31,7 @@ class Coordinator:
     store: SagaStore
     gateway: GrpcParticipantGateway
     server: CoordinatorServer
+    observability: Observability
     fatal: asyncio.Future[BaseException]
     """Set when the coordinator must stop because it can no longer keep its promises."""
 
@@ -44,11 +46,13 @@ class Coordinator:
         await asyncio.gather(self.server.stop(grace), self.engine.stop(grace))
         await self.gateway.close()
         await self.store.close()
+        await asyncio.to_thread(self.observability.shutdown)
 
 
 async def start_coordinator(settings: Settings) -> Coordinator:
     """Load definitions, open the store, resume unfinished sagas, and serve."""
     catalog = load_definitions(settings.definitions, settings.participants.keys())
+    observability = configure_observability(settings)
     sqlite_options = {
         "synchronous": settings.synchronous,
         "busy_timeout_ms": settings.busy_timeout_ms,
@@ -75,14 +79,17 @@ async def start_coordinator(settings: Settings) -> Coordinator:
         catalog,
         on_fatal=on_fatal,
         crash_points=CrashPoints.from_environment(),
+        telemetry=observability.telemetry,
+        log_payloads=settings.log_payloads,
     )
     try:
         resumed = await engine.start()
-        server = await start_server(engine, settings)
+        server = await start_server(engine, settings, telemetry=observability.telemetry)
     except BaseException:
         await engine.stop(0)
         await gateway.close()
         await store.close()
+        await asyncio.to_thread(observability.shutdown)
         raise
     log.info(
         "coordinator serving on port %d (store %s, %d definitions, %d sagas resumed)",
@@ -91,7 +98,9 @@ async def start_coordinator(settings: Settings) -> Coordinator:
         len(catalog.all()),
         resumed,
     )
-    return Coordinator(settings, engine, store, gateway, server, fatal)
+    if observability.endpoint:
+        log.info("exporting traces and metrics over OTLP to %s", observability.endpoint)
+    return Coordinator(settings, engine, store, gateway, server, observability, fatal)
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -108,23 +109,13 @@ def report(label: str, count: int, elapsed: float, latencies: list[float]) -> fl
     return rate
 
 
-async def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sagas", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"))
-    args = parser.parse_args()
-
-    servers = []
-    addresses = {}
-    for name in SERVICES:
-        server = grpc.aio.server()
-        pb_grpc.add_ParticipantServiceServicer_to_server(InstantParticipant(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        servers.append(server)
-        addresses[name] = f"127.0.0.1:{port}"
-
+async def through_coordinator(
+    label: str,
+    args: argparse.Namespace,
+    addresses: dict[str, str],
+    extra: dict[str, object],
+) -> tuple[float, int]:
+    """Run the sagas through a fresh coordinator process; return (sagas/s, failures)."""
     workdir = Path(tempfile.mkdtemp(prefix="saga-bench-"))
     (workdir / "definitions").mkdir()
     (workdir / "definitions" / "bench.yaml").write_text(yaml.safe_dump(DEFINITION))
@@ -137,55 +128,97 @@ async def main() -> int:
                 "definitions": "definitions",
                 "participants": addresses,
                 "synchronous": args.synchronous,
-                "log_level": "WARNING",
+                "log_level": "ERROR",
+                **extra,
             }
         )
     )
-    log = (workdir / "coordinator.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(workdir / "saga.yaml")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    failures = 0
+    with (workdir / "coordinator.log").open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "coordinator.cli",
+                "serve",
+                "--config",
+                str(workdir / "saga.yaml"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await wait_serving(target)
+            async with AsyncSagaClient(target) as client:
+
+                async def one(index: int) -> None:
+                    nonlocal failures
+                    result = await client.create("bench", {"n": index}, saga_id=f"bench-{index}")
+                    saga = await client.wait(result.saga.saga_id, timeout=120)
+                    failures += saga.state is not SagaState.SUCCEEDED
+
+                elapsed, latencies = await run_pool(args.sagas, args.concurrency, one)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return report(label, args.sagas, elapsed, latencies), failures
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sagas", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"))
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="also run with traces and metrics exported here (a closed port measures what a "
+        "collector that is down costs)",
+    )
+    args = parser.parse_args()
+
+    servers = []
+    addresses = {}
+    for name in SERVICES:
+        server = grpc.aio.server()
+        pb_grpc.add_ParticipantServiceServicer_to_server(InstantParticipant(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        addresses[name] = f"127.0.0.1:{port}"
+    print(
+        f"{args.sagas} four-step sagas, {args.concurrency} at a time, SQLite "
+        f"synchronous={args.synchronous}, {os.cpu_count()} cores"
     )
     try:
-        async with AsyncSagaClient(target) as client:
-            await wait_serving(target)
-            print(
-                f"{args.sagas} four-step sagas, {args.concurrency} at a time, SQLite "
-                f"synchronous={args.synchronous}, {os.cpu_count()} cores"
+        channels = {n: grpc.aio.insecure_channel(a) for n, a in addresses.items()}
+        stubs = {n: pb_grpc.ParticipantServiceStub(c) for n, c in channels.items()}
+
+        async def direct(index: int) -> None:
+            for name in SERVICES:
+                await stubs[name].Execute(
+                    pb.ExecuteRequest(saga=f"sagas/direct-{index}", step=name, action="Do")
+                )
+
+        elapsed, latencies = await run_pool(args.sagas, args.concurrency, direct)
+        baseline = report("baseline (4 direct calls)", args.sagas, elapsed, latencies)
+        for channel in channels.values():
+            await channel.close()
+
+        rate, failures = await through_coordinator("coordinator, tracing off", args, addresses, {})
+        print(f"coordinator / baseline: {rate / baseline:.2f}")
+        if args.otlp_endpoint:
+            traced, more = await through_coordinator(
+                "coordinator, OTLP export",
+                args,
+                addresses,
+                {"otlp_endpoint": args.otlp_endpoint, "otlp_timeout": 1.0},
             )
-
-            channels = {n: grpc.aio.insecure_channel(a) for n, a in addresses.items()}
-            stubs = {n: pb_grpc.ParticipantServiceStub(c) for n, c in channels.items()}
-
-            async def direct(index: int) -> None:
-                for name in SERVICES:
-                    await stubs[name].Execute(
-                        pb.ExecuteRequest(saga=f"sagas/direct-{index}", step=name, action="Do")
-                    )
-
-            elapsed, latencies = await run_pool(args.sagas, args.concurrency, direct)
-            baseline = report("baseline (4 direct calls)", args.sagas, elapsed, latencies)
-
-            failures = 0
-
-            async def through_coordinator(index: int) -> None:
-                nonlocal failures
-                result = await client.create("bench", {"n": index}, saga_id=f"bench-{index}")
-                saga = await client.wait(result.saga.saga_id, timeout=120)
-                failures += saga.state is not SagaState.SUCCEEDED
-
-            elapsed, latencies = await run_pool(args.sagas, args.concurrency, through_coordinator)
-            rate = report("through the coordinator", args.sagas, elapsed, latencies)
-            print(
-                f"coordinator / baseline: {rate / baseline:.2f}   sagas not SUCCEEDED: {failures}"
-            )
-            for channel in channels.values():
-                await channel.close()
+            failures += more
+            print(f"with OTLP export / tracing off: {traced / rate:.2f}")
+        print(f"sagas not SUCCEEDED: {failures}")
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
-        log.close()
         for server in servers:
             await server.stop(0)
     return 0 if failures == 0 else 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from coordinator.core.events import Dispatch
@@ -31,6 +31,8 @@ class ParticipantCall:
     """Compensate only: this step's Execute output, when it answered OK."""
     execute_request_id: str
     """The request_id of the step's Execute (what a Compensate undoes)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Propagation headers sent with the call as metadata (the W3C traceparent)."""
 
     @property
     def saga_name(self) -> str:

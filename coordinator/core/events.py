@@ -71,6 +71,9 @@ class CallAnswered:
     step: int
     attempt: int
     outcome: Outcome
+    sent_at: datetime | None = None
+    """When the attempt was sent (None if unknown): with the time the answer was recorded, it
+    gives the attempt's span in the saga's trace."""
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,7 @@ def event_to_json(event: Event) -> JSONObject:
                 "step": event.step,
                 "attempt": event.attempt,
                 "outcome": _outcome_to_json(event.outcome),
+                "sent_at": _optional_datetime(event.sent_at),
             }
         case CancelRequested():
             return {"type": CANCEL_REQUESTED, "reason": event.reason}
@@ -236,6 +237,7 @@ def event_from_json(data: JSONObject) -> Event:
             step=_int(data["step"]),
             attempt=_int(data["attempt"]),
             outcome=_outcome_from_json(data["outcome"]),
+            sent_at=_from_optional_datetime(data.get("sent_at")),
         )
     if tag == CANCEL_REQUESTED:
         return CancelRequested(reason=_str(data["reason"]))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from coordinator.core.events import RecordedEvent
@@ -72,18 +72,26 @@ class MemoryStore:
         check_limit(limit)
         matching = sorted(
             (
-                row.saga
-                for row in self._rows.values()
-                if (not where.states or row.saga.state in where.states)
-                and (where.definition is None or row.saga.definition.name == where.definition)
-                and (
-                    after is None
-                    or (row.saga.created_at, row.saga.saga_id) > (after.created_at, after.saga_id)
-                )
+                saga
+                for saga in self._matching(where)
+                if after is None
+                or (saga.created_at, saga.saga_id) > (after.created_at, after.saga_id)
             ),
             key=lambda saga: (saga.created_at, saga.saga_id),
         )
         return page_of(matching[: limit + 1], limit)
+
+    async def count(self, where: SagaFilter) -> int:
+        """How many sagas match ``where``."""
+        self._check_open()
+        return sum(1 for _ in self._matching(where))
+
+    def _matching(self, where: SagaFilter) -> Iterator[Saga]:
+        for row in self._rows.values():
+            if (not where.states or row.saga.state in where.states) and (
+                where.definition is None or row.saga.definition.name == where.definition
+            ):
+                yield row.saga
 
     async def events(self, saga_id: str) -> Sequence[RecordedEvent]:
         """The saga's event log, in order (empty if the saga does not exist)."""

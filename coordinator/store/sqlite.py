@@ -225,15 +225,7 @@ class SqliteStore:
     async def list(self, where: SagaFilter, limit: int, after: ListCursor | None) -> SagaPage:
         """Up to ``limit`` sagas matching ``where``, oldest first, after ``after``."""
         check_limit(limit)
-        clauses: list[str] = []
-        params: list[Any] = []
-        if where.states:
-            states = sorted(state.value for state in where.states)
-            clauses.append(f"state IN ({', '.join('?' for _ in states)})")
-            params.extend(states)
-        if where.definition is not None:
-            clauses.append("definition_name = ?")
-            params.append(where.definition)
+        clauses, params = _filter_sql(where)
         if after is not None:
             # Keyset pagination: resume strictly after the last row seen, however rows were
             # added meanwhile; (created_at, saga_id) is unique, so nothing is seen twice.
@@ -248,6 +240,19 @@ class SqliteStore:
             return page_of([decode_saga(body) for (body,) in rows], limit)
 
         return await self._read(list_sagas, "listing sagas")
+
+    async def count(self, where: SagaFilter) -> int:
+        """How many sagas match ``where``."""
+        clauses, params = _filter_sql(where)
+        where_sql = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+
+        def count(connection: sqlite3.Connection) -> int:
+            (found,) = connection.execute(
+                f"SELECT count(*) FROM sagas {where_sql}", params
+            ).fetchone()
+            return int(found)
+
+        return await self._read(count, "counting sagas")
 
     async def events(self, saga_id: str) -> Sequence[RecordedEvent]:
         """The saga's event log, in order (empty if the saga does not exist)."""
@@ -324,3 +329,17 @@ def _datetime(text: str) -> datetime:
         return decode_datetime(text)
     except (TypeError, ValueError) as error:
         raise StoreCorrupt(f"stored time {text!r} cannot be decoded") from error
+
+
+def _filter_sql(where: SagaFilter) -> tuple[list[str], list[Any]]:
+    """WHERE clauses and their parameters for a listing filter."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if where.states:
+        states = sorted(state.value for state in where.states)
+        clauses.append(f"state IN ({', '.join('?' for _ in states)})")
+        params.extend(states)
+    if where.definition is not None:
+        clauses.append("definition_name = ?")
+        params.append(where.definition)
+    return clauses, params

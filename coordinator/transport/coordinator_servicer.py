@@ -18,6 +18,7 @@ from coordinator.core.definitions import NAME_PATTERN
 from coordinator.core.errors import FieldViolation, InvalidArgument, SagaError
 from coordinator.engine import Engine
 from coordinator.ports import ListCursor, SagaFilter
+from coordinator.telemetry import SagaTelemetry, headers_of, now_ns
 from coordinator.transport.convert import (
     event_to_proto,
     saga_state_from_proto,
@@ -83,9 +84,12 @@ def decode_page_token(token: str, where: SagaFilter) -> ListCursor:
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     """Validates requests, calls the engine, and maps its errors to rich statuses."""
 
-    def __init__(self, engine: Engine, *, max_payload_bytes: int) -> None:
+    def __init__(
+        self, engine: Engine, *, max_payload_bytes: int, telemetry: SagaTelemetry | None = None
+    ) -> None:
         self._engine = engine
         self._max_payload_bytes = max_payload_bytes
+        self._telemetry = telemetry or SagaTelemetry()
 
     async def _call(
         self, context: grpc.aio.ServicerContext[object, object], work: Callable[[], Awaitable[T]]
@@ -114,12 +118,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 )
             if violations:
                 raise InvalidArgument("invalid CreateSaga request", tuple(violations))
+            began = now_ns()
+            client_headers = headers_of(context.invocation_metadata() or ())
             saga, created = await self._engine.create_saga(
                 request.saga_id or None,
                 request.definition,
                 request.definition_version,
                 request.input,
+                client_headers,
             )
+            self._telemetry.record_create(client_headers, saga, created, began)
             return pb.CreateSagaResponse(saga=saga_to_proto(saga), created=created)
 
         return await self._call(context, work)  # type: ignore[arg-type]

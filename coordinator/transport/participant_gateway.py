@@ -126,10 +126,13 @@ class GrpcParticipantGateway:
         self, stub: pb_grpc.ParticipantServiceAsyncStub, call: ParticipantCall, timeout: float
     ) -> Outcome:
         try:
+            metadata = tuple(call.headers.items())
             if call.operation is Operation.EXECUTE:
-                response = await stub.Execute(execute_request(call), timeout=timeout)
+                response = await stub.Execute(
+                    execute_request(call), timeout=timeout, metadata=metadata
+                )
                 return Succeeded(output=response.output)
-            await stub.Compensate(compensate_request(call), timeout=timeout)
+            await stub.Compensate(compensate_request(call), timeout=timeout, metadata=metadata)
             return Succeeded()
         except grpc.aio.AioRpcError as error:
             trailing = error.trailing_metadata()

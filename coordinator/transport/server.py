@@ -13,6 +13,7 @@ from saga.v1 import coordinator_service_pb2_grpc as pb_grpc
 
 from coordinator.config import Settings
 from coordinator.engine import Engine
+from coordinator.telemetry import SagaTelemetry
 from coordinator.transport.coordinator_servicer import CoordinatorServicer
 
 COORDINATOR_SERVICE = coordinator_service_pb2.DESCRIPTOR.services_by_name[
@@ -38,6 +39,7 @@ async def start_server(
     engine: Engine,
     settings: Settings,
     *,
+    telemetry: SagaTelemetry | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> CoordinatorServer:
     """Serve the engine on ``settings.listen``; raises if the address cannot be bound."""
@@ -50,7 +52,10 @@ async def start_server(
         ],
     )
     pb_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(engine, max_payload_bytes=settings.max_payload_bytes), server
+        CoordinatorServicer(
+            engine, max_payload_bytes=settings.max_payload_bytes, telemetry=telemetry
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -124,6 +124,7 @@ events: st.SearchStrategy[Event] = st.one_of(
         step=st.integers(),
         attempt=st.integers(),
         outcome=outcomes,
+        sent_at=optional_datetimes,
     ),
     st.builds(CancelRequested, reason=texts),
 )
@@ -249,7 +250,9 @@ def run_history(
             pending = pending_call(saga)
             if pending is None:
                 continue
-            event = CallAnswered(pending.operation, pending.step, pending.attempt, answer)
+            event = CallAnswered(
+                pending.operation, pending.step, pending.attempt, answer, sent_at=now - step / 2
+            )
         decision = decide(saga, event, now)
         if not decision.changed:
             continue

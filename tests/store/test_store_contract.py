@@ -351,6 +351,15 @@ class StoreContract:
         )
         assert await listed(SagaFilter(definition="no-such-saga")) == []
         assert len(await listed(SagaFilter())) == 2 * len(SagaState) * 3
+        # Counting agrees with listing, filter by filter.
+        for where in (
+            SagaFilter(),
+            SagaFilter(states=done),
+            SagaFilter(definition="close-account"),
+            SagaFilter(states=running, definition="open-account"),
+            SagaFilter(definition="no-such-saga"),
+        ):
+            assert await store.count(where) == len(await listed(where))
 
     @pytest.mark.parametrize("limit", [1, 7, 100, 1000])
     async def test_list_pages_through_every_saga_in_order_without_gaps_or_duplicates(

@@ -43,7 +43,7 @@ class CoordinatorProcess:
         cls,
         config: Path,
         database: Path,
-        participants: Mapping[str, ScriptedParticipant],
+        participants: Mapping[str, ScriptedParticipant | str],
         **extra: object,
     ) -> CoordinatorProcess:
         """Write a configuration file next to ``definitions/`` and return the process."""
@@ -55,7 +55,10 @@ class CoordinatorProcess:
                     "listen": f"127.0.0.1:{port}",
                     "definitions": "definitions",
                     "shutdown_grace": 2.0,
-                    "participants": {name: p.address for name, p in participants.items()},
+                    "participants": {
+                        name: p if isinstance(p, str) else p.address
+                        for name, p in participants.items()
+                    },
                     **extra,
                 }
             )

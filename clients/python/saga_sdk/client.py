@@ -36,6 +36,7 @@ from saga_sdk.requests import (
     create_request,
     get_request,
     rewatch_delay,
+    trace_headers,
     watch_request,
 )
 
@@ -103,7 +104,7 @@ class SagaClient:
         )
         try:
             response = self._stub.CreateSaga(
-                request, timeout=self._timeout, metadata=self._metadata
+                request, timeout=self._timeout, metadata=self._metadata + trace_headers()
             )
         except grpc.RpcError as exc:
             raise error_from_call(exc) from None
@@ -278,7 +279,7 @@ class AsyncSagaClient:
         )
         try:
             response = await self._stub.CreateSaga(
-                request, timeout=self._timeout, metadata=self._metadata
+                request, timeout=self._timeout, metadata=self._metadata + trace_headers()
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_aio(exc) from None

@@ -49,6 +49,8 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from saga.v1 import participant_service_pb2, participant_service_pb2_grpc
 
 from saga_sdk.barrier import Barrier, BarrierKey
@@ -202,9 +204,18 @@ class Participant:
     handlers must dedupe on `ctx.request_id` themselves.
     """
 
-    def __init__(self, name: str, *, barrier: Barrier | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        barrier: Barrier | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
         self.name = name
         self.barrier = barrier
+        # Handlers run inside a span continuing the saga's trace; with no OpenTelemetry SDK
+        # installed (or no tracer_provider given) the span is a no-op.
+        self._tracer = trace.get_tracer("saga-sdk.participant", tracer_provider=tracer_provider)
         self._actions: dict[str, _Handler] = {}
         self._compensations: dict[str, _Handler] = {}
         self._server: grpc.aio.Server | None = None
@@ -339,6 +350,37 @@ class Participant:
         operation: Literal["Execute", "Compensate"],
         request: participant_service_pb2.ExecuteRequest | participant_service_pb2.CompensateRequest,
         call: Callable[[], Awaitable[bytes]],
+        metadata: Mapping[str, str],
+    ) -> bytes | grpc.Status:
+        """Answer inside a span that continues the coordinator's trace (its W3C traceparent)."""
+        with self._tracer.start_as_current_span(
+            f"{operation} {request.action}",
+            context=propagate.extract(metadata),
+            kind=SpanKind.SERVER,
+            attributes={
+                "saga.id": request.saga.removeprefix("sagas/"),
+                "saga.definition": request.definition,
+                "saga.step": request.step,
+                "saga.operation": operation.lower(),
+                "saga.attempt": request.attempt,
+                "saga.request_id": request.request_id,
+                "saga.participant": self.name,
+                "rpc.system": "grpc",
+                "rpc.service": "saga.v1.ParticipantService",
+                "rpc.method": operation,
+            },
+        ) as span:
+            answer = await self._answer_untraced(operation, request, call)
+            if isinstance(answer, grpc.Status):
+                span.set_attribute("rpc.grpc.status_code", answer.code.value[0])
+                span.set_status(Status(StatusCode.ERROR, answer.details))
+            return answer
+
+    async def _answer_untraced(
+        self,
+        operation: Literal["Execute", "Compensate"],
+        request: participant_service_pb2.ExecuteRequest | participant_service_pb2.CompensateRequest,
+        call: Callable[[], Awaitable[bytes]],
     ) -> bytes | grpc.Status:
         """Run one call and turn its outcome into an output or the status to abort with."""
         where = {"saga": request.saga, "step": request.step, "request_id": request.request_id}
@@ -407,7 +449,7 @@ class Participant:
             )
             return await self._invoke(handler, context, BarrierKey.for_execute(request))
 
-        return await self._answer("Execute", request, call)
+        return await self._answer("Execute", request, call, metadata)
 
     async def compensate(
         self, request: participant_service_pb2.CompensateRequest, metadata: Mapping[str, str]
@@ -449,7 +491,7 @@ class Participant:
             await self._invoke(handler, context, key)
             return b""
 
-        return await self._answer("Compensate", request, call)
+        return await self._answer("Compensate", request, call, metadata)
 
     def _unimplemented(self, kind: str, name: str, known: list[str]) -> grpc.Status:
         return _status(

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from opentelemetry import propagate
 from saga.v1 import coordinator_service_pb2, saga_pb2
 
 from saga_sdk.model import SagaState
@@ -106,3 +107,10 @@ def rewatch_delay(attempt: int) -> float:
     noticed quickly without hammering one that stays down.
     """
     return float(min(2.0, 0.05 * 2 ** max(0, attempt - 1)))
+
+
+def trace_headers() -> tuple[tuple[str, str], ...]:
+    """The current span's W3C trace headers, for CreateSaga: the saga's trace links to it."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
