@@ -2,7 +2,8 @@
 
 Each is a participant written with the Python SDK, with its own SQLite database: the business
 rows and the idempotency barrier commit in one local transaction, so a repeated or late call
-never applies its effect twice.
+never applies its effect twice. With OTEL_EXPORTER_OTLP_ENDPOINT set, each exports its spans,
+which continue the saga's trace.
 
     python scripts/demo/services.py accounts --port 50062 --database accounts.db
 """
@@ -11,9 +12,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from saga_sdk.errors import Rejected
 from saga_sdk.participant import CompensateContext, ExecuteContext, Participant
@@ -129,10 +136,19 @@ SERVICES: dict[str, Callable[[Participant], str]] = {
 }
 
 
-def build(name: str, database: Path) -> Participant:
+def tracer_provider(name: str) -> TracerProvider | None:
+    """Export this service's spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return None
+    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(insecure=True, timeout=2)))
+    return provider
+
+
+def build(name: str, database: Path, tracing: TracerProvider | None = None) -> Participant:
     """The participant ``name`` with its handlers, barrier and business table."""
     barrier = SqliteBarrier(database)
-    participant = Participant(name, barrier=barrier)
+    participant = Participant(name, barrier=barrier, tracer_provider=tracing)
     schema = SERVICES[name](participant)
     connection = barrier.connect()
     try:
@@ -149,7 +165,12 @@ def main() -> None:
     parser.add_argument("--database", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.service}: %(message)s")
-    build(args.service, args.database).run(f"127.0.0.1:{args.port}")
+    tracing = tracer_provider(args.service)
+    try:
+        build(args.service, args.database, tracing).run(f"127.0.0.1:{args.port}")
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
 
 
 if __name__ == "__main__":
