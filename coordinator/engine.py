@@ -75,7 +75,6 @@ class _Active:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None
-    in_flight: bool = False
     states: list[SagaState] | None = None
     """The saga's state after each event, when this process saw them all (for its trace)."""
 
@@ -221,13 +220,6 @@ class Engine:
         """One page of sagas, oldest first."""
         return await self._store.list(where, limit, after)
 
-    async def events(self, saga_id: str) -> list[RecordedEvent]:
-        """The saga's event log."""
-        events = list(await self._store.events(saga_id))
-        if not events:
-            raise SagaNotFound(f"no saga with id {saga_id!r}")
-        return events
-
     async def cancel_saga(self, saga_id: str, reason: str) -> Saga:
         """Cancel a running saga: it compensates every step that had been sent."""
         active = self._active.get(saga_id)
@@ -348,12 +340,8 @@ class Engine:
                 continue
             if dispatch.operation is Operation.COMPENSATE:
                 self._crash.reach(CrashPoint.INSIDE_COMPENSATION)
-            active.in_flight = True
             sent_at = self._clock.now()
-            try:
-                outcome = await self._gateway.send(call)
-            finally:
-                active.in_flight = False
+            outcome = await self._gateway.send(call)
             self._crash.reach(CrashPoint.AFTER_ANSWER)
             answered = CallAnswered(
                 dispatch.operation, dispatch.step, dispatch.attempt, outcome, sent_at
