@@ -6,7 +6,7 @@ BUF := scripts/node_modules/.bin/buf
 
 .PHONY: install demo test lint check-stubs stubs bench clean
 
-install: $(VENV)/.installed scripts/node_modules/.installed
+install: $(VENV)/.installed scripts/node_modules/.installed clients/node/node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml stubs/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,18 @@ scripts/node_modules/.installed: scripts/package.json scripts/package-lock.json
 	cd scripts && npm ci --silent --no-audit --no-fund
 	touch $@
 
+clients/node/node_modules/.installed: clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --silent --no-audit --no-fund
+	touch $@
+
 ## The main job: onboard a corporate client, once succeeding and once compensating.
 demo: install
 	$(BIN)/python scripts/demo.py
 
-## Lint, type checks, layer contracts, the contract's lint, stubs drift, then every test.
+## Lint, type checks, layer contracts, the contract's lint, stubs drift, then every test:
+## the Node.js SDK's with Node's own runner, then the Python suite (which runs Node processes).
 test: install lint
+	cd clients/node && npm test --silent
 	$(BIN)/python -m pytest -q
 
 lint: install check-stubs
@@ -48,4 +54,4 @@ bench: install
 	$(BIN)/python scripts/bench.py
 
 clean:
-	rm -rf $(VENV) scripts/node_modules
+	rm -rf $(VENV) scripts/node_modules clients/node/node_modules

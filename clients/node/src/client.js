@@ -1,0 +1,219 @@
+// The client of the coordinator's CoordinatorService: create, get, list, cancel, watch, wait.
+//
+//   const client = new SagaClient('localhost:50051');
+//   const { saga } = await client.create('onboard-client', { name: 'ACME' }, { sagaId: 'acme-1' });
+//   const done = await client.wait(saga.sagaId, { timeoutMs: 60_000 });
+//
+// Every failed call throws a SagaRpcError carrying the status code and the rich
+// google.rpc.Status details (ErrorInfo reason, BadRequest field violations).
+
+import { setTimeout as sleep } from 'node:timers/promises';
+import grpc from '@grpc/grpc-js';
+import { loadContract } from './contract.js';
+import { WaitTimeout, errorFromGrpc } from './errors.js';
+import { SagaState, sagaFromProto, updateFromProto } from './model.js';
+import { encodePayload } from './payload.js';
+import { injectTraceContext } from './telemetry.js';
+
+/** Deadline of each unary call, in milliseconds, unless the client is given another. */
+export const DEFAULT_TIMEOUT_MS = 30_000;
+
+const SAGA_NAME_PREFIX = 'sagas/';
+
+/** The resource name of a saga, "sagas/{saga_id}", from its plain id. */
+export function sagaName(sagaId) {
+  if (typeof sagaId !== 'string' || sagaId === '') {
+    throw new TypeError('saga id must be a non-empty string');
+  }
+  if (sagaId.includes('/')) {
+    throw new TypeError(`pass the plain saga id, not a resource name: ${JSON.stringify(sagaId)}`);
+  }
+  return SAGA_NAME_PREFIX + sagaId;
+}
+
+/**
+ * Milliseconds to pause before re-watching after the `attempt`-th broken stream (from 1):
+ * 50, 100, 200 ... up to 2000, so that a coordinator restart is noticed quickly without
+ * hammering one that stays down.
+ */
+export function rewatchDelayMs(attempt) {
+  return Math.min(2000, 50 * 2 ** Math.max(0, attempt - 1));
+}
+
+function stateFilter(state) {
+  const name = String(state).replace(/^SAGA_STATE_/, '');
+  if (!Object.hasOwn(SagaState, name) || name === SagaState.UNSPECIFIED) {
+    throw new TypeError(`not a saga state to filter on: ${JSON.stringify(state)}`);
+  }
+  return `SAGA_STATE_${name}`;
+}
+
+// A stream's errors are read through its async iterator; this listener keeps a late error (the
+// CANCELLED that follows cancel()) from being an unhandled 'error' event.
+function ignoreLateErrors() {}
+
+/**
+ * A client of the coordinator's CoordinatorService.
+ *
+ * `timeoutMs` is the deadline of each unary call (null: none); `metadata` (an object of string
+ * values) is sent with every call, e.g. an authorization header, and the active OpenTelemetry
+ * trace context is added to it. Without `credentials` the channel is plaintext.
+ */
+export class SagaClient {
+  #client;
+  #timeoutMs;
+  #metadata;
+
+  /**
+   * @param {string} target "host:port"
+   * @param {{credentials?: grpc.ChannelCredentials, channelOptions?: object,
+   *          timeoutMs?: number | null, metadata?: Record<string, string>,
+   *          protosDir?: string}} [options]
+   */
+  constructor(
+    target,
+    { credentials, channelOptions = {}, timeoutMs = DEFAULT_TIMEOUT_MS, metadata = {}, protosDir } = {},
+  ) {
+    const { CoordinatorClient } = loadContract(protosDir);
+    this.#client = new CoordinatorClient(
+      target,
+      credentials ?? grpc.credentials.createInsecure(),
+      channelOptions,
+    );
+    this.#timeoutMs = timeoutMs;
+    this.#metadata = { ...metadata };
+  }
+
+  /**
+   * Start a saga of `definition` and return it once it is stored durably, with `created` false
+   * when it existed already. `input` is sent as is when it is a Buffer, empty when null, and as
+   * UTF-8 JSON otherwise. With a `sagaId` the call is idempotent: the same request again returns
+   * the existing saga; a different request with the same id throws ALREADY_EXISTS.
+   * `definitionVersion` 0 means the newest.
+   */
+  async create(definition, input = null, { sagaId = '', definitionVersion = 0 } = {}) {
+    if (!definition) throw new TypeError('definition must not be empty');
+    if (!Number.isInteger(definitionVersion) || definitionVersion < 0) {
+      throw new TypeError('definitionVersion must be an integer >= 0');
+    }
+    const response = await this.#unary('CreateSaga', {
+      saga_id: sagaId ?? '',
+      definition,
+      definition_version: definitionVersion,
+      input: encodePayload(input),
+    });
+    return Object.freeze({ saga: sagaFromProto(response.saga), created: response.created });
+  }
+
+  /** The saga with this id; NOT_FOUND when there is none. */
+  async get(sagaId) {
+    const response = await this.#unary('GetSaga', { name: sagaName(sagaId) });
+    return sagaFromProto(response.saga);
+  }
+
+  /** Cancel a running saga (it compensates); FAILED_PRECONDITION when it cannot be. */
+  async cancel(sagaId, reason = '') {
+    const response = await this.#unary('CancelSaga', { name: sagaName(sagaId), reason });
+    return sagaFromProto(response.saga);
+  }
+
+  /**
+   * Iterate over every saga matching the filters, oldest first, page after page.
+   *
+   * @param {{states?: string[], definition?: string, pageSize?: number}} [filters]
+   * @returns {AsyncIterableIterator<import('./model.js').Saga>}
+   */
+  list({ states = [], definition = '', pageSize = 100 } = {}) {
+    if (!Number.isInteger(pageSize) || pageSize < 1 || pageSize > 1000) {
+      throw new TypeError('pageSize must be from 1 to 1000');
+    }
+    const query = { states: [...states].map(stateFilter), definition: definition ?? '', page_size: pageSize };
+    const unary = (request) => this.#unary('ListSagas', request);
+    return (async function* pages() {
+      let token = '';
+      do {
+        const response = await unary({ ...query, page_token: token });
+        for (const saga of response.sagas) yield sagaFromProto(saga);
+        token = response.next_page_token;
+      } while (token);
+    })();
+  }
+
+  /**
+   * Iterate over a saga's states: first the current one, then each change, in order, as
+   * {saga, event} (event null on the first). The iteration ends when the saga settles
+   * (SUCCEEDED, COMPENSATED or NEEDS_ATTENTION). A broken stream throws; use wait() for a watch
+   * that survives coordinator restarts. Leaving the loop early cancels the stream.
+   */
+  watch(sagaId) {
+    const request = { name: sagaName(sagaId) };
+    const open = () => this.#client.WatchSaga(request, this.#callMetadata());
+    return (async function* stream() {
+      const call = open();
+      call.on('error', ignoreLateErrors);
+      try {
+        for await (const response of call) yield updateFromProto(response);
+      } catch (error) {
+        throw errorFromGrpc(error);
+      } finally {
+        call.cancel();
+      }
+    })();
+  }
+
+  /**
+   * Wait until the saga is SUCCEEDED, COMPENSATED or NEEDS_ATTENTION, and return it. Throws
+   * WaitTimeout after `timeoutMs` (null: wait for as long as it takes). When the stream breaks
+   * with UNAVAILABLE (e.g. the coordinator restarts) the saga is watched again after a short,
+   * growing pause.
+   */
+  async wait(sagaId, { timeoutMs = null } = {}) {
+    const request = { name: sagaName(sagaId) };
+    const deadline = timeoutMs === null || timeoutMs === undefined ? null : Date.now() + timeoutMs;
+    for (let broken = 1; ; broken += 1) {
+      if (deadline !== null && deadline - Date.now() <= 0) throw new WaitTimeout(sagaId, timeoutMs);
+      const call = this.#client.WatchSaga(
+        request,
+        this.#callMetadata(),
+        deadline === null ? {} : { deadline },
+      );
+      call.on('error', ignoreLateErrors);
+      try {
+        for await (const response of call) {
+          const saga = sagaFromProto(response.saga);
+          if (saga.settled) return saga;
+        }
+      } catch (error) {
+        if (error?.code === grpc.status.DEADLINE_EXCEEDED && deadline !== null) {
+          throw new WaitTimeout(sagaId, timeoutMs);
+        }
+        if (error?.code !== grpc.status.UNAVAILABLE) throw errorFromGrpc(error);
+      } finally {
+        call.cancel();
+      }
+      // The stream broke, or ended before the saga settled: watch again.
+      const pause = rewatchDelayMs(broken);
+      await sleep(deadline === null ? pause : Math.max(0, Math.min(pause, deadline - Date.now())));
+    }
+  }
+
+  /** Close the channel. */
+  close() {
+    this.#client.close();
+  }
+
+  #callMetadata() {
+    const metadata = new grpc.Metadata();
+    for (const [key, value] of Object.entries(this.#metadata)) metadata.set(key, value);
+    return injectTraceContext(metadata);
+  }
+
+  #unary(method, request) {
+    return new Promise((resolve, reject) => {
+      const options = this.#timeoutMs === null ? {} : { deadline: Date.now() + this.#timeoutMs };
+      this.#client[method](request, this.#callMetadata(), options, (error, response) =>
+        error ? reject(errorFromGrpc(error)) : resolve(response),
+      );
+    });
+  }
+}

@@ -1,0 +1,227 @@
+// The client against a fake CoordinatorService on loopback: requests sent, answers converted,
+// rich errors parsed, pagination, watch and wait.
+
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import grpc from '@grpc/grpc-js';
+import { SagaClient, SagaRpcError, SdkError, WaitTimeout, statusError } from '../src/index.js';
+import { sagaProto, startFakeCoordinator } from './fake_coordinator.js';
+
+async function setup(t, options = {}) {
+  const { fake, target } = await startFakeCoordinator(t);
+  const client = new SagaClient(target, options);
+  t.after(() => client.close());
+  return { fake, client };
+}
+
+test('create sends the saga id and JSON input, and is idempotent on the saga id', async (t) => {
+  const { fake, client } = await setup(t);
+  const first = await client.create('onboard', { company: 'ACME' }, { sagaId: 'acme-1' });
+  assert.equal(first.created, true);
+  assert.equal(first.saga.sagaId, 'acme-1');
+  assert.equal(first.saga.state, 'RUNNING');
+  assert.deepEqual(first.saga.inputJson(), { company: 'ACME' });
+  const { request } = fake.requests[0];
+  assert.equal(request.saga_id, 'acme-1');
+  assert.equal(request.input.toString(), '{"company":"ACME"}');
+  const again = await client.create('onboard', { company: 'ACME' }, { sagaId: 'acme-1' });
+  assert.equal(again.created, false);
+});
+
+test('a conflicting create throws ALREADY_EXISTS with the ErrorInfo reason', async (t) => {
+  const { client } = await setup(t);
+  await client.create('onboard', { company: 'ACME' }, { sagaId: 'acme-1' });
+  const error = await client.create('onboard', { company: 'Other' }, { sagaId: 'acme-1' }).catch((e) => e);
+  assert.ok(error instanceof SagaRpcError);
+  assert.ok(error instanceof SdkError);
+  assert.equal(error.code, grpc.status.ALREADY_EXISTS);
+  assert.equal(error.codeName, 'ALREADY_EXISTS');
+  assert.equal(error.reason, 'SAGA_ALREADY_EXISTS');
+  assert.equal(error.domain, 'saga-coordinator');
+  assert.deepEqual(error.errorMetadata, { saga_id: 'acme-1' });
+  assert.match(error.message, /ALREADY_EXISTS: .* \[SAGA_ALREADY_EXISTS\]/);
+});
+
+test('an invalid request throws INVALID_ARGUMENT with the BadRequest field violations', async (t) => {
+  const { client } = await setup(t);
+  const error = await client.create('onboard', null, { sagaId: '-bad id' }).catch((e) => e);
+  assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
+  assert.deepEqual(error.fieldViolations, [{ field: 'saga_id', description: 'letters, digits, ._-' }]);
+});
+
+test('get converts the saga, and an unknown saga throws NOT_FOUND', async (t) => {
+  const { fake, client } = await setup(t);
+  fake.sagas.set(
+    'a',
+    sagaProto('a', {
+      state: 'SAGA_STATE_COMPENSATED',
+      version: 7,
+      failure: { step: 'issue-card', operation: 'execute', code: 'FAILED_PRECONDITION', reason: 'CARD_LIMIT_EXCEEDED', message: 'no' },
+      steps: [
+        { name: 'create-user', participant: 'identity', kind: 'STEP_KIND_UNSPECIFIED', state: 'STEP_STATE_COMPENSATED', execute_attempts: 1, output: Buffer.from('{"user":1}') },
+        { name: 'issue-card', participant: 'cards', kind: 'STEP_KIND_PIVOT', state: 'STEP_STATE_REJECTED', execute_attempts: 2 },
+      ],
+    }),
+  );
+  const saga = await client.get('a');
+  assert.equal(saga.state, 'COMPENSATED');
+  assert.equal(saga.settled, true);
+  assert.equal(saga.version, 7);
+  assert.equal(saga.failure.reason, 'CARD_LIMIT_EXCEEDED');
+  assert.deepEqual(saga.createTime, new Date(1_700_000_000_500));
+  assert.equal(saga.endTime, null);
+  assert.equal(saga.step('create-user').kind, 'COMPENSATABLE');
+  assert.deepEqual(saga.step('create-user').outputJson(), { user: 1 });
+  assert.equal(saga.step('issue-card').output, null);
+  assert.equal(saga.step('issue-card').kind, 'PIVOT');
+  assert.equal(saga.step('issue-card').executeAttempts, 2);
+  assert.throws(() => saga.step('nope'), RangeError);
+  assert.equal(fake.requests[0].request.name, 'sagas/a');
+
+  const error = await client.get('missing').catch((e) => e);
+  assert.equal(error.code, grpc.status.NOT_FOUND);
+  assert.equal(error.reason, 'SAGA_NOT_FOUND');
+  await assert.rejects(client.get('sagas/a'), TypeError);
+});
+
+test('list iterates over every page with the same filters', async (t) => {
+  const { fake, client } = await setup(t);
+  for (let i = 0; i < 7; i += 1) fake.sagas.set(`s${i}`, sagaProto(`s${i}`));
+  fake.sagas.set('done', sagaProto('done', { state: 'SAGA_STATE_SUCCEEDED' }));
+  const seen = [];
+  for await (const saga of client.list({ states: ['RUNNING'], definition: 'onboard', pageSize: 3 })) {
+    seen.push(saga.sagaId);
+  }
+  assert.deepEqual(seen, ['s0', 's1', 's2', 's3', 's4', 's5', 's6']);
+  const pages = fake.requests.map((r) => r.request);
+  assert.deepEqual(pages.map((p) => p.page_token), ['', 'offset-3', 'offset-6']);
+  for (const page of pages) {
+    assert.deepEqual(page.states, ['SAGA_STATE_RUNNING']);
+    assert.equal(page.definition, 'onboard');
+    assert.equal(page.page_size, 3);
+  }
+  assert.throws(() => client.list({ pageSize: 0 }), TypeError);
+  assert.throws(() => client.list({ states: ['BOGUS'] }), TypeError);
+});
+
+test('cancel sends the reason; a saga that has ended throws FAILED_PRECONDITION', async (t) => {
+  const { fake, client } = await setup(t);
+  fake.sagas.set('a', sagaProto('a'));
+  fake.sagas.set('b', sagaProto('b', { state: 'SAGA_STATE_SUCCEEDED' }));
+  const saga = await client.cancel('a', 'customer changed their mind');
+  assert.equal(saga.state, 'COMPENSATING');
+  assert.equal(saga.cancelReason, 'customer changed their mind');
+  const error = await client.cancel('b').catch((e) => e);
+  assert.equal(error.code, grpc.status.FAILED_PRECONDITION);
+  assert.equal(error.reason, 'SAGA_ENDED');
+});
+
+test('every call carries the client metadata and honours its deadline', async (t) => {
+  const { fake, client } = await setup(t, { metadata: { authorization: 'Bearer t0k3n' }, timeoutMs: 200 });
+  fake.sagas.set('a', sagaProto('a'));
+  await client.get('a');
+  assert.deepEqual(fake.requests[0].metadata.get('authorization'), ['Bearer t0k3n']);
+});
+
+const event = (sequence, type, step = '') => ({ sequence, type: `SAGA_EVENT_TYPE_${type}`, step, attempt: 1 });
+
+test('watch yields the current saga first, then each change, and ends when it settles', async (t) => {
+  const { fake, client } = await setup(t);
+  fake.watchScript = (call) => {
+    call.write({ saga: sagaProto('a', { version: 1 }) });
+    call.write({ saga: sagaProto('a', { version: 2 }), event: event(2, 'STEP_SUCCEEDED', 'create-user') });
+    call.write({ saga: sagaProto('a', { version: 3, state: 'SAGA_STATE_SUCCEEDED' }), event: event(3, 'STEP_SUCCEEDED', 'open-account') });
+    call.end();
+  };
+  const updates = [];
+  for await (const update of client.watch('a')) updates.push(update);
+  assert.equal(updates.length, 3);
+  assert.equal(updates[0].event, null);
+  assert.equal(updates[1].event.type, 'STEP_SUCCEEDED');
+  assert.equal(updates[1].event.step, 'create-user');
+  assert.equal(updates[2].saga.state, 'SUCCEEDED');
+  assert.equal(fake.requests[0].request.name, 'sagas/a');
+});
+
+test('leaving a watch early cancels the stream', async (t) => {
+  const { fake, client } = await setup(t);
+  fake.watchScript = (call) => {
+    call.write({ saga: sagaProto('a') }); // and never ends
+  };
+  for await (const update of client.watch('a')) {
+    assert.equal(update.saga.sagaId, 'a');
+    break;
+  }
+  for (let i = 0; i < 50 && !fake.watches[0].cancelled; i += 1) await sleep(10);
+  assert.equal(fake.watches[0].cancelled, true);
+});
+
+test('a broken watch throws a SagaRpcError with the status details', async (t) => {
+  const { fake, client } = await setup(t);
+  fake.watchScript = (call) =>
+    call.emit('error', 
+      statusError(grpc.status.NOT_FOUND, 'no saga sagas/x', { errorInfo: { reason: 'SAGA_NOT_FOUND' } }),
+    );
+  const error = await (async () => {
+    for await (const _ of client.watch('x')); // eslint-disable-line no-unused-vars
+  })().catch((e) => e);
+  assert.ok(error instanceof SagaRpcError);
+  assert.equal(error.code, grpc.status.NOT_FOUND);
+  assert.equal(error.reason, 'SAGA_NOT_FOUND');
+});
+
+test('wait returns the saga once it settles', async (t) => {
+  const { fake, client } = await setup(t);
+  fake.watchScript = async (call) => {
+    call.write({ saga: sagaProto('a') });
+    await sleep(50);
+    call.write({ saga: sagaProto('a', { state: 'SAGA_STATE_NEEDS_ATTENTION' }), event: event(2, 'COMPENSATION_FAILED') });
+  };
+  const saga = await client.wait('a', { timeoutMs: 5000 });
+  assert.equal(saga.state, 'NEEDS_ATTENTION');
+});
+
+test('wait throws WaitTimeout when the saga does not settle in time', async (t) => {
+  const { fake, client } = await setup(t);
+  fake.watchScript = (call) => call.write({ saga: sagaProto('a') });
+  const started = Date.now();
+  const error = await client.wait('a', { timeoutMs: 300 }).catch((e) => e);
+  assert.ok(error instanceof WaitTimeout, String(error));
+  assert.equal(error.sagaId, 'a');
+  assert.ok(Date.now() - started < 2000);
+});
+
+test('wait watches again after UNAVAILABLE and after a stream that ends unsettled', async (t) => {
+  const { fake, client } = await setup(t);
+  fake.watchScript = (call, n) => {
+    if (n === 1) return call.emit('error', { code: grpc.status.UNAVAILABLE, details: 'restarting' });
+    if (n === 2) {
+      call.write({ saga: sagaProto('a') });
+      return call.end();
+    }
+    call.write({ saga: sagaProto('a', { state: 'SAGA_STATE_COMPENSATED' }) });
+    return call.end();
+  };
+  const saga = await client.wait('a', { timeoutMs: 5000 });
+  assert.equal(saga.state, 'COMPENSATED');
+  assert.equal(fake.watches.length, 3);
+});
+
+test('wait does not retry a definite error', async (t) => {
+  const { fake, client } = await setup(t);
+  fake.watchScript = (call) => call.emit('error', { code: grpc.status.NOT_FOUND, details: 'no saga' });
+  const error = await client.wait('a', { timeoutMs: 5000 }).catch((e) => e);
+  assert.equal(error.code, grpc.status.NOT_FOUND);
+  assert.equal(fake.watches.length, 1);
+});
+
+test('an unreachable coordinator throws UNAVAILABLE', async () => {
+  const client = new SagaClient('127.0.0.1:1', { timeoutMs: 2000 });
+  try {
+    const error = await client.get('a').catch((e) => e);
+    assert.equal(error.code, grpc.status.UNAVAILABLE);
+  } finally {
+    client.close();
+  }
+});

@@ -1,0 +1,72 @@
+// Compiled by `npm run check-types` (tsc --noEmit): the public types fit real usage.
+
+import {
+  BarrierKey,
+  Participant,
+  Rejected,
+  SagaClient,
+  SagaRpcError,
+  SqliteBarrier,
+  WaitTimeout,
+  type ExecuteContext,
+  type Saga,
+  type SagaUpdate,
+} from '@saga-coordinator/sdk';
+import { setupTracing } from '@saga-coordinator/sdk/tracing';
+
+interface CardInput {
+  company: string;
+  card_limit?: number;
+}
+
+async function participant(): Promise<number> {
+  const tracing = await setupTracing({ serviceName: 'cards' });
+  const barrier = new SqliteBarrier('cards.db', { synchronous: 'FULL' });
+  barrier.db.exec('CREATE TABLE IF NOT EXISTS cards (id TEXT)');
+  const cards = new Participant('cards', { barrier });
+  cards
+    .action('IssueCard', async (ctx: ExecuteContext<CardInput>) => {
+      if ((ctx.input.card_limit ?? 0) > 100_000) throw new Rejected('CARD_LIMIT_EXCEEDED');
+      return (db) => {
+        db.prepare('INSERT INTO cards VALUES (?)').run(ctx.requestId);
+        return { card_id: ctx.requestId };
+      };
+    })
+    .action('Raw', (ctx) => Buffer.concat([ctx.input]), { raw: true })
+    .compensation('CancelCard', (ctx) => (db) => {
+      db.prepare('DELETE FROM cards WHERE id = ?').run(ctx.executeRequestId);
+    });
+  const port = await cards.start('127.0.0.1:0');
+  await cards.stop({ graceMs: 1000 });
+  const outcome = barrier.runSync(
+    new BarrierKey({ sagaId: 's', step: 'x', operation: 'execute', requestId: 'r' }),
+    () => Buffer.from('ok'),
+  );
+  outcome.kind satisfies 'applied' | 'replayed' | 'null_compensation';
+  await tracing.shutdown();
+  return port;
+}
+
+async function client(): Promise<Saga> {
+  const c = new SagaClient('127.0.0.1:50051', { timeoutMs: 5000, metadata: { authorization: 'x' } });
+  const { saga, created } = await c.create('onboard', { company: 'ACME' }, { sagaId: 'acme-1' });
+  const ok: boolean = created && saga.settled;
+  for await (const s of c.list({ states: ['RUNNING', 'SAGA_STATE_COMPENSATING'], pageSize: 10 })) {
+    s.steps.map((step) => step.outputJson<{ id: string }>()?.id);
+  }
+  for await (const update of c.watch('acme-1')) {
+    const u: SagaUpdate = update;
+    if (u.event?.type === 'STEP_REJECTED') break;
+  }
+  try {
+    return await c.wait('acme-1', { timeoutMs: ok ? 1000 : 2000 });
+  } catch (error) {
+    if (error instanceof WaitTimeout) return c.get(error.sagaId);
+    if (error instanceof SagaRpcError && error.reason === 'SAGA_NOT_FOUND') throw error;
+    throw error;
+  } finally {
+    c.close();
+  }
+}
+
+export { client, participant };
