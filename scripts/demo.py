@@ -1,8 +1,9 @@
 """The main job: onboard two corporate clients; one succeeds, one is refused a card and undone.
 
-Starts four participant processes (Identity, Accounts, Cards, Billing), each with its own SQLite
-database, and the coordinator on its own SQLite file; runs the two sagas; prints each saga's
-steps and ending; then stops every process it started.
+Starts four participant processes, each with its own SQLite database: Identity, Accounts and
+Billing in Python, Cards in Node.js, all with the SDKs' idempotency barriers; and the
+coordinator on its own SQLite file. Runs the two sagas, prints each saga's steps and ending,
+then stops every process it started.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from saga_sdk.client import SagaClient
 from saga_sdk.model import SagaState
 
 HERE = Path(__file__).resolve().parent / "demo"
+NODE_CARDS = HERE.parent.parent / "clients" / "node" / "examples" / "cards.js"
 SERVICES = ("identity", "accounts", "cards", "billing")
 CLIENTS = (
     ("acme-corp", {"company": "Acme Corp", "admin": "ada@acme.example", "plan": "business"}),
@@ -104,6 +106,14 @@ class Processes:
                 process.wait()
 
 
+def service_command(name: str, port: int, database: Path) -> list[str]:
+    """How to start one of the demo's services: Cards runs on Node.js, the others on Python."""
+    arguments = ["--port", str(port), "--database", str(database)]
+    if name == "cards":
+        return ["node", str(NODE_CARDS), *arguments]
+    return [sys.executable, str(HERE / "services.py"), name, *arguments]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="where files go")
@@ -130,21 +140,13 @@ def main() -> int:
     try:
         out.print(Rule("Starting the four services and the coordinator"))
         for name in SERVICES:  # all four start at once, then each is awaited
-            processes.spawn(
-                name,
-                [
-                    sys.executable,
-                    str(HERE / "services.py"),
-                    name,
-                    "--port",
-                    str(ports[name]),
-                    "--database",
-                    str(workdir / f"{name}.db"),
-                ],
-            )
+            processes.spawn(name, service_command(name, ports[name], workdir / f"{name}.db"))
         for name in SERVICES:
             processes.wait(name, f"127.0.0.1:{ports[name]}")
-            out.print(f"  {name:<11} on 127.0.0.1:{ports[name]}  ({workdir / f'{name}.db'})")
+            language = "Node.js" if name == "cards" else "Python"
+            out.print(
+                f"  {name:<11} on 127.0.0.1:{ports[name]}  ({language}, {workdir / f'{name}.db'})"
+            )
         target = f"127.0.0.1:{ports['coordinator']}"
         processes.start(
             "coordinator",

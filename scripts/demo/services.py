@@ -1,4 +1,5 @@
-"""The demo's domain services: Identity, Accounts, Cards and Billing, one per process.
+"""The demo's Python services: Identity, Accounts and Billing, one per process (Cards is the
+Node.js SDK's example, clients/node/examples/cards.js).
 
 Each is a participant written with the Python SDK, with its own SQLite database: the business
 rows and the idempotency barrier commit in one local transaction, so a repeated or late call
@@ -22,12 +23,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from saga_sdk.errors import Rejected
 from saga_sdk.participant import CompensateContext, ExecuteContext, Participant
 from saga_sdk.sqlite_barrier import SqliteBarrier
-
-CARD_LIMIT = 100_000
-"""Cards refuses a first card whose requested limit is above this."""
 
 
 def identity(participant: Participant) -> str:
@@ -71,35 +68,6 @@ def accounts(participant: Participant) -> str:
     )
 
 
-def cards(participant: Participant) -> str:
-    @participant.action("IssueCard")
-    def issue_card(ctx: ExecuteContext) -> dict[str, str]:
-        limit = int(ctx.input.get("card_limit", 10_000))
-        if limit > CARD_LIMIT:
-            raise Rejected(
-                "CARD_LIMIT_EXCEEDED",
-                f"a first card's limit is at most {CARD_LIMIT}, {limit} was asked",
-            )
-        account = ctx.previous_outputs["open-account"]["account_id"]
-        card_id = f"card_{uuid.uuid4().hex[:10]}"
-        last4 = f"{uuid.uuid4().int % 10_000:04d}"
-        ctx.tx.execute(
-            "INSERT INTO cards (id, saga, account, last4, card_limit, status)"
-            " VALUES (?, ?, ?, ?, ?, 'active')",
-            (card_id, ctx.saga_id, account, last4, limit),
-        )
-        return {"card_id": card_id, "last4": last4}
-
-    @participant.compensation("CancelCard")
-    def cancel_card(ctx: CompensateContext) -> None:
-        ctx.tx.execute("UPDATE cards SET status = 'cancelled' WHERE saga = ?", (ctx.saga_id,))
-
-    return (
-        "CREATE TABLE IF NOT EXISTS cards (id TEXT PRIMARY KEY, saga TEXT, account TEXT,"
-        " last4 TEXT, card_limit INTEGER, status TEXT)"
-    )
-
-
 def billing(participant: Participant) -> str:
     @participant.action("CreateSubscription")
     def create_subscription(ctx: ExecuteContext) -> dict[str, str]:
@@ -131,7 +99,6 @@ def billing(participant: Participant) -> str:
 SERVICES: dict[str, Callable[[Participant], str]] = {
     "identity": identity,
     "accounts": accounts,
-    "cards": cards,
     "billing": billing,
 }
 

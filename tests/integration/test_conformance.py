@@ -1,4 +1,5 @@
-"""`saga conformance` against the demo's four services, each a real process with its barrier."""
+"""`saga conformance` against the demo's four services, each a real process with its barrier:
+three on the Python SDK, Cards on the Node.js SDK."""
 
 from __future__ import annotations
 
@@ -42,16 +43,14 @@ def wait_serving(address: str, process: subprocess.Popen[bytes]) -> None:
 def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
     name = request.param
     port = free_port()
+    arguments = ["--port", str(port), "--database", str(tmp_path / f"{name}.db")]
+    command = (
+        ["node", str(ROOT / "clients" / "node" / "examples" / "cards.js"), *arguments]
+        if name == "cards"
+        else [sys.executable, str(ROOT / "scripts" / "demo" / "services.py"), name, *arguments]
+    )
     process = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "demo" / "services.py"),
-            name,
-            "--port",
-            str(port),
-            "--database",
-            str(tmp_path / f"{name}.db"),
-        ],
+        command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

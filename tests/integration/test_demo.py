@@ -35,8 +35,8 @@ def test_the_demo_onboards_one_client_and_compensates_the_other(tmp_path: Path) 
     with sqlite3.connect(tmp_path / "identity.db") as db:
         users = dict(db.execute("SELECT saga, active FROM users").fetchall())
     assert users == {"acme-corp": 1, "globex-corp": 0}
-    with sqlite3.connect(tmp_path / "cards.db") as db:
-        cards = db.execute("SELECT saga, status FROM cards").fetchall()
+    with sqlite3.connect(tmp_path / "cards.db") as db:  # the Node.js service's database
+        cards = db.execute("SELECT saga_id, state FROM cards").fetchall()
     assert cards == [("acme-corp", "active")]
     with sqlite3.connect(tmp_path / "billing.db") as db:
         subscriptions = db.execute("SELECT saga, status FROM subscriptions").fetchall()
