@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=HOST:PORT",
         help="a participant's address (repeatable; adds to the configuration's)",
     )
-    serve.add_argument("--synchronous", choices=("FULL", "EXTRA", "NORMAL"))
+    serve.add_argument("--synchronous", choices=("FULL", "NORMAL"))
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
     serve.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     serve.add_argument("--log-format", choices=("text", "json"), help="log lines (default text)")

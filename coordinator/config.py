@@ -48,7 +48,8 @@ class Settings:
     shutdown_grace: float = 10.0
     """Seconds calls in flight may take to finish on SIGTERM before they are cut off."""
     max_payload_bytes: int = 1024 * 1024
-    """Largest saga input accepted by CreateSaga."""
+    """Largest saga input accepted by CreateSaga, and largest step output accepted from a
+    participant (a larger one fails the step)."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message sent or received."""
     max_calls_per_participant: int = 64
@@ -176,8 +177,8 @@ def _checked(settings: Settings, source: str) -> Settings:
         raise ConfigError(f"{source}: otlp_timeout and metrics_interval must be positive")
     if not ADDRESS_PATTERN.match(settings.listen):
         raise ConfigError(f"{source}: listen: expected host:port, got {settings.listen!r}")
-    if settings.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
-        raise ConfigError(f"{source}: synchronous: expected FULL, EXTRA or NORMAL")
+    if settings.synchronous.upper() not in ("FULL", "NORMAL"):
+        raise ConfigError(f"{source}: synchronous: expected FULL or NORMAL")
     if settings.max_payload_bytes <= 0 or settings.max_payload_bytes > settings.max_message_bytes:
         raise ConfigError(f"{source}: max_payload_bytes: must be from 1 to max_message_bytes")
     if settings.max_calls_per_participant < 1:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from coordinator.core.calls import ParticipantCall, build_call
-from coordinator.core.definitions import NAME_PATTERN, DefinitionCatalog
+from coordinator.core.definitions import NAME_RULE, DefinitionCatalog, is_valid_name
 from coordinator.core.errors import (
     ConcurrentUpdate,
     FieldViolation,
@@ -75,6 +75,8 @@ class _Active:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None
+    in_flight: bool = False
+    """The runner has decided to send the pending call and has not applied its answer yet."""
     states: list[SagaState] | None = None
     """The saga's state after each event, when this process saw them all (for its trace)."""
 
@@ -130,7 +132,7 @@ class Engine:
         self._active: dict[str, _Active] = {}
         self._watchers: dict[str, set[_Watcher]] = {}
         self._stopping = False
-        self._started = False
+        self._last_now: datetime | None = None
 
     @property
     def catalog(self) -> DefinitionCatalog:
@@ -144,7 +146,6 @@ class Engine:
 
     async def start(self) -> int:
         """Resume every unfinished saga (recovery); return how many were resumed."""
-        self._started = True
         parked = SagaFilter(states=frozenset({SagaState.NEEDS_ATTENTION}))
         self._telemetry.set_needs_attention(await self._store.count(parked))
         unfinished = await self._store.unfinished()
@@ -166,24 +167,31 @@ class Engine:
         """Store a new saga and start it; idempotent on ``saga_id``. Returns (saga, created).
 
         ``client_headers`` are the caller's trace headers: the saga's trace links to them.
+        The work is shielded from the caller's cancellation (a client's deadline): once the
+        store may have taken the saga, the saga is also published and started.
         """
+        return await asyncio.shield(
+            self._create(saga_id, definition, version, payload, client_headers or {})
+        )
+
+    async def _create(
+        self,
+        saga_id: str | None,
+        definition: str,
+        version: int,
+        payload: bytes,
+        client_headers: Mapping[str, str],
+    ) -> tuple[Saga, bool]:
         if self._stopping:
             raise ShuttingDown("the coordinator is shutting down; retry on another instance")
-        if saga_id is not None and not NAME_PATTERN.match(saga_id):
+        if saga_id is not None and not is_valid_name(saga_id):
             raise InvalidArgument(
-                "invalid saga_id",
-                (
-                    FieldViolation(
-                        "saga_id",
-                        "must be 1 to 128 letters, digits, '.', '_' or '-', starting with a "
-                        "letter or digit",
-                    ),
-                ),
+                "invalid saga_id", (FieldViolation("saga_id", f"must be {NAME_RULE}"),)
             )
         resolved = self._catalog.resolve(definition, version)
         saga_id = saga_id or self._new_id()
-        now = self._clock.now()
-        trace_context = self._telemetry.new_trace(client_headers or {})
+        now = self._now()
+        trace_context = self._telemetry.new_trace(client_headers)
         created = SagaCreated(saga_id, resolved, payload, trace_context)
         decision = start(created, now)
         record = RecordedEvent(saga_id, decision.saga.version, now, created)
@@ -204,6 +212,10 @@ class Engine:
             self._activate(saga, [saga.state])
         elif saga_id in self._active:
             saga = self._active[saga_id].saga
+        elif not saga.state.is_settled:
+            # Stored, but not moving here: a creation that was cut off before it could start
+            # the saga. Start it now rather than at the next restart.
+            self._activate(saga)
         return saga, is_new
 
     async def get_saga(self, saga_id: str) -> Saga:
@@ -221,21 +233,33 @@ class Engine:
         return await self._store.list(where, limit, after)
 
     async def cancel_saga(self, saga_id: str, reason: str) -> Saga:
-        """Cancel a running saga: it compensates every step that had been sent."""
+        """Cancel a running saga: it compensates every step that had been sent.
+
+        Shielded from the caller's cancellation, like creation: a stored cancellation is always
+        applied here too.
+        """
+        return await asyncio.shield(self._cancel(saga_id, reason))
+
+    async def _cancel(self, saga_id: str, reason: str) -> Saga:
+        if self._stopping:
+            raise ShuttingDown("the coordinator is shutting down; retry on another instance")
         active = self._active.get(saga_id)
         if active is None:
-            # Unfinished sagas are always active after start(): this one has settled (and
-            # check_cancellable says why it cannot be cancelled) or is compensating already.
             saga = await self.get_saga(saga_id)
             check_cancellable(saga)
+            if saga.state is not SagaState.COMPENSATING:
+                # Unfinished sagas are active unless the engine is stopping.
+                raise ShuttingDown(f"saga {saga_id} is not running here; retry")
             return saga
         async with active.lock:
             check_cancellable(active.saga)
-            await self._apply_locked(active, CancelRequested(reason))
+            await self._apply_locked(active, CancelRequested(reason, active.in_flight))
             return active.saga
 
     async def watch(self, saga_id: str) -> AsyncIterator[SagaChange]:
         """The saga's current state, then every change in order, until it settles."""
+        if self._stopping:
+            raise ShuttingDown("the coordinator is shutting down; watch again")
         watcher = _Watcher()
         self._watchers.setdefault(saga_id, set()).add(watcher)
         try:
@@ -327,10 +351,13 @@ class Engine:
                     return
                 delay = 0.0
                 if dispatch.not_before is not None:
-                    delay = (dispatch.not_before - self._clock.now()).total_seconds()
+                    delay = (dispatch.not_before - self._now()).total_seconds()
                 if delay <= 0:
+                    active.in_flight = True
                     call = build_call(active.saga, dispatch)
-                    call = replace(call, headers=self._telemetry.call_headers(active.saga, call))
+                    headers = self._telemetry.call_headers(active.saga, call)
+                    if headers:
+                        call = replace(call, headers=headers)
                 else:
                     active.wake.clear()
             if call is None:
@@ -340,20 +367,21 @@ class Engine:
                 continue
             if dispatch.operation is Operation.COMPENSATE:
                 self._crash.reach(CrashPoint.INSIDE_COMPENSATION)
-            sent_at = self._clock.now()
+            sent_at = self._now()
             outcome = await self._gateway.send(call)
             self._crash.reach(CrashPoint.AFTER_ANSWER)
             answered = CallAnswered(
                 dispatch.operation, dispatch.step, dispatch.attempt, outcome, sent_at
             )
             async with active.lock:
+                active.in_flight = False
                 await self._apply_locked(active, answered)
 
     async def _apply_locked(self, active: _Active, event: Event) -> None:
         """Decide, commit, then publish; the caller holds the saga's lock."""
         delay = self._settings.storage_retry_initial
         while True:
-            now = self._clock.now()
+            now = self._now()
             decision = decide(active.saga, event, now)
             if not decision.changed:
                 return
@@ -380,10 +408,14 @@ class Engine:
                 self._fail(error)
                 raise
             except ConcurrentUpdate:
+                # Someone else moved the saga on (a write whose caller was cut off): take the
+                # stored state, tell watchers and the runner, and decide again from there.
                 stored = await self._store.get(active.saga.saga_id)
                 if stored is None:
                     raise
-                active.saga = stored
+                active.saga, active.states = stored, None
+                active.wake.set()
+                self._publish(SagaChange(stored, None))
                 continue
             if decision.commands:
                 self._crash.reach(CrashPoint.AFTER_DISPATCH_COMMIT)
@@ -439,6 +471,18 @@ class Engine:
             self._telemetry.saga_settled(saga, history, states)
         except Exception:  # telemetry must never stop a saga
             log.exception("could not export the saga's trace", extra=_about(saga))
+
+    def _now(self) -> datetime:
+        """The clock's time, never earlier than a time already given out.
+
+        Decisions compare "now" with times they stored (a retry is due, a call may be in
+        flight): a wall clock stepped back by NTP must not make them see the past again.
+        """
+        now = self._clock.now()
+        if self._last_now is not None and now < self._last_now:
+            return self._last_now
+        self._last_now = now
+        return now
 
     def _fail(self, error: BaseException) -> None:
         """The coordinator can no longer keep its promises: ask the process to stop."""

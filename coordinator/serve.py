@@ -63,6 +63,7 @@ async def start_coordinator(settings: Settings) -> Coordinator:
     gateway = GrpcParticipantGateway(
         settings.participants,
         max_message_bytes=settings.max_message_bytes,
+        max_output_bytes=settings.max_payload_bytes,
         max_calls_per_participant=settings.max_calls_per_participant,
     )
     loop = asyncio.get_running_loop()

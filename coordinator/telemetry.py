@@ -40,7 +40,7 @@ from coordinator.core.events import (
     Succeeded,
     Transient,
 )
-from coordinator.core.machine import decide, start
+from coordinator.core.machine import replay
 from coordinator.core.model import Operation, Saga, SagaState
 
 INSTRUMENTATION = "saga-coordinator"
@@ -225,9 +225,11 @@ class SagaTelemetry:
         self, client_headers: Mapping[str, str], saga: Saga, created: bool, began_ns: int
     ) -> None:
         """A CreateSaga span in the client's trace, linked to the saga's own trace."""
+        if not self.tracing or TRACEPARENT not in client_headers:
+            return
         client = parse_traceparent(client_headers.get(TRACEPARENT))
         saga_trace = SagaTrace.of(saga)
-        if not self.tracing or client is None or saga_trace is None:
+        if client is None or saga_trace is None:
             return
         parent = trace.set_span_in_context(trace.NonRecordingSpan(client))
         span = self._tracer.start_span(
@@ -399,14 +401,7 @@ def _outcome_name(event: CallAnswered) -> str:
 
 def _state_changes(log: Sequence[RecordedEvent]) -> Iterator[tuple[RecordedEvent, SagaState]]:
     """Each event with the saga's state after it, replayed with the core."""
-    saga: Saga | None = None
-    for record in log:
-        if saga is None:
-            if not isinstance(record.event, SagaCreated):
-                return
-            saga = start(record.event, record.recorded_at).saga
-        else:
-            saga = decide(saga, record.event, record.recorded_at).saga
+    for record, saga in zip(log, replay((r.event, r.recorded_at) for r in log), strict=False):
         yield record, saga.state
 
 

@@ -5,12 +5,21 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from coordinator.core.errors import DefinitionNotFound, FieldViolation, InvalidDefinition
 from coordinator.core.model import RetryPolicy, SagaDefinition, StepKind
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 MAX_STEPS = 100
+MAX_BACKOFF = timedelta(hours=24)
+MAX_TIMEOUT = timedelta(hours=1)
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether ``name`` is a valid saga id, definition name or step name (``NAME_RULE``)."""
+    return NAME_PATTERN.match(name) is not None
 
 
 def definition_violations(
@@ -68,6 +77,8 @@ def definition_violations(
             bad(f"{path}.kind", "a retriable step must come after a pivot step")
         if step.timeout.total_seconds() <= 0:
             bad(f"{path}.timeout", "must be positive")
+        elif step.timeout > MAX_TIMEOUT:
+            bad(f"{path}.timeout", f"at most {MAX_TIMEOUT}")
         problems.extend(_retry_violations(f"{path}.retry", step.retry))
         problems.extend(_retry_violations(f"{path}.compensation_retry", step.compensation_retry))
     return problems
@@ -80,6 +91,8 @@ def _retry_violations(path: str, policy: RetryPolicy) -> Iterable[FieldViolation
         yield FieldViolation(f"{path}.initial_backoff", "must not be negative")
     if policy.max_backoff < policy.initial_backoff:
         yield FieldViolation(f"{path}.max_backoff", "must not be below initial_backoff")
+    if policy.max_backoff > MAX_BACKOFF:
+        yield FieldViolation(f"{path}.max_backoff", f"at most {MAX_BACKOFF}")
     if not 1.0 <= policy.multiplier <= 10.0:
         yield FieldViolation(f"{path}.backoff_multiplier", "must be from 1 to 10")
     if not 0.0 <= policy.jitter <= 1.0:

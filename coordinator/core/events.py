@@ -81,6 +81,10 @@ class CancelRequested:
     """A client asked for the saga to be cancelled."""
 
     reason: str
+    call_in_flight: bool = True
+    """Whether the saga's pending Execute was on its way to the participant when the cancel
+    came. If so its answer comes first (and its output goes to the compensation); if not, the
+    step is compensated at once and never sent again."""
 
 
 Event = SagaCreated | CallAnswered | CancelRequested

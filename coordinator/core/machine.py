@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, assert_never
@@ -65,8 +65,8 @@ def decide(saga: Saga, event: Event, now: datetime) -> Decision:
     match event:
         case SagaCreated():
             return Decision(saga, changed=False)
-        case CancelRequested(reason=reason):
-            return _cancel(saga, reason, now)
+        case CancelRequested(reason=reason, call_in_flight=in_flight):
+            return _cancel(saga, reason, in_flight, now)
         case CallAnswered():
             pending = pending_call(saga)
             if pending is None or (pending.operation, pending.step, pending.attempt) != (
@@ -82,8 +82,8 @@ def decide(saga: Saga, event: Event, now: datetime) -> Decision:
             assert_never(event)
 
 
-def fold(events: Iterable[tuple[Event, datetime]]) -> Saga:
-    """Replay a saga's event log (each event with the time it was recorded) into the saga."""
+def replay(events: Iterable[tuple[Event, datetime]]) -> Iterator[Saga]:
+    """The saga after each event of its log (each event with the time it was recorded)."""
     saga: Saga | None = None
     for event, at in events:
         if saga is None:
@@ -92,6 +92,14 @@ def fold(events: Iterable[tuple[Event, datetime]]) -> Saga:
             saga = start(event, at).saga
         else:
             saga = decide(saga, event, at).saga
+        yield saga
+
+
+def fold(events: Iterable[tuple[Event, datetime]]) -> Saga:
+    """Replay a saga's event log into the saga it describes."""
+    saga: Saga | None = None
+    for saga in replay(events):  # noqa: B007 - the last one is the answer
+        pass
     if saga is None:
         raise ValueError("an empty log holds no saga")
     return saga
@@ -147,7 +155,7 @@ def _failure_of(outcome: Rejected | Transient | Failed) -> _Failure:
     return _Failure(outcome.code, outcome.reason, outcome.message)
 
 
-def _cancel(saga: Saga, reason: str, now: datetime) -> Decision:
+def _cancel(saga: Saga, reason: str, in_flight: bool, now: datetime) -> Decision:
     if saga.state is SagaState.COMPENSATING:
         return Decision(saga, changed=False)
     try:
@@ -161,8 +169,9 @@ def _cancel(saga: Saga, reason: str, now: datetime) -> Decision:
     saga = dataclasses.replace(
         saga, state=SagaState.COMPENSATING, cancel_reason=reason, failure=failure
     )
-    if step.next_attempt_at is not None and step.next_attempt_at > now:
-        # Waiting out a backoff: no attempt is in flight, so compensation can begin at once.
+    if not in_flight:
+        # Nothing is on its way (a backoff, or not sent yet): compensation can begin at once,
+        # and the step is never sent again.
         saga = _set_step(
             saga,
             pending.step,
@@ -172,7 +181,7 @@ def _cancel(saga: Saga, reason: str, now: datetime) -> Decision:
             ended_at=now,
         )
         return _next_compensation(saga, now)
-    # The attempt may be in flight: its answer comes first (and its output goes to the
+    # The attempt is in flight: its answer comes first (and its output goes to the
     # compensation); after a restart it is re-sent with the same request_id and then undone.
     return _changed(saga, now, ())
 

@@ -8,6 +8,9 @@ from datetime import timedelta
 
 from coordinator.core.model import RetryPolicy
 
+RETRY_AFTER_CAP = timedelta(hours=1)
+"""The longest wait a participant's RetryInfo can impose beyond the step's own max_backoff."""
+
 
 def jitter_fraction(key: str, attempt: int) -> float:
     """A number in [0, 1) drawn from the call's identity, so that replay decides the same."""
@@ -22,7 +25,8 @@ def backoff(
 
     The delay grows by ``multiplier`` per attempt up to ``max_backoff``; ``jitter`` takes a
     random share of it off so that retries from many sagas spread out. A participant's
-    ``retry_after`` (gRPC RetryInfo) is a floor: we never retry sooner than it asked.
+    ``retry_after`` (gRPC RetryInfo) is a floor: we never retry sooner than it asked, up to
+    ``max(max_backoff, RETRY_AFTER_CAP)``, so that no answer can park a saga for years.
     """
     initial = policy.initial_backoff.total_seconds()
     cap = policy.max_backoff.total_seconds()
@@ -36,5 +40,5 @@ def backoff(
     capped = min(initial * policy.multiplier**exponent, cap)
     delay = timedelta(seconds=capped * (1.0 - policy.jitter * jitter_fraction(key, attempt)))
     if retry_after is not None and retry_after > delay:
-        return retry_after
+        return min(retry_after, max(policy.max_backoff, RETRY_AFTER_CAP))
     return delay

@@ -207,7 +207,11 @@ def event_to_json(event: Event) -> JSONObject:
                 "sent_at": _optional_datetime(event.sent_at),
             }
         case CancelRequested():
-            return {"type": CANCEL_REQUESTED, "reason": event.reason}
+            return {
+                "type": CANCEL_REQUESTED,
+                "reason": event.reason,
+                "call_in_flight": event.call_in_flight,
+            }
         case _:
             assert_never(event)
 
@@ -240,7 +244,10 @@ def event_from_json(data: JSONObject) -> Event:
             sent_at=_from_optional_datetime(data.get("sent_at")),
         )
     if tag == CANCEL_REQUESTED:
-        return CancelRequested(reason=_str(data["reason"]))
+        in_flight = data.get("call_in_flight", True)
+        if not isinstance(in_flight, bool):
+            raise ValueError(f"call_in_flight is not a boolean: {in_flight!r}")
+        return CancelRequested(reason=_str(data["reason"]), call_in_flight=in_flight)
     raise ValueError(f"unknown event type {tag!r}")
 
 

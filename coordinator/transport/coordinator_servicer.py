@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import NoReturn, TypeVar
@@ -14,7 +15,7 @@ import grpc
 from saga.v1 import coordinator_service_pb2 as pb
 from saga.v1 import coordinator_service_pb2_grpc as pb_grpc
 
-from coordinator.core.definitions import NAME_PATTERN
+from coordinator.core.definitions import NAME_RULE, is_valid_name
 from coordinator.core.errors import FieldViolation, InvalidArgument, SagaError
 from coordinator.engine import Engine
 from coordinator.ports import ListCursor, SagaFilter
@@ -24,11 +25,12 @@ from coordinator.transport.convert import (
     saga_state_from_proto,
     saga_to_proto,
 )
-from coordinator.transport.errors import status_of
+from coordinator.transport.errors import rich_status, status_of
+
+log = logging.getLogger("coordinator.transport")
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
-_ID_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 T = TypeVar("T")
 
@@ -41,10 +43,10 @@ async def _abort(context: grpc.aio.ServicerContext[object, object], error: SagaE
 def saga_id_of(name: str, field: str = "name") -> str:
     """The id in a resource name ``sagas/{id}``; InvalidArgument otherwise."""
     saga_id = name.removeprefix("sagas/")
-    if not name.startswith("sagas/") or not NAME_PATTERN.match(saga_id):
+    if not name.startswith("sagas/") or not is_valid_name(saga_id):
         raise InvalidArgument(
             f"invalid saga name {name[:200]!r}: expected sagas/{{id}}",
-            (FieldViolation(field, f"expected sagas/{{id}} where id is {_ID_RULE}"),),
+            (FieldViolation(field, f"expected sagas/{{id}} where id is {NAME_RULE}"),),
         )
     return saga_id
 
@@ -66,7 +68,10 @@ def decode_page_token(token: str, where: SagaFilter) -> ListCursor:
     """The cursor inside a page token; InvalidArgument if it is not one of ours or filters moved."""
     try:
         body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        cursor = ListCursor(datetime.fromisoformat(body["t"]), str(body["i"]))
+        created_at = datetime.fromisoformat(body["t"])
+        if created_at.tzinfo is None:
+            raise ValueError("a page token's time is in UTC")
+        cursor = ListCursor(created_at, str(body["i"]))
         key = body["f"]
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
         raise InvalidArgument(
@@ -98,6 +103,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             return await work()
         except SagaError as error:
             await _abort(context, error)
+        except Exception:
+            # A bug, not the client's fault: say so plainly instead of gRPC's bare UNKNOWN.
+            log.exception("unexpected error in a CoordinatorService call")
+            await context.abort_with_status(
+                rich_status(grpc.StatusCode.INTERNAL, "internal error; see the logs", "INTERNAL")
+            )
+            raise
 
     async def CreateSaga(
         self,
@@ -108,8 +120,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
         async def work() -> pb.CreateSagaResponse:
             violations = []
-            if request.saga_id and not NAME_PATTERN.match(request.saga_id):
-                violations.append(FieldViolation("saga_id", f"must be {_ID_RULE}"))
+            if request.saga_id and not is_valid_name(request.saga_id):
+                violations.append(FieldViolation("saga_id", f"must be {NAME_RULE}"))
             if not request.definition:
                 violations.append(FieldViolation("definition", "is required"))
             if len(request.input) > self._max_payload_bytes:

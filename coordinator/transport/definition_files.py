@@ -41,12 +41,37 @@ def _normalise_duration(value: Any, path: str) -> Any:
     return value
 
 
+_ZERO_MEANS_DEFAULT = (
+    "timeout",
+    "initial_backoff",
+    "initialBackoff",
+    "max_backoff",
+    "maxBackoff",
+    "max_attempts",
+    "maxAttempts",
+    "backoff_multiplier",
+    "backoffMultiplier",
+)
+
+
+def _refuse_explicit_zero(key: str, value: Any, path: str) -> None:
+    """In the proto a zero means "the default"; written out in a file it is a mistake."""
+    zero = value == 0 if isinstance(value, int | float) and not isinstance(value, bool) else False
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        zero = match is not None and float(match.group(1)) == 0
+    if zero and key in _ZERO_MEANS_DEFAULT:
+        description = "must be positive; leave it out for the default"
+        raise InvalidDefinition(f"{path}: {description}", (FieldViolation(path, description),))
+
+
 def _normalise(raw: Any, path: str = "") -> Any:
     """Friendly spellings of the YAML form, turned into the proto JSON form."""
     if isinstance(raw, dict):
         result = {}
         for key, value in raw.items():
             child = f"{path}.{key}" if path else str(key)
+            _refuse_explicit_zero(key, value, child)
             if key in _DURATION_FIELDS:
                 result[key] = _normalise_duration(value, child)
             elif key == "kind" and isinstance(value, str) and not value.startswith("STEP_KIND_"):

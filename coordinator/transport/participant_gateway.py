@@ -43,15 +43,15 @@ def outcome_of(
         status = status_pb2.Status()
         try:
             status.ParseFromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                retry = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    reason = info.reason
+                elif detail.Unpack(retry):
+                    retry_after = retry.retry_delay.ToTimedelta()
         except Exception:  # a participant's garbage details must not break the coordinator
             continue
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            retry = error_details_pb2.RetryInfo()
-            if detail.Unpack(info):
-                reason = info.reason
-            elif detail.Unpack(retry):
-                retry_after = retry.retry_delay.ToTimedelta()
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return Rejected(reason=reason or "REJECTED", message=message)
     if code in TRANSIENT_CODES:
@@ -68,6 +68,7 @@ class GrpcParticipantGateway:
         endpoints: Mapping[str, ParticipantEndpoint],
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
+        max_output_bytes: int = 1024 * 1024,
         max_calls_per_participant: int = 64,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
@@ -75,6 +76,7 @@ class GrpcParticipantGateway:
         self._max_calls = max_calls_per_participant
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._max_message_bytes = max_message_bytes
+        self._max_output_bytes = max_output_bytes
         self._interceptors = list(interceptors)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb_grpc.ParticipantServiceAsyncStub] = {}
@@ -125,14 +127,33 @@ class GrpcParticipantGateway:
     async def _send(
         self, stub: pb_grpc.ParticipantServiceAsyncStub, call: ParticipantCall, timeout: float
     ) -> Outcome:
+        request = (
+            execute_request(call)
+            if call.operation is Operation.EXECUTE
+            else compensate_request(call)
+        )
+        if request.ByteSize() > self._max_message_bytes:
+            # Sending it again would fail the same way: the step fails rather than retrying.
+            return Failed(
+                code="RESOURCE_EXHAUSTED",
+                reason="REQUEST_TOO_LARGE",
+                message=f"the {call.operation.value} request is {request.ByteSize()} bytes, "
+                f"above max_message_bytes {self._max_message_bytes}: the saga's input and "
+                "earlier outputs are too large",
+            )
         try:
             metadata = tuple(call.headers.items())
-            if call.operation is Operation.EXECUTE:
-                response = await stub.Execute(
-                    execute_request(call), timeout=timeout, metadata=metadata
-                )
+            if isinstance(request, pb.ExecuteRequest):
+                response = await stub.Execute(request, timeout=timeout, metadata=metadata)
+                if len(response.output) > self._max_output_bytes:
+                    return Failed(
+                        code="RESOURCE_EXHAUSTED",
+                        reason="OUTPUT_TOO_LARGE",
+                        message=f"the output is {len(response.output)} bytes, above "
+                        f"max_payload_bytes {self._max_output_bytes}",
+                    )
                 return Succeeded(output=response.output)
-            await stub.Compensate(compensate_request(call), timeout=timeout, metadata=metadata)
+            await stub.Compensate(request, timeout=timeout, metadata=metadata)
             return Succeeded()
         except grpc.aio.AioRpcError as error:
             trailing = error.trailing_metadata()

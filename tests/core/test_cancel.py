@@ -26,6 +26,9 @@ from .builders import (
 )
 
 CANCEL = CancelRequested("customer changed their mind")
+"""A cancel that comes while the pending Execute is on its way."""
+IDLE_CANCEL = CancelRequested("customer changed their mind", call_in_flight=False)
+"""A cancel that comes while nothing is on its way (a backoff, or not sent yet)."""
 
 
 def test_cancel_during_a_backoff_compensates_at_once_starting_with_the_waiting_step() -> None:
@@ -34,7 +37,7 @@ def test_cancel_during_a_backoff_compensates_at_once_starting_with_the_waiting_s
     retry = run.answer(UNAVAILABLE).commands[0]
     assert retry.not_before is not None
 
-    decision = run.send(CANCEL, after=timedelta(milliseconds=1))
+    decision = run.send(IDLE_CANCEL, after=timedelta(milliseconds=1))
     assert run.now < retry.not_before
     decided_before_cancel = len(run.dispatches) - len(decision.commands)
 
@@ -56,7 +59,7 @@ def test_cancel_during_a_backoff_compensates_at_once_starting_with_the_waiting_s
 def test_cancel_during_a_backoff_records_why_the_waiting_step_stopped() -> None:
     run = SagaRun(FOUR_STEPS)
     run.answer_all(OK, UNAVAILABLE)
-    cancelled = run.send(CANCEL, after=timedelta(0)).saga
+    cancelled = run.send(IDLE_CANCEL, after=timedelta(0)).saga
 
     # Failed by the cancel and compensated in the same decision: no retry is left waiting.
     step = cancelled.steps[1]
@@ -81,13 +84,28 @@ def test_cancel_while_a_call_may_be_in_flight_waits_for_its_answer() -> None:
     assert pending_call(run.saga) == in_flight
 
 
-def test_cancel_once_a_retry_is_due_treats_that_attempt_as_in_flight() -> None:
+def test_cancel_once_a_retry_is_due_but_not_sent_never_sends_it() -> None:
     run = SagaRun(FOUR_STEPS)
     run.answer(OK)
     retry = run.answer(UNAVAILABLE).commands[0]
     assert retry.not_before is not None
 
-    decision = run.send(CANCEL, after=retry.not_before - run.now + timedelta(milliseconds=1))
+    decision = run.send(IDLE_CANCEL, after=retry.not_before - run.now + timedelta(seconds=5))
+
+    # Whatever the clock says, the engine knows the retry was not sent: it is never sent now.
+    assert decision.commands == (
+        Dispatch(COMPENSATE, 1, 1, request_id(SAGA_ID, "account", COMPENSATE)),
+    )
+    assert run.saga.steps[1].state is StepState.COMPENSATING
+
+
+def test_cancel_with_the_retry_in_flight_waits_for_it_even_before_it_was_due() -> None:
+    run = SagaRun(FOUR_STEPS)
+    run.answer(OK)
+    retry = run.answer(UNAVAILABLE).commands[0]
+
+    # A wall clock stepped back makes "now" earlier than the retry's due time; in flight wins.
+    decision = run.send(CANCEL, after=timedelta(0))
 
     assert decision.commands == ()
     assert run.saga.state is SagaState.COMPENSATING

@@ -141,6 +141,7 @@ def drive(
     waits: list[timedelta],
     cancel_at: int | None,
     cancel_wait: timedelta,
+    cancel_in_flight: bool = True,
 ) -> Trace:
     """Answer the pending call with the next outcome (then Succeeded) until the saga settles."""
     run = SagaRun(definition)
@@ -153,7 +154,9 @@ def drive(
         if answers == cancel_at:
             before = run.saga
             dispatched_before_cancel = len(run.dispatches)
-            decision = run.send(CancelRequested("generated"), after=cancel_wait)
+            decision = run.send(
+                CancelRequested("generated", call_in_flight=cancel_in_flight), after=cancel_wait
+            )
             _check_decision(before, decision)
             cancel = (
                 "refused"
@@ -311,16 +314,18 @@ def cancelled_scripts(draw: st.DrawFn) -> tuple[list[Outcome], int]:
     scenario=cancelled_scripts(),
     waits=st.lists(delays, max_size=10),
     cancel_wait=st.one_of(st.just(timedelta(0)), delays),
+    cancel_in_flight=st.booleans(),
 )
 def test_every_cancelled_saga_run_compensates_what_was_sent_and_never_goes_forward(
     definition: SagaDefinition,
     scenario: tuple[list[Outcome], int],
     waits: list[timedelta],
     cancel_wait: timedelta,
+    cancel_in_flight: bool,
 ) -> None:
     script, cancel_at = scenario
 
-    trace = drive(definition, script, waits, cancel_at, cancel_wait)
+    trace = drive(definition, script, waits, cancel_at, cancel_wait, cancel_in_flight)
 
     event(f"cancel {trace.cancel}")
     _check_run(trace)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.core.model import RetryPolicy
-from coordinator.core.retry import backoff
+from coordinator.core.retry import RETRY_AFTER_CAP, backoff
 
 KEY = "sagas/s-1/steps/card:execute"
 STEADY = RetryPolicy(
@@ -117,3 +117,12 @@ def test_backoff_does_not_overflow_for_a_step_retried_ten_thousand_times(multipl
 
     expected = _unjittered(policy, 10_000)
     assert expected * 0.8 - 1e-6 <= delay.total_seconds() <= expected + 1e-6
+
+
+def test_a_participants_retry_after_is_capped_so_no_answer_parks_a_saga_for_years() -> None:
+    policy = RetryPolicy(max_backoff=timedelta(seconds=10))
+
+    delay = backoff(policy, 1, "key", retry_after=timedelta(days=365 * 9000))
+
+    assert delay == RETRY_AFTER_CAP
+    assert backoff(policy, 1, "key", retry_after=timedelta(minutes=5)) == timedelta(minutes=5)

@@ -126,7 +126,7 @@ events: st.SearchStrategy[Event] = st.one_of(
         outcome=outcomes,
         sent_at=optional_datetimes,
     ),
-    st.builds(CancelRequested, reason=texts),
+    st.builds(CancelRequested, reason=texts, call_in_flight=st.booleans()),
 )
 recorded_events = st.builds(
     RecordedEvent, saga_id=texts, sequence=st.integers(), recorded_at=utc_datetimes, event=events
@@ -307,7 +307,7 @@ answers: st.SearchStrategy[Answer] = st.one_of(
         message=texts,
         retry_after=st.none() | st.timedeltas(timedelta(0), timedelta(seconds=5)),
     ),
-    st.builds(CancelRequested, reason=texts),
+    st.builds(CancelRequested, reason=texts, call_in_flight=st.booleans()),
 )
 
 

@@ -127,6 +127,16 @@ def test_invalid_definitions_are_refused_naming_the_file_and_the_field(
         ("name: x\nversion: 1\nstepz: []\n", "stepz"),
         ("name: x\nversion: 1\nsteps:\n  - {name: a, timeout: soon}\n", "steps[0].timeout"),
         ("name: x\nversion: [1\n", "not valid YAML"),
+        (
+            "name: x\nversion: 1\nsteps:\n  - {name: a, participant: identity, action: A,"
+            " compensation: U, timeout: 0s}\n",
+            "steps[0].timeout: must be positive",
+        ),
+        (
+            "name: x\nversion: 1\nretry: {max_attempts: 0}\nsteps:\n"
+            "  - {name: a, participant: identity, action: A, compensation: U}\n",
+            "retry.max_attempts: must be positive",
+        ),
         ("- just\n- a list\n", "mapping"),
     ],
 )

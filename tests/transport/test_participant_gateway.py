@@ -89,3 +89,14 @@ def test_garbage_status_details_are_ignored() -> None:
     )
 
     assert outcome == Rejected(reason="REJECTED", message="no")
+
+
+def test_a_retry_info_beyond_any_date_is_ignored_not_fatal() -> None:
+    huge = duration_pb2.Duration(seconds=10**17)  # valid protobuf, beyond timedelta's range
+
+    outcome = outcome_of(
+        grpc.StatusCode.UNAVAILABLE, "busy", details(error_details_pb2.RetryInfo(retry_delay=huge))
+    )
+
+    assert isinstance(outcome, Transient)
+    assert outcome.retry_after is None
