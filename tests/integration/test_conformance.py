@@ -26,11 +26,11 @@ SERVICES = {
 }
 
 
-def wait_serving(address: str, process: subprocess.Popen[bytes]) -> None:
+def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for _ in range(300):
-            assert process.poll() is None, "the service exited"
+            assert process.poll() is None, f"the service exited:\n{log.read_text()[-3000:]}"
             try:
                 stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
                 return
@@ -49,13 +49,11 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[st
         if name == "cards"
         else [sys.executable, str(ROOT / "scripts" / "demo" / "services.py"), name, *arguments]
     )
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_serving(f"127.0.0.1:{port}", process)
+        wait_serving(f"127.0.0.1:{port}", process, log)
         yield name, f"127.0.0.1:{port}"
     finally:
         process.terminate()
