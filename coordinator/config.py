@@ -114,6 +114,8 @@ def load_settings(path: Path | None, overrides: Mapping[str, Any] | None = None)
             raise ConfigError(f"{source}: cannot read the configuration: {error}") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{source}: not valid YAML: {error}") from None
+        except RecursionError:
+            raise ConfigError(f"{source}: nested too deeply") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level")
         unknown = set(raw) - _TOP_LEVEL

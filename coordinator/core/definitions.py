@@ -134,8 +134,8 @@ class DefinitionCatalog:
         """The definition of this name and version (0: the newest)."""
         versions = self.by_name.get(name)
         if not versions:
-            known = ", ".join(sorted(self.by_name)) or "none"
-            raise DefinitionNotFound(f"no saga definition named {name!r} (known: {known})")
+            known = ", ".join(sorted(self.by_name)[:50]) or "none"
+            raise DefinitionNotFound(f"no saga definition named {name[:200]!r} (known: {known})")
         if version == 0:
             return versions[max(versions)]
         if version not in versions:

@@ -30,6 +30,7 @@ from coordinator.transport.errors import rich_status, status_of
 log = logging.getLogger("coordinator.transport")
 
 MAX_PAGE_SIZE = 1000
+MAX_REASON = 1024
 DEFAULT_PAGE_SIZE = 100
 
 T = TypeVar("T")
@@ -124,6 +125,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 violations.append(FieldViolation("saga_id", f"must be {NAME_RULE}"))
             if not request.definition:
                 violations.append(FieldViolation("definition", "is required"))
+            elif not is_valid_name(request.definition):
+                violations.append(FieldViolation("definition", f"must be {NAME_RULE}"))
             if len(request.input) > self._max_payload_bytes:
                 violations.append(
                     FieldViolation("input", f"at most {self._max_payload_bytes} bytes")
@@ -212,7 +215,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         """Cancel a running saga; answer once the cancellation is stored."""
 
         async def work() -> pb.CancelSagaResponse:
-            if len(request.reason) > 1024:
+            if len(request.reason) > MAX_REASON:
                 raise InvalidArgument(
                     "reason is too long", (FieldViolation("reason", "at most 1024 characters"),)
                 )

@@ -65,8 +65,21 @@ def _refuse_explicit_zero(key: str, value: Any, path: str) -> None:
         raise InvalidDefinition(f"{path}: {description}", (FieldViolation(path, description),))
 
 
-def _normalise(raw: Any, path: str = "") -> Any:
+MAX_NODES = 100_000
+"""More values than a saga definition could hold: a file of nested YAML aliases (anchors used
+many times over) expands to that, and is refused before it eats the memory."""
+
+
+def _normalise(raw: Any, path: str = "", budget: list[int] | None = None) -> Any:
     """Friendly spellings of the YAML form, turned into the proto JSON form."""
+    budget = [MAX_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        where = path.split("[")[0].split(".")[0] or "the file"
+        raise InvalidDefinition(
+            f"{where}: more than {MAX_NODES} values, not a saga definition (nested YAML aliases?)",
+            (FieldViolation(where, f"more than {MAX_NODES} values"),),
+        )
     if isinstance(raw, dict):
         result = {}
         for key, value in raw.items():
@@ -77,10 +90,10 @@ def _normalise(raw: Any, path: str = "") -> Any:
             elif key == "kind" and isinstance(value, str) and not value.startswith("STEP_KIND_"):
                 result[key] = "STEP_KIND_" + value.upper()
             else:
-                result[key] = _normalise(value, child)
+                result[key] = _normalise(value, child, budget)
         return result
     if isinstance(raw, list):
-        return [_normalise(item, f"{path}[{i}]") for i, item in enumerate(raw)]
+        return [_normalise(item, f"{path}[{i}]", budget) for i, item in enumerate(raw)]
     return raw
 
 
@@ -112,9 +125,11 @@ def load_definition_file(path: Path, participants: Collection[str]) -> SagaDefin
         raise InvalidDefinition(f"{path}: cannot read: {error}") from None
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return parse_definition(raw, str(path), participants)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise InvalidDefinition(f"{path}: not valid {path.suffix[1:].upper()}: {error}") from None
-    return parse_definition(raw, str(path), participants)
+    except RecursionError:
+        raise InvalidDefinition(f"{path}: nested too deeply to be a saga definition") from None
 
 
 def load_definitions(directory: Path, participants: Collection[str]) -> DefinitionCatalog:

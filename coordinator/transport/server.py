@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from saga.v1 import coordinator_service_pb2, participant_service_pb2
-from saga.v1 import coordinator_service_pb2_grpc as pb_grpc
 
 from coordinator.config import Settings
 from coordinator.engine import Engine
 from coordinator.telemetry import SagaTelemetry
 from coordinator.transport.coordinator_servicer import CoordinatorServicer
+from coordinator.transport.errors import rich_status
 
 COORDINATOR_SERVICE = coordinator_service_pb2.DESCRIPTOR.services_by_name[
     "CoordinatorService"
@@ -35,6 +37,82 @@ class CoordinatorServer:
         await self.server.stop(grace)
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are not the message they should be."""
+
+    error: str
+
+
+def _tolerant(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return Undecodable(str(error))
+
+    return deserialize
+
+
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], request: Undecodable) -> None:
+    await context.abort_with_status(
+        rich_status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid protobuf message: {request.error}"[:500],
+            "UNDECODABLE_REQUEST",
+        )
+    )
+
+
+def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:
+    """Register the service, answering undecodable bytes with INVALID_ARGUMENT.
+
+    The generated registration lets a DecodeError escape as UNKNOWN, which tells clients to
+    retry the same garbage; here it is a clear refusal instead.
+    """
+    descriptor = coordinator_service_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in descriptor.methods:
+        request_class = getattr(coordinator_service_pb2, method.input_type.name)
+        response_class = getattr(coordinator_service_pb2, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _guard_stream(behaviour),
+                request_deserializer=_tolerant(request_class.FromString),
+                response_serializer=response_class.SerializeToString,
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _guard_unary(behaviour),
+                request_deserializer=_tolerant(request_class.FromString),
+                response_serializer=response_class.SerializeToString,
+            )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
+
+
+def _guard_unary(behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., Any]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Undecodable):
+            await _refuse(context, request)
+        return await behaviour(request, context)
+
+    return handle
+
+
+def _guard_stream(behaviour: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[..., Any]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Undecodable):
+            await _refuse(context, request)
+        async for response in behaviour(request, context):
+            yield response
+
+    return handle
+
+
 async def start_server(
     engine: Engine,
     settings: Settings,
@@ -51,7 +129,7 @@ async def start_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_CoordinatorServiceServicer_to_server(
+    add_coordinator_service(
         CoordinatorServicer(
             engine, max_payload_bytes=settings.max_payload_bytes, telemetry=telemetry
         ),
