@@ -3,10 +3,18 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 BUF := scripts/node_modules/.bin/buf
+# The released saga.v1 contract: changes must stay additive (buf's FILE breaking rules).
+CONTRACT_BASELINE := scripts/contract/saga-v1-baseline.json
 
-.PHONY: install demo test lint check-stubs stubs bench clean
+.PHONY: install system demo test lint check-stubs stubs contract-baseline bench torture load clean
 
-install: $(VENV)/.installed scripts/node_modules/.installed clients/node/node_modules/.installed
+install: system $(VENV)/.installed scripts/node_modules/.installed clients/node/node_modules/.installed
+
+## strace injects I/O errors in the storage-fault tests; Debian's package, installed as root.
+system:
+	@command -v strace >/dev/null || { [ "$$(id -u)" = 0 ] \
+	  && (apt-get update -qq && apt-get install -y -qq strace >/dev/null) \
+	  || echo "strace is missing (apt-get install strace): the I/O-error test will be skipped"; }
 
 $(VENV)/.installed: pyproject.toml stubs/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +47,7 @@ lint: install check-stubs
 	$(BIN)/lint-imports
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
+	$(BUF) breaking --against $(CONTRACT_BASELINE)
 
 ## Fails when the committed stubs differ from a fresh regeneration.
 check-stubs: install
@@ -49,9 +58,22 @@ check-stubs: install
 stubs: install
 	PYTHON=$(BIN)/python scripts/generate_stubs.sh
 
+## Record the contract as released, after a release; `make lint` checks changes against it.
+contract-baseline: install
+	$(BUF) build -o $(CONTRACT_BASELINE)
+
 ## Prints sagas/s and latency percentiles of a loop of four-step sagas on loopback.
 bench: install
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+## The long torture run: 2,000 SIGKILLs of the coordinator at crash points and random instants,
+## participants killed, the network broken; then the offline checker's figures (all must be 0).
+torture: install
+	$(BIN)/python scripts/torture.py --kills 2000 --json-out torture-report.json
+
+## 10,000 sagas in flight against slow participants: peak memory, file descriptors, calls in flight.
+load: install
+	$(BIN)/python scripts/load.py --sagas 10000 --json-out load-report.json
 
 clean:
 	rm -rf $(VENV) scripts/node_modules clients/node/node_modules

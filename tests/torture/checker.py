@@ -1,0 +1,548 @@
+"""The offline checker: reads what the run left on disk and counts every broken promise.
+
+Its inputs are the client's acknowledgement log, the coordinator's SQLite file (opened read-only)
+and each participant's barrier database (effects) and delivery ledger. Every figure in
+``MUST_BE_ZERO`` counts violations of a guarantee; the rest describes the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sqlite3
+import urllib.parse
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from coordinator.core.events import Event, SagaCreated
+from coordinator.core.machine import decide, start
+from coordinator.core.model import Saga, SagaState, StepKind, StepState
+from coordinator.store.codec import decode_datetime, decode_event, decode_saga
+from coordinator.store.errors import StoreCorrupt
+from tests.torture.scenario import STEP_NAMES, plan_of_input
+
+MUST_BE_ZERO = (
+    "acknowledged_sagas_lost",
+    "duplicate_sagas_per_key",
+    "conflicting_creates_accepted",
+    "duplicate_effects",
+    "succeeded_with_missing_or_compensated_effect",
+    "compensated_with_nonzero_net_effect",
+    "compensation_order_violations",
+    "effects_after_compensation",
+    "illegal_state_transitions",
+    "replay_mismatches",
+    "integrity_check_failures",
+    "unexpected_needs_attention",
+    "needs_attention_inconsistent",
+    "succeeded_despite_rejection",
+    "unsettled_sagas",
+    "effects_of_unknown_sagas",
+    "answers_nobody_gave",
+    "client_errors",
+)
+
+_SAGA_MOVES = {
+    SagaState.RUNNING: {SagaState.RUNNING, SagaState.COMPENSATING, SagaState.SUCCEEDED},
+    SagaState.COMPENSATING: {
+        SagaState.COMPENSATING,
+        SagaState.COMPENSATED,
+        SagaState.NEEDS_ATTENTION,
+    },
+}
+_STEP_MOVES = {
+    StepState.PENDING: {StepState.RUNNING},
+    StepState.RUNNING: {
+        StepState.SUCCEEDED,
+        StepState.REJECTED,
+        StepState.FAILED,
+        StepState.COMPENSATING,  # a cancellation during a backoff
+    },
+    StepState.SUCCEEDED: {StepState.COMPENSATING},
+    StepState.REJECTED: {StepState.COMPENSATING},
+    StepState.FAILED: {StepState.COMPENSATING},
+    StepState.COMPENSATING: {StepState.COMPENSATED},
+}
+_EXECUTED = (StepState.SUCCEEDED, StepState.REJECTED, StepState.FAILED)
+_COMPENSATION_DONE = ("OK", "UNAVAILABLE:after")
+"""Ledger answers after which the barrier holds the compensation (applied or null)."""
+
+
+@dataclass
+class CheckReport:
+    """The figures of one run: ``figures`` must all be zero; ``info`` describes the run."""
+
+    figures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MUST_BE_ZERO, 0))
+    info: dict[str, Any] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def violation(self, figure: str, example: str, count: int = 1) -> None:
+        """Count ``count`` violations of ``figure``; keep a few examples to debug with."""
+        self.figures[figure] += count
+        if len(self.examples[figure]) < 8:
+            self.examples[figure].append(example)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every guarantee held."""
+        return not any(self.figures.values())
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One row of a participant's ``effects`` table."""
+
+    participant: str
+    saga_id: str
+    step: str
+    operation: str
+    at_ns: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One row of a participant's delivery ledger."""
+
+    participant: str
+    operation: str
+    saga_id: str
+    step: str
+    request_id: str
+    begin_ns: int
+    end_ns: int | None
+    answer: str | None
+
+
+def read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write to ``path``."""
+    return sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True)
+
+
+def input_digest(data: bytes) -> str:
+    """How the client log identifies the request it had acknowledged."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_run(
+    database: Path, client_log: Path, participant_dirs: Mapping[str, Path]
+) -> CheckReport:
+    """Check one run's files; see the module docstring."""
+    report = CheckReport()
+    for directory in participant_dirs.values():
+        for name in ("barrier.db", "ledger.db"):
+            _integrity(report, directory / name)
+    sagas = _check_coordinator(report, database, client_log)
+    effects = [e for name, d in participant_dirs.items() for e in _read_effects(name, d)]
+    deliveries = [x for name, d in participant_dirs.items() for x in _read_deliveries(name, d)]
+    _check_effects(report, sagas, effects, deliveries)
+    _check_answers(report, sagas, deliveries)
+    _describe(report, sagas, effects, deliveries, participant_dirs)
+    return report
+
+
+def check_coordinator(database: Path, client_log: Path) -> CheckReport:
+    """Check the coordinator's file alone: its integrity, that every acknowledged saga is
+    stored once, and that every saga's log folds legally into its row."""
+    report = CheckReport()
+    sagas = _check_coordinator(report, database, client_log)
+    report.info["sagas_by_state"] = dict(Counter(s.state.value for s in sagas.values()))
+    return report
+
+
+def _check_coordinator(report: CheckReport, database: Path, client_log: Path) -> dict[str, Saga]:
+    _integrity(report, database)
+    sagas, logs = _read_coordinator(report, database)
+    _check_client_log(report, client_log, sagas, logs)
+    for saga_id, saga in sagas.items():
+        _check_replay(report, saga, logs.get(saga_id, []))
+    return sagas
+
+
+# --- the coordinator's file ----------------------------------------------------------------------
+
+
+def _integrity(report: CheckReport, path: Path) -> None:
+    if not path.exists():
+        return
+    try:
+        with contextlib.closing(read_only(path)) as db:
+            rows = [row[0] for row in db.execute("PRAGMA integrity_check").fetchall()]
+    except sqlite3.Error as error:
+        rows = [f"cannot check: {error}"]
+    if rows != ["ok"]:
+        report.violation("integrity_check_failures", f"{path}: {'; '.join(map(str, rows[:3]))}")
+
+
+RecordedRow = tuple[int, datetime, Event]
+
+
+def _read_coordinator(
+    report: CheckReport, database: Path
+) -> tuple[dict[str, Saga], dict[str, list[RecordedRow]]]:
+    sagas: dict[str, Saga] = {}
+    logs: dict[str, list[RecordedRow]] = defaultdict(list)
+    try:
+        _read_rows(report, database, sagas, logs)
+    except sqlite3.DatabaseError as error:
+        report.violation("integrity_check_failures", f"{database}: unreadable: {error}")
+    for saga_id in set(logs) - set(sagas):
+        report.violation("replay_mismatches", f"{saga_id}: events without a saga row")
+    return sagas, logs
+
+
+def _read_rows(
+    report: CheckReport,
+    database: Path,
+    sagas: dict[str, Saga],
+    logs: dict[str, list[RecordedRow]],
+) -> None:
+    with contextlib.closing(read_only(database)) as db:
+        for saga_id, state, version, body in db.execute(
+            "SELECT saga_id, state, version, body FROM sagas"
+        ):
+            try:
+                saga = decode_saga(body)
+            except StoreCorrupt as error:
+                report.violation("replay_mismatches", f"{saga_id}: row undecodable: {error}")
+                continue
+            if saga.saga_id != saga_id or saga.state.value != state or saga.version != version:
+                report.violation(
+                    "replay_mismatches",
+                    f"{saga_id}: columns ({state}, v{version}) disagree with the body "
+                    f"({saga.state}, v{saga.version})",
+                )
+            sagas[saga_id] = saga
+        for saga_id, sequence, recorded_at, body in db.execute(
+            "SELECT saga_id, sequence, recorded_at, body FROM saga_events "
+            "ORDER BY saga_id, sequence"
+        ):
+            try:
+                logs[saga_id].append((sequence, decode_datetime(recorded_at), decode_event(body)))
+            except (StoreCorrupt, ValueError) as error:
+                report.violation("replay_mismatches", f"{saga_id}#{sequence}: {error}")
+
+
+def _check_replay(report: CheckReport, stored: Saga, log: Sequence[RecordedRow]) -> None:
+    """Fold the log event by event: every move legal, and the result the stored row."""
+    name = stored.saga_id
+    sequences = [sequence for sequence, _, _ in log]
+    if sequences != list(range(1, len(log) + 1)):
+        report.violation("illegal_state_transitions", f"{name}: log sequences {sequences[:10]}")
+        return
+    created = [event for _, _, event in log if isinstance(event, SagaCreated)]
+    if len(created) != 1:
+        report.violation("duplicate_sagas_per_key", f"{name}: {len(created)} creation events")
+    first = log[0][2] if log else None
+    if not isinstance(first, SagaCreated):
+        report.violation("illegal_state_transitions", f"{name}: the log does not start created")
+        return
+    saga = start(first, log[0][1]).saga
+    for sequence, at, event in log[1:]:
+        if saga.state.is_settled:
+            report.violation(
+                "illegal_state_transitions", f"{name}#{sequence}: event after {saga.state}"
+            )
+            return
+        decision = decide(saga, event, at)
+        if not decision.changed or decision.saga.version != sequence:
+            report.violation(
+                "replay_mismatches",
+                f"{name}#{sequence}: the stored event does not apply ({type(event).__name__})",
+            )
+            return
+        for figure, problem in _move_problems(saga, decision.saga):
+            report.violation(figure, f"{name}#{sequence}: {problem}")
+        saga = decision.saga
+    if saga != stored:
+        report.violation(
+            "replay_mismatches",
+            f"{name}: the folded log ({saga.state}, v{saga.version}) differs from the row "
+            f"({stored.state}, v{stored.version})",
+        )
+
+
+def _move_problems(old: Saga, new: Saga) -> Iterable[tuple[str, str]]:
+    if new.state is not old.state:
+        allowed = set(_SAGA_MOVES.get(old.state, set()))
+        failure = new.failure
+        if old.state is SagaState.RUNNING and failure is not None:
+            index = STEP_INDEX.get(failure.step)
+            if index is not None and new.step_definition(index).kind is StepKind.RETRIABLE:
+                allowed.add(SagaState.NEEDS_ATTENTION)
+        if new.state not in allowed:
+            yield "illegal_state_transitions", f"saga {old.state} -> {new.state}"
+    for index, (before, after) in enumerate(zip(old.steps, new.steps, strict=True)):
+        if after.state is not before.state and after.state not in _STEP_MOVES.get(
+            before.state, set()
+        ):
+            yield "illegal_state_transitions", f"step {before.name} {before.state} -> {after.state}"
+        if before.state is not StepState.COMPENSATING and after.state is StepState.COMPENSATING:
+            later = [
+                s.name
+                for s, d in zip(
+                    new.steps[index + 1 :], new.definition.steps[index + 1 :], strict=True
+                )
+                if s.state in _EXECUTED and s.execute_attempts > 0 and d.compensation
+            ]
+            if later:
+                yield (
+                    "compensation_order_violations",
+                    f"compensating {before.name} before the newer {', '.join(later)}",
+                )
+    busy = [s.name for s in new.steps if s.state in (StepState.RUNNING, StepState.COMPENSATING)]
+    if len(busy) > 1:
+        yield "illegal_state_transitions", f"several calls at once: {busy}"
+    if new.state is SagaState.RUNNING and busy:
+        at = STEP_INDEX.get(busy[0], 0)
+        if any(s.state is not StepState.SUCCEEDED for s in new.steps[:at]):
+            yield "illegal_state_transitions", f"{busy[0]} runs before the earlier steps succeeded"
+    if new.state is SagaState.SUCCEEDED and any(
+        s.state is not StepState.SUCCEEDED for s in new.steps
+    ):
+        yield "illegal_state_transitions", "SUCCEEDED with a step that did not succeed"
+    if new.state is SagaState.COMPENSATED and any(
+        s.state not in (StepState.PENDING, StepState.COMPENSATED) for s in new.steps
+    ):
+        yield "illegal_state_transitions", "COMPENSATED with a step neither pending nor undone"
+
+
+STEP_INDEX = {name: index for index, name in enumerate(STEP_NAMES)}
+
+
+# --- the client's log ----------------------------------------------------------------------------
+
+
+def _check_client_log(
+    report: CheckReport,
+    client_log: Path,
+    sagas: Mapping[str, Saga],
+    logs: Mapping[str, Sequence[RecordedRow]],
+) -> None:
+    acknowledged: dict[str, set[str]] = defaultdict(set)
+    created = Counter[str]()
+    torn = 0
+    for line in client_log.read_text().splitlines() if client_log.exists() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        kind, saga_id = entry.get("kind"), str(entry.get("saga_id"))
+        if kind == "ack":
+            acknowledged[saga_id].add(entry["input_sha256"])
+            created[saga_id] += bool(entry["created"])
+        elif kind == "conflict" and entry.get("code") == "OK":
+            report.violation("conflicting_creates_accepted", f"{saga_id}: accepted {entry}")
+        elif kind == "error":
+            report.violation(
+                "client_errors", f"{saga_id}: {entry.get('code')} {entry.get('message')}"
+            )
+    for saga_id, digests in acknowledged.items():
+        saga = sagas.get(saga_id)
+        if saga is None:
+            report.violation("acknowledged_sagas_lost", f"{saga_id}: acknowledged, not stored")
+        elif digests != {input_digest(saga.input)}:
+            report.violation("acknowledged_sagas_lost", f"{saga_id}: stored with another input")
+    for saga_id, count in created.items():
+        if count > 1:
+            report.violation("duplicate_sagas_per_key", f"{saga_id}: created={count} times")
+    report.info["sagas_acknowledged"] = len(acknowledged)
+    report.info["torn_client_log_lines"] = torn
+
+
+# --- the participants' files ---------------------------------------------------------------------
+
+
+def _read_effects(participant: str, directory: Path) -> list[Effect]:
+    path = directory / "barrier.db"
+    if not path.exists():
+        return []
+    try:
+        with contextlib.closing(read_only(path)) as db:
+            return [
+                Effect(participant, *row)
+                for row in db.execute(
+                    "SELECT saga_id, step, operation, at_ns FROM effects ORDER BY id"
+                )
+            ]
+    except sqlite3.DatabaseError:
+        return []  # counted by the integrity check
+
+
+def _read_deliveries(participant: str, directory: Path) -> list[Delivery]:
+    path = directory / "ledger.db"
+    if not path.exists():
+        return []
+    try:
+        with contextlib.closing(read_only(path)) as db:
+            return [
+                Delivery(participant, *row)
+                for row in db.execute(
+                    "SELECT operation, saga_id, step, request_id, begin_ns, end_ns, answer "
+                    "FROM deliveries ORDER BY id"
+                )
+            ]
+    except sqlite3.DatabaseError:
+        return []  # counted by the integrity check
+
+
+def _check_effects(
+    report: CheckReport,
+    sagas: Mapping[str, Saga],
+    effects: Sequence[Effect],
+    deliveries: Sequence[Delivery],
+) -> None:
+    by_step: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(
+        lambda: {"execute": [], "compensate": []}
+    )
+    for effect in effects:
+        if effect.saga_id not in sagas:
+            report.violation("effects_of_unknown_sagas", f"{effect}")
+        by_step[(effect.saga_id, effect.step)][effect.operation].append(effect.at_ns)
+    undone_at: dict[tuple[str, str], int] = {}
+    for delivery in deliveries:
+        if (
+            delivery.operation == "compensate"
+            and delivery.answer in _COMPENSATION_DONE
+            and delivery.end_ns is not None
+        ):
+            key = (delivery.saga_id, delivery.step)
+            undone_at[key] = min(undone_at.get(key, delivery.end_ns), delivery.end_ns)
+    for (saga_id, step), ops in by_step.items():
+        for operation, times in ops.items():
+            if len(times) > 1:
+                report.violation(
+                    "duplicate_effects",
+                    f"{saga_id}/{step}: {operation} x{len(times)}",
+                    len(times) - 1,
+                )
+        executed = ops["execute"]
+        undone = [
+            *ops["compensate"],
+            *([undone_at[(saga_id, step)]] if (saga_id, step) in undone_at else []),
+        ]
+        if executed and undone and max(executed) > min(undone):
+            report.violation(
+                "effects_after_compensation", f"{saga_id}/{step}: executed after its compensation"
+            )
+
+    for saga_id, saga in sagas.items():
+        reject, stuck = plan_of_input(saga.input)
+        steps = {
+            name: by_step.get((saga_id, name), {"execute": [], "compensate": []})
+            for name in STEP_NAMES
+        }
+        if saga.state is SagaState.SUCCEEDED:
+            if reject is not None:
+                report.violation("succeeded_despite_rejection", f"{saga_id}: {reject} refuses")
+            for name, ops in steps.items():
+                if len(ops["execute"]) != 1 or ops["compensate"]:
+                    report.violation(
+                        "succeeded_with_missing_or_compensated_effect",
+                        f"{saga_id}/{name}: {len(ops['execute'])} executed, "
+                        f"{len(ops['compensate'])} compensated",
+                    )
+        elif saga.state is SagaState.COMPENSATED:
+            for name, ops in steps.items():
+                if len(ops["execute"]) != len(ops["compensate"]):
+                    report.violation(
+                        "compensated_with_nonzero_net_effect",
+                        f"{saga_id}/{name}: {len(ops['execute'])} executed, "
+                        f"{len(ops['compensate'])} compensated",
+                    )
+            _check_order(report, saga_id, steps)
+        elif saga.state is SagaState.NEEDS_ATTENTION:
+            failure = saga.failure
+            if stuck is None:
+                report.violation(
+                    "unexpected_needs_attention", f"{saga_id}: {failure} (not marked stuck)"
+                )
+                continue
+            if failure is None or failure.step != stuck or failure.operation != "compensate":
+                report.violation(
+                    "needs_attention_inconsistent", f"{saga_id}: stuck at {stuck}, {failure}"
+                )
+            at = STEP_INDEX[stuck]
+            for index, name in enumerate(STEP_NAMES):
+                ops = steps[name]
+                net = len(ops["execute"]) - len(ops["compensate"])
+                expected = 0 if index > at else 1
+                if net != expected or len(ops["compensate"]) > (1 if index > at else 0):
+                    report.violation(
+                        "needs_attention_inconsistent",
+                        f"{saga_id}/{name}: net effect {net}, expected {expected}",
+                    )
+            _check_order(report, saga_id, steps)
+        else:
+            report.violation("unsettled_sagas", f"{saga_id}: {saga.state}")
+
+
+def _check_answers(
+    report: CheckReport, sagas: Mapping[str, Saga], deliveries: Sequence[Delivery]
+) -> None:
+    """Every OK the coordinator stored was given by a participant: at-least-once delivery, and
+    no step moved on (or was reported undone) without its participant's answer."""
+    answered = {(d.saga_id, d.step, d.operation) for d in deliveries if d.answer == "OK"}
+    for saga_id, saga in sagas.items():
+        for step in saga.steps:
+            needed = []
+            if step.output is not None:
+                needed.append("execute")
+            if step.state is StepState.COMPENSATED:
+                needed.append("compensate")
+            for operation in needed:
+                if (saga_id, step.name, operation) not in answered:
+                    report.violation(
+                        "answers_nobody_gave",
+                        f"{saga_id}/{step.name}: {operation} stored as OK, no participant said so",
+                    )
+
+
+def _check_order(
+    report: CheckReport, saga_id: str, steps: Mapping[str, Mapping[str, list[int]]]
+) -> None:
+    """Compensations took effect newest step first."""
+    undone = [
+        (STEP_INDEX[name], min(ops["compensate"]))
+        for name, ops in steps.items()
+        if ops["compensate"]
+    ]
+    undone.sort(reverse=True)
+    times = [at for _, at in undone]
+    if times != sorted(times):
+        order = [STEP_NAMES[index] for index, _ in sorted(undone, key=lambda x: x[1])]
+        report.violation("compensation_order_violations", f"{saga_id}: undone in order {order}")
+
+
+def _describe(
+    report: CheckReport,
+    sagas: Mapping[str, Saga],
+    effects: Sequence[Effect],
+    deliveries: Sequence[Delivery],
+    participant_dirs: Mapping[str, Path],
+) -> None:
+    states = Counter(saga.state.value for saga in sagas.values())
+    report.info["sagas_stored"] = len(sagas)
+    report.info["sagas_by_state"] = dict(sorted(states.items()))
+    distinct = {(d.participant, d.operation, d.request_id) for d in deliveries}
+    report.info["deliveries"] = len(deliveries)
+    report.info["duplicate_deliveries_absorbed"] = len(deliveries) - len(distinct)
+    report.info["effects"] = len(effects)
+    answers = Counter(d.answer or "none (killed or cut off)" for d in deliveries)
+    report.info["participant_answers"] = dict(sorted(answers.items()))
+    peaks: dict[str, int] = {}
+    for name, directory in participant_dirs.items():
+        path = directory / "ledger.db"
+        if path.exists():
+            with (
+                contextlib.suppress(sqlite3.DatabaseError),
+                contextlib.closing(read_only(path)) as db,
+            ):
+                row = db.execute("SELECT value FROM meta WHERE key = 'max_in_flight'").fetchone()
+                peaks[name] = 0 if row is None else int(row[0])
+    report.info["participant_peak_calls_in_flight"] = peaks

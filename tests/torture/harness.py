@@ -1,0 +1,641 @@
+"""The torture run: a real coordinator and real participants, crashed and faulted on purpose.
+
+One run, from its seed:
+
+1. start the participant processes (``tests.torture.participant``), a fault-injecting proxy in
+   front of each, and the coordinator (``python -m coordinator.cli serve``) dialling the
+   proxies;
+2. while a client submits sagas (recording each acknowledgement with fsync, retrying on
+   UNAVAILABLE, sending concurrent duplicates, cancelling a few), the nemesis kills the
+   coordinator with SIGKILL, at named crash points and at random instants, and restarts it,
+   kills participants and restarts them, and the proxies drop, reset, black-hole and delay;
+3. then the faults stop, everything drains until every acknowledged saga has settled, every
+   process stops, and the offline checker (``tests.torture.checker``) reads what is left.
+
+A failing run is replayed with the same ``--seed``: the sagas and the faults are drawn from it
+(the exact interleaving, being real time, varies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import yaml
+from saga.v1 import coordinator_service_pb2 as cpb
+from saga.v1 import coordinator_service_pb2_grpc as cpb_grpc
+
+from coordinator.crashpoints import ENVIRONMENT_VARIABLE, CrashPoint
+from tests.support.processes import free_port
+from tests.torture.checker import CheckReport, check_run, input_digest, read_only
+from tests.torture.processes import ManagedProcess, wait_serving
+from tests.torture.proxy import FaultyLink
+from tests.torture.scenario import (
+    DEFINITION,
+    PARTICIPANTS,
+    STEP_TIMEOUT_MS,
+    SagaPlan,
+    definition,
+    plan_saga,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT_OPTIONS = [
+    # The coordinator restarts every second or so: reconnect at once rather than after
+    # gRPC's default backoff of one second and more.
+    ("grpc.initial_reconnect_backoff_ms", 20),
+    ("grpc.min_reconnect_backoff_ms", 20),
+    ("grpc.max_reconnect_backoff_ms", 200),
+]
+RETRIED_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+
+
+@dataclass(frozen=True)
+class TortureSettings:
+    """How long and how hard one run tortures."""
+
+    seed: int
+    workdir: Path
+    kills: int = 200
+    """Coordinator kills (crash points and random instants) before the faults stop."""
+    min_per_crash_point: int = 3
+    """Kills at each named crash point before the faults stop."""
+    crash_point_share: float = 0.6
+    """Share of coordinator lives that end at a crash point rather than at a random instant."""
+    max_fault_seconds: float = 3600.0
+    """The faults stop after this long even if the kill counts are not reached."""
+    drain_seconds: float = 240.0
+    """How long every acknowledged saga has to settle once the faults stop."""
+    max_unsettled: int = 48
+    """The client waits while this many sagas are unsettled (keeps the drain short)."""
+    submitters: int = 6
+    """Sagas the client submits concurrently."""
+    participant_kills: bool = True
+    network_faults: bool = True
+    progress: Callable[[str], None] | None = None
+    """Called with a line of progress now and then."""
+
+
+@dataclass
+class RunStats:
+    """What the harness did and saw, besides what the checker reads from the files."""
+
+    crash_point_kills: Counter[str] = field(default_factory=Counter)
+    crash_points_not_reached: int = 0
+    random_kills: int = 0
+    kills_before_serving: int = 0
+    participant_kills: int = 0
+    recovery_seconds: list[float] = field(default_factory=list)
+    unexpected_exits: list[str] = field(default_factory=list)
+    sagas_submitted: int = 0
+    create_requests: int = 0
+    create_retries: int = 0
+    duplicate_requests: int = 0
+    conflicts_checked: int = 0
+    cancels: Counter[str] = field(default_factory=Counter)
+    fault_seconds: float = 0.0
+    drain_seconds: float = 0.0
+    final_exit_code: int | None = None
+
+    @property
+    def coordinator_kills(self) -> int:
+        """Every SIGKILL of the coordinator, whoever sent it."""
+        return (
+            sum(self.crash_point_kills.values()) + self.crash_points_not_reached + self.random_kills
+        )
+
+
+@dataclass
+class TortureReport:
+    """The run's figures: the checker's, and the harness's own."""
+
+    seed: int
+    check: CheckReport
+    stats: RunStats
+    links: dict[str, dict[str, int]]
+    workdir: Path
+
+    @property
+    def figures(self) -> dict[str, int]:
+        """Every figure that must be zero."""
+        figures = dict(self.check.figures)
+        figures["unexpected_coordinator_exits"] = len(self.stats.unexpected_exits)
+        return figures
+
+    @property
+    def ok(self) -> bool:
+        """Whether every guarantee held."""
+        return not any(self.figures.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
+        recovery = self.stats.recovery_seconds
+        stats = {
+            name: dict(value) if isinstance(value, Counter) else value
+            for name, value in vars(self.stats).items()
+            if name not in ("recovery_seconds", "unexpected_exits")
+        }
+        stats["crash_point_kills"] = {
+            p.value: self.stats.crash_point_kills[p.value] for p in CrashPoint
+        }
+        return {
+            "seed": self.seed,
+            "ok": self.ok,
+            "must_be_zero": self.figures,
+            "coordinator_kills": self.stats.coordinator_kills,
+            "recovery_seconds": {
+                "count": len(recovery),
+                "p50": _percentile(recovery, 50),
+                "p95": _percentile(recovery, 95),
+                "max": max(recovery, default=None),
+            },
+            "run": stats,
+            "checker": self.check.info,
+            "links": self.links,
+            "examples": {k: v for k, v in self.check.examples.items() if v},
+            "unexpected_exits": self.stats.unexpected_exits[:10],
+            "workdir": str(self.workdir),
+            "replay": f"--seed {self.seed}",
+        }
+
+
+def _percentile(values: list[float], percent: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return round(values[0], 3)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[percent - 1], 3)
+
+
+class Torture:
+    """One run; see the module docstring."""
+
+    def __init__(self, settings: TortureSettings) -> None:
+        self.settings = settings
+        self.rng = random.Random(settings.seed)
+        self.stats = RunStats()
+        work = settings.workdir
+        self.coordinator_dir = work / "coordinator"
+        self.database = self.coordinator_dir / "saga.db"
+        self.client_log = work / "client" / "acks.jsonl"
+        self.participant_dirs = {name: work / "participants" / name for name in PARTICIPANTS}
+        self.participant_ports = {name: free_port() for name in PARTICIPANTS}
+        self.participants = {
+            name: ManagedProcess(
+                name,
+                [
+                    "-m",
+                    "tests.torture.participant",
+                    "--name",
+                    name,
+                    "--port",
+                    str(self.participant_ports[name]),
+                    "--dir",
+                    str(self.participant_dirs[name]),
+                    "--seed",
+                    str(settings.seed),
+                ],
+                self.participant_dirs[name] / "participant.log",
+                cwd=ROOT,
+            )
+            for name in PARTICIPANTS
+        }
+        self.links = {
+            name: FaultyLink(
+                name, self.participant_ports[name], random.Random(f"{settings.seed}/{name}")
+            )
+            for name in PARTICIPANTS
+        }
+        self.coordinator_port = free_port()
+        self.coordinator = ManagedProcess(
+            "coordinator",
+            ["-m", "coordinator.cli", "serve", "--config", str(self.coordinator_dir / "saga.yaml")],
+            self.coordinator_dir / "coordinator.log",
+            cwd=ROOT,
+        )
+        self.unsettled = 0
+        self.faults_over = asyncio.Event()
+        self.submitting = True
+        self._log_fd = -1
+        self._started = time.monotonic()
+
+    @property
+    def target(self) -> str:
+        """The coordinator's address."""
+        return f"127.0.0.1:{self.coordinator_port}"
+
+    def say(self, line: str) -> None:
+        """Report progress."""
+        if self.settings.progress is not None:
+            elapsed = time.monotonic() - self._started
+            self.settings.progress(f"[{elapsed:7.1f}s] {line}")
+
+    # --- the run ---------------------------------------------------------------------------------
+
+    async def run(self) -> TortureReport:
+        """Torture, drain, stop everything, check."""
+        self._prepare()
+        try:
+            for name, process in self.participants.items():
+                process.spawn()
+                if not await wait_serving(process, f"127.0.0.1:{self.participant_ports[name]}", 20):
+                    raise RuntimeError(f"participant {name} did not start: see {process.log}")
+            for link in self.links.values():
+                await link.start()
+            self._write_config()
+            self.coordinator.spawn()
+            if not await wait_serving(self.coordinator, self.target, 30):
+                raise RuntimeError(f"the coordinator did not start: see {self.coordinator.log}")
+            await self._torture_then_drain()
+        finally:
+            await self._stop_everything()
+        check = check_run(self.database, self.client_log, self.participant_dirs)
+        return TortureReport(
+            self.settings.seed,
+            check,
+            self.stats,
+            {name: asdict(link.stats) for name, link in self.links.items()},
+            self.settings.workdir,
+        )
+
+    def _prepare(self) -> None:
+        (self.coordinator_dir / "definitions").mkdir(parents=True, exist_ok=True)
+        (self.coordinator_dir / "definitions" / f"{DEFINITION}.yaml").write_text(
+            yaml.safe_dump(definition(), sort_keys=False)
+        )
+        for directory in self.participant_dirs.values():
+            directory.mkdir(parents=True, exist_ok=True)
+        self.client_log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_fd = os.open(self.client_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def _write_config(self) -> None:
+        config = {
+            "database": f"sqlite:///{self.database}",
+            "listen": self.target,
+            "definitions": "definitions",
+            "shutdown_grace": 1.0,
+            "log_level": "WARNING",
+            "participants": {name: f"127.0.0.1:{link.port}" for name, link in self.links.items()},
+        }
+        (self.coordinator_dir / "saga.yaml").write_text(yaml.safe_dump(config))
+
+    async def _torture_then_drain(self) -> None:
+        background = [
+            asyncio.create_task(self._watch_backlog(), name="backlog"),
+        ]
+        faults = [asyncio.create_task(self._kill_coordinator(), name="coordinator nemesis")]
+        if self.settings.participant_kills:
+            faults.append(
+                asyncio.create_task(self._kill_participants(), name="participant nemesis")
+            )
+        if self.settings.network_faults:
+            faults.append(asyncio.create_task(self._break_network(), name="network faults"))
+        client = asyncio.create_task(self._client(), name="client")
+        started = time.monotonic()
+        try:
+            await faults[0]
+            self.faults_over.set()
+            for task in faults[1:]:
+                task.cancel()
+            await asyncio.gather(*faults[1:], return_exceptions=True)
+            self.stats.fault_seconds = time.monotonic() - started
+            self.say(
+                f"faults over: {self.stats.coordinator_kills} coordinator kills, "
+                f"{self.stats.participant_kills} participant kills; draining"
+            )
+            drain_started = time.monotonic()
+            self.submitting = False  # the sagas already submitted are retried until answered
+            for link in self.links.values():
+                link.heal()
+            for name, process in self.participants.items():
+                if not process.alive:
+                    process.spawn()
+                    await wait_serving(process, f"127.0.0.1:{self.participant_ports[name]}", 20)
+            if not self.coordinator.alive:
+                self.coordinator.spawn()
+            if not await wait_serving(self.coordinator, self.target, 30):
+                self.stats.unexpected_exits.append("the coordinator did not restart for the drain")
+            deadline = time.monotonic() + self.settings.drain_seconds
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.drain_seconds):
+                    await asyncio.shield(client)
+            while time.monotonic() < deadline:
+                if client.done() and self._count_unsettled() == 0:
+                    break
+                await asyncio.sleep(0.2)
+            self.stats.drain_seconds = time.monotonic() - drain_started
+            self.say(f"drained in {self.stats.drain_seconds:.1f}s")
+        finally:
+            self.submitting = False
+            for task in [*faults, client, *background]:
+                task.cancel()
+            await asyncio.gather(*faults, client, *background, return_exceptions=True)
+
+    async def _stop_everything(self) -> None:
+        if self.coordinator.alive:
+            code = await self.coordinator.terminate(20)
+            self.stats.final_exit_code = code
+            if code != 0:
+                self.stats.unexpected_exits.append(f"SIGTERM at the end: exit code {code}")
+        else:
+            self.coordinator.kill()
+        for process in self.participants.values():
+            if process.alive:
+                await process.terminate(10)
+        for link in self.links.values():
+            await link.close()
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+
+    # --- the nemeses -----------------------------------------------------------------------------
+
+    def _enough_kills(self) -> bool:
+        settings = self.settings
+        if time.monotonic() - self._started > settings.max_fault_seconds:
+            self.say("the fault period is over before the kill counts were reached")
+            return True
+        per_point = min(self.stats.crash_point_kills[p.value] for p in CrashPoint)
+        return (
+            self.stats.coordinator_kills >= settings.kills
+            and per_point >= settings.min_per_crash_point
+        )
+
+    def _pick_crash_point(self) -> CrashPoint:
+        if self.rng.random() < 0.5:
+            return min(
+                CrashPoint, key=lambda p: (self.stats.crash_point_kills[p.value], self.rng.random())
+            )
+        return self.rng.choice(list(CrashPoint))
+
+    async def _kill_coordinator(self) -> None:
+        """Kill the coordinator at a crash point or a random instant, restart it, repeat."""
+        self.coordinator.kill()
+        while not self._enough_kills():
+            if self.rng.random() < self.settings.crash_point_share:
+                await self._life_ending_at_crash_point(self._pick_crash_point())
+            else:
+                await self._life_ending_at_random()
+            kills = self.stats.coordinator_kills
+            if kills % 25 == 0:
+                self.say(
+                    f"{kills} coordinator kills, {self.stats.sagas_submitted} sagas submitted, "
+                    f"{self.unsettled} unsettled"
+                )
+
+    async def _life_ending_at_crash_point(self, point: CrashPoint) -> None:
+        count = self.rng.randint(1, 3)
+        self.coordinator.spawn({ENVIRONMENT_VARIABLE: f"{point.value}:{count}"})
+        await self._measure_recovery()
+        code = await self.coordinator.wait_exit(5.0)
+        if code is None:
+            self.coordinator.kill()
+            self.stats.crash_points_not_reached += 1
+        elif code == -9:
+            self.stats.crash_point_kills[point.value] += 1
+        else:
+            self._unexpected_exit(code, f"armed at {point.value}:{count}")
+
+    async def _life_ending_at_random(self) -> None:
+        self.coordinator.spawn()
+        if self.rng.random() < 0.15:
+            # Before (or while) it answers its health check: in the middle of recovery.
+            await asyncio.sleep(self.rng.uniform(0.05, 0.7))
+            self.stats.kills_before_serving += 1
+        else:
+            await self._measure_recovery()
+            await asyncio.sleep(self.rng.uniform(0.02, 0.8))
+        if not self.coordinator.alive:
+            code = self.coordinator.process.returncode if self.coordinator.process else None
+            self._unexpected_exit(code, "not armed")
+            return
+        self.coordinator.kill()
+        self.stats.random_kills += 1
+
+    async def _measure_recovery(self) -> None:
+        if await wait_serving(self.coordinator, self.target, 30):
+            self.stats.recovery_seconds.append(time.monotonic() - self.coordinator.spawned_at)
+
+    def _unexpected_exit(self, code: int | None, context: str) -> None:
+        tail = self.coordinator.log.read_text(errors="replace")[-1500:]
+        self.stats.unexpected_exits.append(f"exit code {code} ({context}): ...{tail}")
+        self.say(f"UNEXPECTED coordinator exit {code} ({context})")
+
+    async def _kill_participants(self) -> None:
+        """SIGKILL a participant now and then; restart it after a short pause."""
+        while True:
+            await asyncio.sleep(self.rng.uniform(1.0, 3.5))
+            name = self.rng.choice(PARTICIPANTS)
+            process = self.participants[name]
+            process.kill()
+            self.stats.participant_kills += 1
+            await asyncio.sleep(self.rng.uniform(0.0, 0.4))
+            process.spawn()
+            await wait_serving(process, f"127.0.0.1:{self.participant_ports[name]}", 20)
+
+    async def _break_network(self) -> None:
+        """Latency, black holes, late answers, resets and closes, on one link at a time."""
+        periods: set[asyncio.Task[None]] = set()
+        timeout = STEP_TIMEOUT_MS / 1000
+        try:
+            while True:
+                await asyncio.sleep(self.rng.uniform(0.1, 0.6))
+                link = self.links[self.rng.choice(PARTICIPANTS)]
+                draw = self.rng.random()
+                period = None
+                if draw < 0.3:
+                    link.reset_connections()
+                elif draw < 0.45:
+                    link.close_one()
+                elif draw < 0.65:
+                    period = link.latency(self.rng.uniform(0.3, 2.0), 0.001, 0.03)
+                elif draw < 0.8:
+                    period = link.black_hole(
+                        self.rng.uniform(0.1, 0.8), reset_after=self.rng.random() < 0.5
+                    )
+                else:
+                    period = link.late_answers(
+                        self.rng.uniform(0.3, 1.2), hold=timeout * self.rng.uniform(1.2, 2.5)
+                    )
+                if period is not None:
+                    task = asyncio.create_task(period)
+                    periods.add(task)
+                    task.add_done_callback(periods.discard)
+        finally:
+            for task in list(periods):
+                task.cancel()
+            await asyncio.gather(*periods, return_exceptions=True)
+
+    # --- the client ------------------------------------------------------------------------------
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        """Append one line to the client's log and fsync it: the acknowledgement is on disk."""
+        os.write(self._log_fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+        os.fsync(self._log_fd)
+
+    def _count_unsettled(self) -> int:
+        try:
+            with contextlib.closing(read_only(self.database)) as db:
+                db.execute("PRAGMA busy_timeout = 200")
+                row = db.execute(
+                    "SELECT count(*) FROM sagas WHERE state IN ('RUNNING', 'COMPENSATING')"
+                ).fetchone()
+        except sqlite3.Error:
+            return self.unsettled
+        self.unsettled = int(row[0])
+        return self.unsettled
+
+    async def _watch_backlog(self) -> None:
+        while True:
+            await asyncio.to_thread(self._count_unsettled)
+            await asyncio.sleep(0.25)
+
+    async def _client(self) -> None:
+        """Submit sagas until told to stop; each until acknowledged."""
+        async with grpc.aio.insecure_channel(self.target, options=CLIENT_OPTIONS) as channel:
+            stub = cpb_grpc.CoordinatorServiceStub(channel)
+            slots = asyncio.Semaphore(self.settings.submitters)
+            pending: set[asyncio.Task[None]] = set()
+
+            def finished(task: asyncio.Task[None]) -> None:
+                pending.discard(task)
+                slots.release()
+
+            index = 0
+            while self._may_submit():
+                if self.unsettled + len(pending) >= self.settings.max_unsettled:
+                    await asyncio.sleep(0.05)
+                    continue
+                await slots.acquire()
+                if not self._may_submit():
+                    slots.release()
+                    break
+                plan = plan_saga(self.settings.seed, index)
+                index += 1
+                self.stats.sagas_submitted += 1
+                task = asyncio.create_task(self._submit(stub, plan))
+                pending.add(task)
+                task.add_done_callback(finished)
+            await asyncio.gather(*pending)
+
+    def _may_submit(self) -> bool:
+        return self.submitting
+
+    async def _submit(self, stub: cpb_grpc.CoordinatorServiceAsyncStub, plan: SagaPlan) -> None:
+        request = cpb.CreateSagaRequest(
+            saga_id=plan.saga_id, definition=DEFINITION, input=plan.payload()
+        )
+        self.stats.duplicate_requests += plan.duplicates
+        first_timeout = self.rng.uniform(0.0001, 0.005) if plan.hurried else 3.0
+        answers = await asyncio.gather(
+            *(
+                self._create_until_answered(stub, request, first_timeout)
+                for _ in range(1 + plan.duplicates)
+            )
+        )
+        digest = input_digest(request.input)
+        for answer in answers:
+            if isinstance(answer, cpb.CreateSagaResponse):
+                self._log(
+                    {
+                        "kind": "ack",
+                        "saga_id": plan.saga_id,
+                        "created": answer.created,
+                        "input_sha256": digest,
+                    }
+                )
+            else:
+                self._log(
+                    {
+                        "kind": "error",
+                        "saga_id": plan.saga_id,
+                        "code": answer[0],
+                        "message": answer[1],
+                    }
+                )
+        if plan.conflict:
+            await self._check_conflict(stub, plan)
+        if plan.cancel:
+            await asyncio.sleep(self.rng.uniform(0.0, 0.3))
+            await self._cancel(stub, plan)
+
+    async def _create_until_answered(
+        self,
+        stub: cpb_grpc.CoordinatorServiceAsyncStub,
+        request: cpb.CreateSagaRequest,
+        first_timeout: float = 3.0,
+    ) -> cpb.CreateSagaResponse | tuple[str, str]:
+        timeout = first_timeout
+        while True:
+            self.stats.create_requests += 1
+            try:
+                return await stub.CreateSaga(request, timeout=timeout)
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRIED_CODES:
+                    return (error.code().name, error.details() or "")
+            self.stats.create_retries += 1
+            timeout = 3.0
+            await asyncio.sleep(self.rng.uniform(0.02, 0.2))
+
+    async def _check_conflict(
+        self, stub: cpb_grpc.CoordinatorServiceAsyncStub, plan: SagaPlan
+    ) -> None:
+        request = cpb.CreateSagaRequest(
+            saga_id=plan.saga_id, definition=DEFINITION, input=plan.conflicting_payload()
+        )
+        answer = await self._create_until_answered(stub, request)
+        code = "OK" if isinstance(answer, cpb.CreateSagaResponse) else answer[0]
+        self.stats.conflicts_checked += 1
+        if code != "ALREADY_EXISTS":
+            self._log({"kind": "conflict", "saga_id": plan.saga_id, "code": code})
+
+    async def _cancel(self, stub: cpb_grpc.CoordinatorServiceAsyncStub, plan: SagaPlan) -> None:
+        request = cpb.CancelSagaRequest(name=f"sagas/{plan.saga_id}", reason="torture")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                await stub.CancelSaga(request, timeout=3.0)
+                code = "OK"
+            except grpc.aio.AioRpcError as error:
+                if error.code() in RETRIED_CODES:
+                    await asyncio.sleep(self.rng.uniform(0.02, 0.2))
+                    continue
+                code = error.code().name
+            self.stats.cancels[code] += 1
+            if code not in ("OK", "FAILED_PRECONDITION"):
+                self._log(
+                    {"kind": "error", "saga_id": plan.saga_id, "code": code, "message": "cancel"}
+                )
+            return
+        self.stats.cancels["GAVE_UP"] += 1
+
+
+async def run_torture(settings: TortureSettings) -> TortureReport:
+    """One torture run; see the module docstring."""
+    return await Torture(settings).run()
+
+
+def new_seed() -> int:
+    """A fresh seed for a run."""
+    return random.SystemRandom().randrange(1, 2**31)
+
+
+def temporary_workdir(seed: int) -> Path:
+    """A fresh directory for a run's files."""
+    return Path(tempfile.mkdtemp(prefix=f"torture-{seed}-"))

@@ -1,0 +1,373 @@
+"""The offline checker catches each kind of broken promise (a checker that cannot fail proves
+nothing): a small world of real sagas is written as the coordinator and the participants would
+write it, then damaged one way at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.core.events import (
+    CallAnswered,
+    Outcome,
+    RecordedEvent,
+    Rejected,
+    SagaCreated,
+    Succeeded,
+)
+from coordinator.core.machine import decide, pending_call, start
+from coordinator.core.model import Operation, Saga, SagaState
+from coordinator.store.sqlite import SqliteStore
+from coordinator.transport.definition_files import parse_definition
+from tests.torture.checker import MUST_BE_ZERO, CheckReport, check_run, input_digest
+from tests.torture.participant import EFFECTS_SCHEMA, LEDGER_SCHEMA
+from tests.torture.scenario import PARTICIPANTS, STEPS, definition, encode_input
+
+OK = Succeeded(b"{}")
+NO = Rejected("TORTURE_REJECTED", "no")
+PARTICIPANT_OF = dict(STEPS)
+
+
+@dataclass
+class World:
+    """The files of a finished run."""
+
+    root: Path
+
+    @property
+    def database(self) -> Path:
+        return self.root / "coordinator" / "saga.db"
+
+    @property
+    def client_log(self) -> Path:
+        return self.root / "acks.jsonl"
+
+    def participant_dir(self, name: str) -> Path:
+        return self.root / "participants" / name
+
+    def check(self) -> CheckReport:
+        return check_run(
+            self.database,
+            self.client_log,
+            {name: self.participant_dir(name) for name in PARTICIPANTS},
+        )
+
+    def effects(self, step: str) -> sqlite3.Connection:
+        path = self.participant_dir(PARTICIPANT_OF[step]) / "barrier.db"
+        return sqlite3.connect(path, isolation_level=None)
+
+    def coordinator_db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.database, isolation_level=None)
+
+    def acknowledge(self, saga_id: str, payload: bytes, created: bool = True) -> None:
+        entry = {
+            "kind": "ack",
+            "saga_id": saga_id,
+            "created": created,
+            "input_sha256": input_digest(payload),
+        }
+        with self.client_log.open("a") as log:
+            log.write(json.dumps(entry) + "\n")
+
+
+class _Writer:
+    """Runs sagas through the real state machine into a real store, and writes the effects and
+    deliveries the participants would have recorded."""
+
+    def __init__(self, world: World, store: SqliteStore) -> None:
+        self.world = world
+        self.store = store
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+        self.ns = 1_000_000_000
+        self.definition = parse_definition(definition(), "torture", PARTICIPANTS)
+        self.executed: set[tuple[str, str]] = set()
+
+    def tick(self) -> int:
+        self.now += timedelta(milliseconds=1)
+        self.ns += 1_000_000
+        return self.ns
+
+    def effect(self, saga_id: str, step: str, operation: str) -> None:
+        at = self.tick()
+        with contextlib.closing(self.world.effects(step)) as db:
+            db.execute(
+                "INSERT INTO effects (saga_id, step, operation, request_id, at_ns) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (saga_id, step, operation, f"sagas/{saga_id}/steps/{step}:{operation}", at),
+            )
+
+    def delivery(self, saga_id: str, step: str, operation: str, answer: str) -> None:
+        at = self.tick()
+        path = self.world.participant_dir(PARTICIPANT_OF[step]) / "ledger.db"
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            db.execute(
+                "INSERT INTO deliveries (pid, operation, saga_id, step, request_id, attempt, "
+                "begin_ns, end_ns, answer) VALUES (1, ?, ?, ?, ?, 1, ?, ?, ?)",
+                (
+                    operation,
+                    saga_id,
+                    step,
+                    f"sagas/{saga_id}/steps/{step}:{operation}",
+                    at,
+                    at + 1,
+                    answer,
+                ),
+            )
+
+    async def saga(
+        self, saga_id: str, plan: dict[str, Any], answers: list[tuple[str, Outcome]]
+    ) -> Saga:
+        payload = encode_input({"n": 0, "pad": "", **plan})
+        created = SagaCreated(saga_id, self.definition, payload)
+        self.tick()
+        saga = start(created, self.now).saga
+        await self.store.create(saga, RecordedEvent(saga_id, 1, self.now, created), "fp")
+        self.world.acknowledge(saga_id, payload)
+        for step, outcome in answers:
+            pending = pending_call(saga)
+            assert pending is not None
+            assert saga.steps[pending.step].name == step
+            operation = pending.operation
+            if isinstance(outcome, Succeeded) and (
+                operation is Operation.EXECUTE or (saga_id, step) in self.executed
+            ):  # a Compensate whose Execute never took effect is a null compensation
+                self.effect(saga_id, step, operation.value)
+                self.executed.add((saga_id, step))
+            answer = "OK" if isinstance(outcome, Succeeded) else "FAILED_PRECONDITION"
+            self.delivery(saga_id, step, operation.value, answer)
+            event = CallAnswered(pending.operation, pending.step, pending.attempt, outcome)
+            self.tick()
+            decision = decide(saga, event, self.now)
+            await self.store.commit(
+                decision.saga, RecordedEvent(saga_id, decision.saga.version, self.now, event)
+            )
+            saga = decision.saga
+        return saga
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> World:
+    world = World(tmp_path_factory.mktemp("pristine"))
+    world.database.parent.mkdir(parents=True)
+    for name in PARTICIPANTS:
+        directory = world.participant_dir(name)
+        directory.mkdir(parents=True)
+        with contextlib.closing(sqlite3.connect(directory / "barrier.db")) as db:
+            db.execute(EFFECTS_SCHEMA)
+        with contextlib.closing(sqlite3.connect(directory / "ledger.db")) as db:
+            db.executescript(LEDGER_SCHEMA)
+
+    async def write() -> None:
+        store = await SqliteStore.open(world.database)
+        writer = _Writer(world, store)
+        try:
+            done = await writer.saga("ok", {}, [(s, OK) for s, _ in STEPS])
+            assert done.state is SagaState.SUCCEEDED
+            undone = await writer.saga(
+                "undone",
+                {"reject": "s2"},
+                [("s0", OK), ("s1", OK), ("s2", NO), ("s2", OK), ("s1", OK), ("s0", OK)],
+            )
+            assert undone.state is SagaState.COMPENSATED
+            stuck = await writer.saga(
+                "stuck",
+                {"reject": "s2", "stuck": "s0"},
+                [("s0", OK), ("s1", OK), ("s2", NO), ("s2", OK), ("s1", OK), ("s0", NO)],
+            )
+            assert stuck.state is SagaState.NEEDS_ATTENTION
+        finally:
+            await store.close()
+
+    asyncio.run(write())
+    return world
+
+
+@pytest.fixture
+def world(pristine: World, tmp_path: Path) -> World:
+    shutil.copytree(pristine.root, tmp_path / "world")
+    return World(tmp_path / "world")
+
+
+def nonzero(report: CheckReport) -> dict[str, int]:
+    return {name: count for name, count in report.figures.items() if count}
+
+
+def test_an_intact_run_has_every_figure_at_zero(world: World) -> None:
+    report = world.check()
+
+    assert nonzero(report) == {}, report.examples
+    assert set(report.figures) == set(MUST_BE_ZERO)
+    assert report.info["sagas_by_state"] == {
+        "COMPENSATED": 1,
+        "NEEDS_ATTENTION": 1,
+        "SUCCEEDED": 1,
+    }
+
+
+def _execute(sql: str, *params: object) -> Callable[[sqlite3.Connection], None]:
+    def run(db: sqlite3.Connection) -> None:
+        db.execute(sql, params)
+
+    return run
+
+
+DAMAGE: dict[str, tuple[str, str, Callable[[sqlite3.Connection], None] | None]] = {
+    # name: (figure expected, where (see _connect, or "log": the client's), the damage)
+    "a duplicate effect": (
+        "duplicate_effects",
+        "s1",
+        _execute(
+            "INSERT INTO effects (saga_id, step, operation, request_id, at_ns) "
+            "SELECT saga_id, step, operation, request_id, at_ns + 1 FROM effects "
+            "WHERE saga_id = 'ok' AND step = 's1'"
+        ),
+    ),
+    "a succeeded saga missing an effect": (
+        "succeeded_with_missing_or_compensated_effect",
+        "s3",
+        _execute("DELETE FROM effects WHERE saga_id = 'ok' AND step = 's3'"),
+    ),
+    "a succeeded saga with a compensated step": (
+        "succeeded_with_missing_or_compensated_effect",
+        "s2",
+        _execute(
+            "INSERT INTO effects (saga_id, step, operation, request_id, at_ns) "
+            "VALUES ('ok', 's2', 'compensate', 'x', 9999999999999)"
+        ),
+    ),
+    "a compensated saga left with an effect": (
+        "compensated_with_nonzero_net_effect",
+        "s0",
+        _execute("DELETE FROM effects WHERE saga_id = 'undone' AND operation = 'compensate'"),
+    ),
+    "compensations oldest first": (
+        "compensation_order_violations",
+        "s0",
+        _execute(
+            "UPDATE effects SET at_ns = 1 WHERE saga_id = 'undone' AND operation = 'compensate'"
+        ),
+    ),
+    "an effect after its compensation": (
+        "effects_after_compensation",
+        "s1",
+        _execute(
+            "UPDATE effects SET at_ns = 9999999999999 "
+            "WHERE saga_id = 'undone' AND operation = 'execute'"
+        ),
+    ),
+    "an effect of a saga nobody created": (
+        "effects_of_unknown_sagas",
+        "s0",
+        _execute(
+            "INSERT INTO effects (saga_id, step, operation, request_id, at_ns) "
+            "VALUES ('ghost', 's0', 'execute', 'y', 1)"
+        ),
+    ),
+    "a needs-attention saga that was not marked stuck": (
+        "unexpected_needs_attention",
+        "db",
+        _execute(
+            "UPDATE sagas SET body = replace(body, ?, ?) WHERE saga_id = 'stuck'",
+            '"input":"',
+            '"input":"IA',  # an input that no longer says which step is stuck
+        ),
+    ),
+    "a row that differs from its folded log": (
+        "replay_mismatches",
+        "db",
+        _execute(
+            "UPDATE sagas SET version = 99, body = replace(body, '\"version\":', "
+            "'\"version\":9') WHERE saga_id = 'ok'"
+        ),
+    ),
+    "a stored answer no participant gave": (
+        "answers_nobody_gave",
+        "ledger:s1",
+        _execute(
+            "UPDATE deliveries SET answer = 'UNAVAILABLE:before' "
+            "WHERE saga_id = 'undone' AND operation = 'compensate'"
+        ),
+    ),
+    "an acknowledged saga that is not stored": ("acknowledged_sagas_lost", "log", None),
+    "a second creation under the same key": ("duplicate_sagas_per_key", "log", None),
+}
+
+
+def _connect(world: World, where: str) -> sqlite3.Connection:
+    """The file to damage: "db" (the coordinator's), "ledger:STEP" (the delivery ledger of
+    the step's participant) or "STEP" (its effects)."""
+    if where == "db":
+        return world.coordinator_db()
+    if where.startswith("ledger:"):
+        participant = PARTICIPANT_OF[where.removeprefix("ledger:")]
+        ledger = world.participant_dir(participant) / "ledger.db"
+        return sqlite3.connect(ledger, isolation_level=None)
+    return world.effects(where)
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_each_kind_of_damage_is_counted(world: World, name: str) -> None:
+    figure, where, damage = DAMAGE[name]
+    if where == "log":
+        if figure == "acknowledged_sagas_lost":
+            world.acknowledge("lost", b"{}")
+        else:
+            world.acknowledge("ok", encode_input({"n": 0, "pad": ""}), created=True)
+    else:
+        assert damage is not None
+        with contextlib.closing(_connect(world, where)) as db:
+            if where == "db":
+                db.execute("DROP TRIGGER IF EXISTS saga_events_no_update")
+            damage(db)
+
+    report = world.check()
+
+    assert report.figures[figure] >= 1, (name, nonzero(report), dict(report.examples))
+
+
+def test_an_event_after_the_ending_is_an_illegal_transition(world: World) -> None:
+    with contextlib.closing(world.coordinator_db()) as db:
+        (body,) = db.execute(
+            "SELECT body FROM saga_events WHERE saga_id = 'ok' AND sequence = 2"
+        ).fetchone()
+        (last,) = db.execute(
+            "SELECT max(sequence) FROM saga_events WHERE saga_id = 'ok'"
+        ).fetchone()
+        db.execute(
+            "INSERT INTO saga_events (saga_id, sequence, recorded_at, type, body) "
+            "VALUES ('ok', ?, '2026-01-02T00:00:00.000000Z', 'call_answered', ?)",
+            (last + 1, body),
+        )
+
+    report = world.check()
+
+    assert report.figures["illegal_state_transitions"] >= 1, nonzero(report)
+
+
+def test_a_damaged_database_fails_its_integrity_check(world: World) -> None:
+    path = world.participant_dir("p1") / "ledger.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("PRAGMA journal_mode = DELETE")
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = db.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'deliveries'"
+        ).fetchone()
+    data = bytearray(path.read_bytes())
+    start = (root - 1) * page_size
+    data[start : start + 8] = b"\x0d\xff\xff\xff\xff\xff\xff\xff"
+    path.write_bytes(bytes(data))
+
+    report = world.check()
+
+    assert report.figures["integrity_check_failures"] >= 1, nonzero(report)
