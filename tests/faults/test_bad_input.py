@@ -331,11 +331,19 @@ def test_a_tiny_deadline_stores_all_or_nothing_and_the_retry_converges(
     coordinator.assert_intact()
 
 
-def test_a_tiny_deadline_on_a_stream_is_deadline_exceeded(coordinator: Coordinator) -> None:
-    with pytest.raises(grpc.RpcError) as raised:
-        list(coordinator.stub.WatchSaga(cpb.WatchSagaRequest(name="sagas/done"), timeout=1e-6))
-
-    assert details_of(raised.value).code is grpc.StatusCode.DEADLINE_EXCEEDED
+def test_a_tiny_deadline_on_a_stream_ends_it_cleanly(coordinator: Coordinator) -> None:
+    # gRPC's client deadline timer is coarse: on loopback a settled saga's one-message stream
+    # often completes inside a 1 µs deadline. Either way the answer is clean and whole.
+    outcomes: list[object] = []
+    for _ in range(20):
+        try:
+            changes = coordinator.stub.WatchSaga(
+                cpb.WatchSagaRequest(name="sagas/done"), timeout=1e-6
+            )
+            outcomes.append([change.saga.saga_id for change in changes])
+        except grpc.RpcError as error:
+            outcomes.append(details_of(error).code)
+    assert set(map(str, outcomes)) <= {str(["done"]), str(grpc.StatusCode.DEADLINE_EXCEEDED)}
     coordinator.assert_intact()
 
 
