@@ -7,16 +7,16 @@ import binascii
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 import grpc
 from saga.v1 import coordinator_service_pb2 as pb
 from saga.v1 import coordinator_service_pb2_grpc as pb_grpc
 
 from coordinator.core.definitions import NAME_RULE, is_valid_name
-from coordinator.core.errors import FieldViolation, InvalidArgument, SagaError
+from coordinator.core.errors import FieldViolation, InvalidArgument
 from coordinator.engine import Engine
 from coordinator.ports import ListCursor, SagaFilter
 from coordinator.telemetry import SagaTelemetry, headers_of, now_ns
@@ -25,7 +25,6 @@ from coordinator.transport.convert import (
     saga_state_from_proto,
     saga_to_proto,
 )
-from coordinator.transport.errors import rich_status, status_of
 
 log = logging.getLogger("coordinator.transport")
 
@@ -34,11 +33,6 @@ MAX_REASON = 1024
 DEFAULT_PAGE_SIZE = 100
 
 T = TypeVar("T")
-
-
-async def _abort(context: grpc.aio.ServicerContext[object, object], error: SagaError) -> NoReturn:
-    await context.abort_with_status(status_of(error))
-    raise AssertionError("abort_with_status returns only by raising")
 
 
 def saga_id_of(name: str, field: str = "name") -> str:
@@ -88,7 +82,8 @@ def decode_page_token(token: str, where: SagaFilter) -> ListCursor:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
-    """Validates requests, calls the engine, and maps its errors to rich statuses."""
+    """Validates requests and calls the engine; it raises the coordinator's errors, which
+    ``coordinator.transport.server`` turns into rich statuses for every method alike."""
 
     def __init__(
         self, engine: Engine, *, max_payload_bytes: int, telemetry: SagaTelemetry | None = None
@@ -97,21 +92,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._max_payload_bytes = max_payload_bytes
         self._telemetry = telemetry or SagaTelemetry()
 
-    async def _call(
-        self, context: grpc.aio.ServicerContext[object, object], work: Callable[[], Awaitable[T]]
-    ) -> T:
-        try:
-            return await work()
-        except SagaError as error:
-            await _abort(context, error)
-        except Exception:
-            # A bug, not the client's fault: say so plainly instead of gRPC's bare UNKNOWN.
-            log.exception("unexpected error in a CoordinatorService call")
-            await context.abort_with_status(
-                rich_status(grpc.StatusCode.INTERNAL, "internal error; see the logs", "INTERNAL")
-            )
-            raise
-
     async def CreateSaga(
         self,
         request: pb.CreateSagaRequest,
@@ -119,33 +99,28 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.CreateSagaResponse:
         """Start a saga; answer once it is stored."""
 
-        async def work() -> pb.CreateSagaResponse:
-            violations = []
-            if request.saga_id and not is_valid_name(request.saga_id):
-                violations.append(FieldViolation("saga_id", f"must be {NAME_RULE}"))
-            if not request.definition:
-                violations.append(FieldViolation("definition", "is required"))
-            elif not is_valid_name(request.definition):
-                violations.append(FieldViolation("definition", f"must be {NAME_RULE}"))
-            if len(request.input) > self._max_payload_bytes:
-                violations.append(
-                    FieldViolation("input", f"at most {self._max_payload_bytes} bytes")
-                )
-            if violations:
-                raise InvalidArgument("invalid CreateSaga request", tuple(violations))
-            began = now_ns()
-            client_headers = headers_of(context.invocation_metadata() or ())
-            saga, created = await self._engine.create_saga(
-                request.saga_id or None,
-                request.definition,
-                request.definition_version,
-                request.input,
-                client_headers,
-            )
-            self._telemetry.record_create(client_headers, saga, created, began)
-            return pb.CreateSagaResponse(saga=saga_to_proto(saga), created=created)
-
-        return await self._call(context, work)  # type: ignore[arg-type]
+        violations = []
+        if request.saga_id and not is_valid_name(request.saga_id):
+            violations.append(FieldViolation("saga_id", f"must be {NAME_RULE}"))
+        if not request.definition:
+            violations.append(FieldViolation("definition", "is required"))
+        elif not is_valid_name(request.definition):
+            violations.append(FieldViolation("definition", f"must be {NAME_RULE}"))
+        if len(request.input) > self._max_payload_bytes:
+            violations.append(FieldViolation("input", f"at most {self._max_payload_bytes} bytes"))
+        if violations:
+            raise InvalidArgument("invalid CreateSaga request", tuple(violations))
+        began = now_ns()
+        client_headers = headers_of(context.invocation_metadata() or ())
+        saga, created = await self._engine.create_saga(
+            request.saga_id or None,
+            request.definition,
+            request.definition_version,
+            request.input,
+            client_headers,
+        )
+        self._telemetry.record_create(client_headers, saga, created, began)
+        return pb.CreateSagaResponse(saga=saga_to_proto(saga), created=created)
 
     async def GetSaga(
         self,
@@ -154,11 +129,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.GetSagaResponse:
         """Return one saga."""
 
-        async def work() -> pb.GetSagaResponse:
-            saga = await self._engine.get_saga(saga_id_of(request.name))
-            return pb.GetSagaResponse(saga=saga_to_proto(saga))
-
-        return await self._call(context, work)  # type: ignore[arg-type]
+        saga = await self._engine.get_saga(saga_id_of(request.name))
+        return pb.GetSagaResponse(saga=saga_to_proto(saga))
 
     async def ListSagas(
         self,
@@ -167,29 +139,24 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.ListSagasResponse:
         """Return one page of sagas, oldest first."""
 
-        async def work() -> pb.ListSagasResponse:
-            violations = []
-            states = set()
-            for i, value in enumerate(request.states):
-                try:
-                    states.add(saga_state_from_proto(value))
-                except ValueError as error:
-                    violations.append(FieldViolation(f"states[{i}]", str(error)))
-            if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-                violations.append(FieldViolation("page_size", f"must be from 0 to {MAX_PAGE_SIZE}"))
-            if violations:
-                raise InvalidArgument("invalid ListSagas request", tuple(violations))
-            where = SagaFilter(frozenset(states), request.definition or None)
-            after = decode_page_token(request.page_token, where) if request.page_token else None
-            page = await self._engine.list_sagas(
-                where, request.page_size or DEFAULT_PAGE_SIZE, after
-            )
-            token = encode_page_token(page.next_cursor, where) if page.next_cursor else ""
-            return pb.ListSagasResponse(
-                sagas=[saga_to_proto(s) for s in page.sagas], next_page_token=token
-            )
-
-        return await self._call(context, work)  # type: ignore[arg-type]
+        violations = []
+        states = set()
+        for i, value in enumerate(request.states):
+            try:
+                states.add(saga_state_from_proto(value))
+            except ValueError as error:
+                violations.append(FieldViolation(f"states[{i}]", str(error)))
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            violations.append(FieldViolation("page_size", f"must be from 0 to {MAX_PAGE_SIZE}"))
+        if violations:
+            raise InvalidArgument("invalid ListSagas request", tuple(violations))
+        where = SagaFilter(frozenset(states), request.definition or None)
+        after = decode_page_token(request.page_token, where) if request.page_token else None
+        page = await self._engine.list_sagas(where, request.page_size or DEFAULT_PAGE_SIZE, after)
+        token = encode_page_token(page.next_cursor, where) if page.next_cursor else ""
+        return pb.ListSagasResponse(
+            sagas=[saga_to_proto(s) for s in page.sagas], next_page_token=token
+        )
 
     async def WatchSaga(
         self,
@@ -197,15 +164,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         context: grpc.aio.ServicerContext[pb.WatchSagaRequest, pb.WatchSagaResponse],
     ) -> AsyncIterator[pb.WatchSagaResponse]:
         """Stream the saga's current state, then every change, until it settles."""
-        try:
-            saga_id = saga_id_of(request.name)
-            async for change in self._engine.watch(saga_id):
-                response = pb.WatchSagaResponse(saga=saga_to_proto(change.saga))
-                if change.event is not None:
-                    response.event.CopyFrom(event_to_proto(change.event, change.saga))
-                yield response
-        except SagaError as error:
-            await _abort(context, error)  # type: ignore[arg-type]
+        async for change in self._engine.watch(saga_id_of(request.name)):
+            response = pb.WatchSagaResponse(saga=saga_to_proto(change.saga))
+            if change.event is not None:
+                response.event.CopyFrom(event_to_proto(change.event, change.saga))
+            yield response
 
     async def CancelSaga(
         self,
@@ -214,12 +177,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.CancelSagaResponse:
         """Cancel a running saga; answer once the cancellation is stored."""
 
-        async def work() -> pb.CancelSagaResponse:
-            if len(request.reason) > MAX_REASON:
-                raise InvalidArgument(
-                    "reason is too long", (FieldViolation("reason", "at most 1024 characters"),)
-                )
-            saga = await self._engine.cancel_saga(saga_id_of(request.name), request.reason)
-            return pb.CancelSagaResponse(saga=saga_to_proto(saga))
-
-        return await self._call(context, work)  # type: ignore[arg-type]
+        if len(request.reason) > MAX_REASON:
+            raise InvalidArgument(
+                "reason is too long", (FieldViolation("reason", "at most 1024 characters"),)
+            )
+        saga = await self._engine.cancel_saga(saga_id_of(request.name), request.reason)
+        return pb.CancelSagaResponse(saga=saga_to_proto(saga))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +14,13 @@ from grpc_reflection.v1alpha import reflection
 from saga.v1 import coordinator_service_pb2, participant_service_pb2
 
 from coordinator.config import Settings
+from coordinator.core.errors import SagaError
 from coordinator.engine import Engine
 from coordinator.telemetry import SagaTelemetry
 from coordinator.transport.coordinator_servicer import CoordinatorServicer
-from coordinator.transport.errors import rich_status
+from coordinator.transport.errors import rich_status, status_of
+
+log = logging.getLogger("coordinator.transport")
 
 COORDINATOR_SERVICE = coordinator_service_pb2.DESCRIPTOR.services_by_name[
     "CoordinatorService"
@@ -64,11 +68,23 @@ async def _refuse(context: grpc.aio.ServicerContext[Any, Any], request: Undecoda
     )
 
 
-def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:
-    """Register the service, answering undecodable bytes with INVALID_ARGUMENT.
+async def _answer_error(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+    """End the call with the rich status of ``error`` (one of ours, or a bug: INTERNAL)."""
+    if isinstance(error, SagaError):
+        await context.abort_with_status(status_of(error))
+    # A bug, not the client's fault: say so plainly instead of gRPC's bare UNKNOWN.
+    log.error("unexpected error in a CoordinatorService call", exc_info=error)
+    await context.abort_with_status(
+        rich_status(grpc.StatusCode.INTERNAL, "internal error; see the logs", "INTERNAL")
+    )
 
-    The generated registration lets a DecodeError escape as UNKNOWN, which tells clients to
-    retry the same garbage; here it is a clear refusal instead.
+
+def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:
+    """Register the service; every method answers errors the same way.
+
+    Undecodable bytes get INVALID_ARGUMENT (the generated registration lets a DecodeError escape
+    as UNKNOWN, which tells clients to retry the same garbage); the coordinator's errors get
+    their rich status from the error table; anything else is INTERNAL.
     """
     descriptor = coordinator_service_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -98,7 +114,11 @@ def _guard_unary(behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, Undecodable):
             await _refuse(context, request)
-        return await behaviour(request, context)
+        try:
+            return await behaviour(request, context)
+        except Exception as error:
+            await _answer_error(context, error)
+            raise
 
     return handle
 
@@ -107,8 +127,12 @@ def _guard_stream(behaviour: Callable[[Any, Any], AsyncIterator[Any]]) -> Callab
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, Undecodable):
             await _refuse(context, request)
-        async for response in behaviour(request, context):
-            yield response
+        try:
+            async for response in behaviour(request, context):
+                yield response
+        except Exception as error:
+            await _answer_error(context, error)
+            raise
 
     return handle
 
