@@ -14,11 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.support.coordinator import four_step_definition, start_participants, write_definitions
+from tests.support.coordinator import four_step_definition, write_definitions
 from tests.support.participants import ScriptedParticipant, ok, reject
 from tests.support.processes import CoordinatorProcess
-
-NAMES = ("identity", "accounts", "cards", "billing")
 
 
 def saga(*args: str) -> subprocess.CompletedProcess[str]:
@@ -32,14 +30,6 @@ def saga(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def run_saga(*args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(saga, *args)
-
-
-@pytest.fixture
-async def participants() -> AsyncIterator[dict[str, ScriptedParticipant]]:
-    started = await start_participants(*NAMES)
-    yield started
-    for participant in started.values():
-        await participant.stop()
 
 
 @pytest.fixture

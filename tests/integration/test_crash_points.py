@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -15,22 +14,20 @@ from saga.v1 import coordinator_service_pb2_grpc as cpb_grpc
 from saga.v1 import saga_pb2
 
 from coordinator.crashpoints import CrashPoint, CrashPoints
-from tests.support.coordinator import four_step_definition, start_participants, write_definitions
+from tests.support.coordinator import four_step_definition, write_definitions
 from tests.support.participants import ScriptedParticipant, reject
 from tests.support.processes import CoordinatorProcess
 
-NAMES = ("identity", "accounts", "cards", "billing")
-
 
 @pytest.fixture
-async def participants() -> AsyncIterator[dict[str, ScriptedParticipant]]:
-    started = await start_participants(*NAMES)
-    started["cards"].rule = lambda r: (
+def participants(
+    participants: dict[str, ScriptedParticipant],
+) -> dict[str, ScriptedParticipant]:
+    """Cards refuses sagas whose input asks for it."""
+    participants["cards"].rule = lambda r: (
         reject() if r.action == "IssueCard" and json.loads(r.input).get("refuse") else None
     )
-    yield started
-    for participant in started.values():
-        await participant.stop()
+    return participants
 
 
 @pytest.mark.parametrize("point", list(CrashPoint), ids=[p.value for p in CrashPoint])

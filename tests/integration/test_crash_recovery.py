@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -14,11 +13,10 @@ from saga.v1 import coordinator_service_pb2_grpc as cpb_grpc
 from saga.v1 import participant_service_pb2 as pb
 from saga.v1 import saga_pb2
 
-from tests.support.coordinator import four_step_definition, start_participants, write_definitions
+from tests.support.coordinator import NAMES, four_step_definition, write_definitions
 from tests.support.participants import Answer, ScriptedParticipant, ok, reject
 from tests.support.processes import CoordinatorProcess
 
-NAMES = ("identity", "accounts", "cards", "billing")
 SAGAS = 24
 
 
@@ -27,8 +25,11 @@ def _refuses(request: pb.ExecuteRequest | pb.CompensateRequest) -> bool:
 
 
 @pytest.fixture
-async def participants() -> AsyncIterator[dict[str, ScriptedParticipant]]:
-    started = await start_participants(*NAMES)
+def participants(
+    participants: dict[str, ScriptedParticipant],
+) -> dict[str, ScriptedParticipant]:
+    """Slow participants; Cards refuses sagas whose input asks for it."""
+    started = participants
     for participant in started.values():
         # Slow enough that a kill lands while calls are in flight.
         participant.rule = lambda request: ok(delay=0.15)
@@ -37,9 +38,7 @@ async def participants() -> AsyncIterator[dict[str, ScriptedParticipant]]:
         if isinstance(request, pb.ExecuteRequest) and _refuses(request)
         else Answer(delay=0.15)
     )
-    yield started
-    for participant in started.values():
-        await participant.stop()
+    return started
 
 
 def _request(index: int) -> cpb.CreateSagaRequest:

@@ -17,23 +17,14 @@ from saga.v1 import coordinator_service_pb2 as cpb
 from saga.v1 import saga_pb2
 
 from tests.support.coordinator import (
+    NAMES,
     Harness,
     four_step_definition,
     running_coordinator,
-    start_participants,
 )
 from tests.support.participants import ScriptedParticipant, error, ok, reject
 
-NAMES = ("identity", "accounts", "cards", "billing")
 STEPS = ("create-user", "open-account", "issue-card", "subscribe")
-
-
-@pytest.fixture
-async def participants() -> AsyncIterator[dict[str, ScriptedParticipant]]:
-    started = await start_participants(*NAMES)
-    yield started
-    for participant in started.values():
-        await participant.stop()
 
 
 @pytest.fixture

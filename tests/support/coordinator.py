@@ -24,6 +24,8 @@ SETTLED = (
     saga_pb2.SAGA_STATE_COMPENSATED,
     saga_pb2.SAGA_STATE_NEEDS_ATTENTION,
 )
+NAMES = ("identity", "accounts", "cards", "billing")
+"""The participants that ``four_step_definition`` names, in step order."""
 FAST_RETRY = {"max_attempts": 3, "initial_backoff": "10ms", "max_backoff": "50ms"}
 
 
