@@ -256,8 +256,11 @@ class Engine:
             await self._apply_locked(active, CancelRequested(reason, active.in_flight))
             return active.saga
 
-    async def watch(self, saga_id: str) -> AsyncIterator[SagaChange]:
-        """The saga's current state, then every change in order, until it settles."""
+    async def watch(self, saga_id: str, *, ending_only: bool = False) -> AsyncIterator[SagaChange]:
+        """The saga's current state, then every change in order, until it settles.
+
+        With ``ending_only``, only the settled state (the last of those).
+        """
         if self._stopping:
             raise ShuttingDown("the coordinator is shutting down; watch again")
         watcher = _Watcher()
@@ -266,9 +269,10 @@ class Engine:
             # Registered before reading: a change committed after the read is in the queue, one
             # committed before is in the state read; versions tell them apart.
             current = await self.get_saga(saga_id)
-            yield SagaChange(current, None)
             seen = current.version
             settled = current.state.is_settled
+            if settled or not ending_only:
+                yield SagaChange(current, None)
             while not settled:
                 change = await watcher.queue.get()
                 if change is None:
@@ -282,7 +286,8 @@ class Engine:
                     continue
                 seen = change.saga.version
                 settled = change.saga.state.is_settled
-                yield change
+                if settled or not ending_only:
+                    yield change
         finally:
             watchers = self._watchers.get(saga_id)
             if watchers is not None:

@@ -163,8 +163,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         request: pb.WatchSagaRequest,
         context: grpc.aio.ServicerContext[pb.WatchSagaRequest, pb.WatchSagaResponse],
     ) -> AsyncIterator[pb.WatchSagaResponse]:
-        """Stream the saga's current state, then every change, until it settles."""
-        async for change in self._engine.watch(saga_id_of(request.name)):
+        """Stream the saga's state, then every change until it settles; or the ending only."""
+        changes = self._engine.watch(saga_id_of(request.name), ending_only=request.ending_only)
+        async for change in changes:
             response = pb.WatchSagaResponse(saga=saga_to_proto(change.saga))
             if change.event is not None:
                 response.event.CopyFrom(event_to_proto(change.event, change.saga))

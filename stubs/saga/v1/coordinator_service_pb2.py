@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from saga.v1 import saga_pb2 as saga_dot_v1_dot_saga__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!saga/v1/coordinator_service.proto\x12\x07saga.v1\x1a\x12saga/v1/saga.proto\"c\n\x11\x43reateSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x03 \x01(\r\x12\r\n\x05input\x18\x04 \x01(\x0c\"B\n\x12\x43reateSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1e\n\x0eGetSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x0fGetSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\"q\n\x10ListSagasRequest\x12\"\n\x06states\x18\x01 \x03(\x0e\x32\x12.saga.v1.SagaState\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"J\n\x11ListSagasResponse\x12\x1c\n\x05sagas\x18\x01 \x03(\x0b\x32\r.saga.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10WatchSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x11WatchSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\x12!\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x12.saga.v1.SagaEvent\"1\n\x11\x43\x61ncelSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x12\x43\x61ncelSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga2\xea\x02\n\x12\x43oordinatorService\x12\x45\n\nCreateSaga\x12\x1a.saga.v1.CreateSagaRequest\x1a\x1b.saga.v1.CreateSagaResponse\x12<\n\x07GetSaga\x12\x17.saga.v1.GetSagaRequest\x1a\x18.saga.v1.GetSagaResponse\x12\x42\n\tListSagas\x12\x19.saga.v1.ListSagasRequest\x1a\x1a.saga.v1.ListSagasResponse\x12\x44\n\tWatchSaga\x12\x19.saga.v1.WatchSagaRequest\x1a\x1a.saga.v1.WatchSagaResponse0\x01\x12\x45\n\nCancelSaga\x12\x1a.saga.v1.CancelSagaRequest\x1a\x1b.saga.v1.CancelSagaResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!saga/v1/coordinator_service.proto\x12\x07saga.v1\x1a\x12saga/v1/saga.proto\"c\n\x11\x43reateSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x03 \x01(\r\x12\r\n\x05input\x18\x04 \x01(\x0c\"B\n\x12\x43reateSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1e\n\x0eGetSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x0fGetSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\"q\n\x10ListSagasRequest\x12\"\n\x06states\x18\x01 \x03(\x0e\x32\x12.saga.v1.SagaState\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"J\n\x11ListSagasResponse\x12\x1c\n\x05sagas\x18\x01 \x03(\x0b\x32\r.saga.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x10WatchSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x65nding_only\x18\x02 \x01(\x08\"S\n\x11WatchSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\x12!\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x12.saga.v1.SagaEvent\"1\n\x11\x43\x61ncelSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x12\x43\x61ncelSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga2\xea\x02\n\x12\x43oordinatorService\x12\x45\n\nCreateSaga\x12\x1a.saga.v1.CreateSagaRequest\x1a\x1b.saga.v1.CreateSagaResponse\x12<\n\x07GetSaga\x12\x17.saga.v1.GetSagaRequest\x1a\x18.saga.v1.GetSagaResponse\x12\x42\n\tListSagas\x12\x19.saga.v1.ListSagasRequest\x1a\x1a.saga.v1.ListSagasResponse\x12\x44\n\tWatchSaga\x12\x19.saga.v1.WatchSagaRequest\x1a\x1a.saga.v1.WatchSagaResponse0\x01\x12\x45\n\nCancelSaga\x12\x1a.saga.v1.CancelSagaRequest\x1a\x1b.saga.v1.CancelSagaResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,13 +45,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTSAGASRESPONSE']._serialized_start=430
   _globals['_LISTSAGASRESPONSE']._serialized_end=504
   _globals['_WATCHSAGAREQUEST']._serialized_start=506
-  _globals['_WATCHSAGAREQUEST']._serialized_end=538
-  _globals['_WATCHSAGARESPONSE']._serialized_start=540
-  _globals['_WATCHSAGARESPONSE']._serialized_end=623
-  _globals['_CANCELSAGAREQUEST']._serialized_start=625
-  _globals['_CANCELSAGAREQUEST']._serialized_end=674
-  _globals['_CANCELSAGARESPONSE']._serialized_start=676
-  _globals['_CANCELSAGARESPONSE']._serialized_end=725
-  _globals['_COORDINATORSERVICE']._serialized_start=728
-  _globals['_COORDINATORSERVICE']._serialized_end=1090
+  _globals['_WATCHSAGAREQUEST']._serialized_end=559
+  _globals['_WATCHSAGARESPONSE']._serialized_start=561
+  _globals['_WATCHSAGARESPONSE']._serialized_end=644
+  _globals['_CANCELSAGAREQUEST']._serialized_start=646
+  _globals['_CANCELSAGAREQUEST']._serialized_end=695
+  _globals['_CANCELSAGARESPONSE']._serialized_start=697
+  _globals['_CANCELSAGARESPONSE']._serialized_end=746
+  _globals['_COORDINATORSERVICE']._serialized_start=749
+  _globals['_COORDINATORSERVICE']._serialized_end=1111
 # @@protoc_insertion_point(module_scope)

@@ -201,16 +201,23 @@ class WatchSagaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    ENDING_ONLY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name of the saga, "sagas/{saga_id}"."""
+    ending_only: _builtins.bool
+    """When true, the stream carries one message only: the saga once it has settled (SUCCEEDED,
+    COMPENSATED or NEEDS_ATTENTION), at once if it already has. What a client that only waits
+    for the ending asks for: no message, and no conversion, for the changes in between.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        ending_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ending_only", b"ending_only", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
