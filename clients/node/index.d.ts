@@ -246,7 +246,10 @@ export class SagaClient {
   list(filters?: ListFilters): AsyncIterableIterator<Saga>;
   /** The current saga, then each change, until it settles. Leaving early cancels the stream. */
   watch(sagaId: string): AsyncIterableIterator<SagaUpdate>;
-  /** Resolves once SUCCEEDED, COMPENSATED or NEEDS_ATTENTION; WaitTimeout after timeoutMs. */
+  /**
+   * Resolves once SUCCEEDED, COMPENSATED or NEEDS_ATTENTION; WaitTimeout after timeoutMs. Asks
+   * the coordinator for the ending only, and watches again after UNAVAILABLE.
+   */
   wait(sagaId: string, options?: { timeoutMs?: number | null }): Promise<Saga>;
   close(): void;
 }

@@ -11,7 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import grpc from '@grpc/grpc-js';
 import { loadContract } from './contract.js';
 import { WaitTimeout, errorFromGrpc } from './errors.js';
-import { SagaState, sagaFromProto, updateFromProto } from './model.js';
+import { SagaState, sagaFromProto, settledSagaFromResponse, updateFromProto } from './model.js';
 import { encodePayload } from './payload.js';
 import { injectTraceContext } from './telemetry.js';
 
@@ -163,12 +163,12 @@ export class SagaClient {
 
   /**
    * Wait until the saga is SUCCEEDED, COMPENSATED or NEEDS_ATTENTION, and return it. Throws
-   * WaitTimeout after `timeoutMs` (null: wait for as long as it takes). When the stream breaks
-   * with UNAVAILABLE (e.g. the coordinator restarts) the saga is watched again after a short,
-   * growing pause.
+   * WaitTimeout after `timeoutMs` (null: wait for as long as it takes). The watch asks for the
+   * ending only (one message, once the saga settles); when the stream breaks with UNAVAILABLE
+   * (e.g. the coordinator restarts) the saga is watched again after a short, growing pause.
    */
   async wait(sagaId, { timeoutMs = null } = {}) {
-    const request = { name: sagaName(sagaId) };
+    const request = { name: sagaName(sagaId), ending_only: true };
     const deadline = timeoutMs === null || timeoutMs === undefined ? null : Date.now() + timeoutMs;
     for (let broken = 1; ; broken += 1) {
       if (deadline !== null && deadline - Date.now() <= 0) throw new WaitTimeout(sagaId, timeoutMs);
@@ -180,8 +180,8 @@ export class SagaClient {
       call.on('error', ignoreLateErrors);
       try {
         for await (const response of call) {
-          const saga = sagaFromProto(response.saga);
-          if (saga.settled) return saga;
+          const saga = settledSagaFromResponse(response);
+          if (saga !== null) return saga;
         }
       } catch (error) {
         if (error?.code === grpc.status.DEADLINE_EXCEEDED && deadline !== null) {

@@ -163,6 +163,18 @@ export function eventFromProto(e) {
   });
 }
 
+const SETTLED_PROTO_STATES = new Set([...SETTLED_STATES].map((state) => `SAGA_STATE_${state}`));
+
+/**
+ * The saga of one WatchSaga message when it has settled, else null. The state is read from the
+ * proto first, so a message in between (from a coordinator that sends every change) costs no
+ * conversion.
+ */
+export function settledSagaFromResponse(response) {
+  const saga = response?.saga;
+  return saga && SETTLED_PROTO_STATES.has(saga.state) ? sagaFromProto(saga) : null;
+}
+
 /** Convert one message of a WatchSaga stream: the saga after a change, and the change. */
 export function updateFromProto(response) {
   return Object.freeze({ saga: sagaFromProto(response.saga), event: eventFromProto(response.event) });

@@ -6,6 +6,7 @@ import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import grpc from '@grpc/grpc-js';
 import { SagaClient, SagaRpcError, SdkError, WaitTimeout, statusError } from '../src/index.js';
+import { settledSagaFromResponse } from '../src/model.js';
 import { sagaProto, startFakeCoordinator } from './fake_coordinator.js';
 
 async function setup(t, options = {}) {
@@ -206,6 +207,68 @@ test('wait watches again after UNAVAILABLE and after a stream that ends unsettle
   const saga = await client.wait('a', { timeoutMs: 5000 });
   assert.equal(saga.state, 'COMPENSATED');
   assert.equal(fake.watches.length, 3);
+});
+
+// Plays the coordinator: every change, or with ending_only the settled saga alone.
+function likeTheCoordinator(fake, states) {
+  const sent = [];
+  fake.watchScript = async (call) => {
+    for (const [index, state] of states.entries()) {
+      const settled = index === states.length - 1;
+      if (call.request.ending_only && !settled) continue;
+      const saga = sagaProto('a', { version: index + 1, state: `SAGA_STATE_${state}` });
+      call.write(index === 0 ? { saga } : { saga, event: event(index + 1, 'STEP_SUCCEEDED') });
+      sent.push(state);
+      await sleep(20);
+    }
+    call.end();
+  };
+  return sent;
+}
+
+const watchRequests = (fake) =>
+  fake.requests.filter((r) => r.method === 'WatchSaga').map(({ request }) => [request.name, request.ending_only]);
+
+test('wait asks for the ending only and gets one message; watch still gets every change', async (t) => {
+  const { fake, client } = await setup(t);
+  const sent = likeTheCoordinator(fake, ['RUNNING', 'COMPENSATING', 'COMPENSATED']);
+  const saga = await client.wait('a', { timeoutMs: 5000 });
+  assert.equal(saga.state, 'COMPENSATED');
+  assert.equal(saga.version, 3);
+  assert.deepEqual(sent, ['COMPENSATED']);
+  const updates = [];
+  for await (const update of client.watch('a')) updates.push(update.saga.state);
+  assert.deepEqual(updates, ['RUNNING', 'COMPENSATING', 'COMPENSATED']);
+  assert.deepEqual(watchRequests(fake), [
+    ['sagas/a', true],
+    ['sagas/a', false],
+  ]);
+});
+
+test('wait asks for the ending only again when it watches again after UNAVAILABLE', async (t) => {
+  const { fake, client } = await setup(t);
+  fake.watchScript = (call, n) => {
+    if (n < 3) return call.emit('error', { code: grpc.status.UNAVAILABLE, details: 'restarting' });
+    if (!call.request.ending_only) call.write({ saga: sagaProto('a') });
+    call.write({ saga: sagaProto('a', { state: 'SAGA_STATE_SUCCEEDED' }) });
+    return call.end();
+  };
+  const saga = await client.wait('a', { timeoutMs: 5000 });
+  assert.equal(saga.state, 'SUCCEEDED');
+  assert.deepEqual(watchRequests(fake), [
+    ['sagas/a', true],
+    ['sagas/a', true],
+    ['sagas/a', true],
+  ]);
+});
+
+test('only a settled saga of a watch message is converted', () => {
+  assert.equal(settledSagaFromResponse({ saga: sagaProto('a') }), null);
+  assert.equal(settledSagaFromResponse({ saga: sagaProto('a', { state: 'SAGA_STATE_COMPENSATING' }) }), null);
+  assert.equal(settledSagaFromResponse({ saga: null }), null);
+  const saga = settledSagaFromResponse({ saga: sagaProto('a', { state: 'SAGA_STATE_NEEDS_ATTENTION' }) });
+  assert.equal(saga.state, 'NEEDS_ATTENTION');
+  assert.equal(saga.settled, true);
 });
 
 test('wait does not retry a definite error', async (t) => {

@@ -28,6 +28,7 @@ from saga_sdk.model import (
     SagaState,
     SagaUpdate,
     saga_from_proto,
+    settled_saga_from_response,
     update_from_proto,
 )
 from saga_sdk.requests import (
@@ -155,10 +156,11 @@ class SagaClient:
         """Block until the saga is SUCCEEDED, COMPENSATED or NEEDS_ATTENTION, and return it.
 
         Raises `WaitTimeout` (a `TimeoutError`) after `timeout` seconds; None waits for as long
-        as it takes. The saga is watched; when the stream breaks with UNAVAILABLE (e.g. the
-        coordinator restarts) it is watched again after a short, growing pause.
+        as it takes. The watch asks for the ending only (one message, once the saga settles);
+        when the stream breaks with UNAVAILABLE (e.g. the coordinator restarts) it is watched
+        again after a short, growing pause.
         """
-        request = watch_request(saga_id)
+        request = watch_request(saga_id, ending_only=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         broken = 0
         while True:
@@ -168,8 +170,8 @@ class SagaClient:
             call = self._stub.WatchSaga(request, timeout=remaining, metadata=self._metadata)
             try:
                 for response in call:
-                    saga = saga_from_proto(response.saga)
-                    if saga.state.settled:
+                    saga = settled_saga_from_response(response)
+                    if saga is not None:
                         return saga
             except grpc.RpcError as exc:
                 code = exc.code()
@@ -324,7 +326,7 @@ class AsyncSagaClient:
     # The twin of SagaClient.wait keeps its signature; the deadline also bounds the stream.
     async def wait(self, saga_id: str, timeout: float | None = None) -> Saga:
         """Wait until the saga is SUCCEEDED, COMPENSATED or NEEDS_ATTENTION; see `SagaClient`."""
-        request = watch_request(saga_id)
+        request = watch_request(saga_id, ending_only=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         broken = 0
         while True:
@@ -334,8 +336,8 @@ class AsyncSagaClient:
             call = self._stub.WatchSaga(request, timeout=remaining, metadata=self._metadata)
             try:
                 async for response in call:
-                    saga = saga_from_proto(response.saga)
-                    if saga.state.settled:
+                    saga = settled_saga_from_response(response)
+                    if saga is not None:
                         return saga
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()

@@ -256,6 +256,24 @@ def event_from_proto(event: saga_pb2.SagaEvent) -> SagaEvent:
     )
 
 
+_SETTLED_PROTO_STATES = frozenset(
+    saga_pb2.SagaState.Value(f"SAGA_STATE_{state.value}") for state in SETTLED_STATES
+)
+
+
+def settled_saga_from_response(
+    response: coordinator_service_pb2.WatchSagaResponse,
+) -> Saga | None:
+    """The saga of one WatchSaga message when it has settled, else None.
+
+    Only a settled saga is converted: the state is read from the proto first, so a message in
+    between (from a coordinator that sends every change) costs no conversion.
+    """
+    if response.saga.state not in _SETTLED_PROTO_STATES:
+        return None
+    return saga_from_proto(response.saga)
+
+
 def update_from_proto(response: coordinator_service_pb2.WatchSagaResponse) -> SagaUpdate:
     """Convert one message of a WatchSaga stream."""
     return SagaUpdate(

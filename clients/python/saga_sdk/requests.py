@@ -57,9 +57,17 @@ def get_request(saga_id: str) -> coordinator_service_pb2.GetSagaRequest:
     return coordinator_service_pb2.GetSagaRequest(name=saga_name(saga_id))
 
 
-def watch_request(saga_id: str) -> coordinator_service_pb2.WatchSagaRequest:
-    """Build a WatchSagaRequest for a plain saga id."""
-    return coordinator_service_pb2.WatchSagaRequest(name=saga_name(saga_id))
+def watch_request(
+    saga_id: str, ending_only: bool = False
+) -> coordinator_service_pb2.WatchSagaRequest:
+    """Build a WatchSagaRequest for a plain saga id.
+
+    With `ending_only` the coordinator sends one message only: the saga once it has settled
+    (at once if it already has), which is all that `wait()` needs.
+    """
+    return coordinator_service_pb2.WatchSagaRequest(
+        name=saga_name(saga_id), ending_only=ending_only
+    )
 
 
 def cancel_request(saga_id: str, reason: str = "") -> coordinator_service_pb2.CancelSagaRequest:

@@ -30,7 +30,9 @@ from saga_sdk import (
     StepKind,
     StepState,
     WaitTimeout,
+    model,
 )
+from saga_sdk.requests import watch_request
 
 DOMAIN = "saga.fake"
 KNOWN_DEFINITIONS = {"onboard": 3, "offboard": 1}
@@ -75,9 +77,15 @@ class FakeCoordinator(coordinator_service_pb2_grpc.CoordinatorServiceServicer):
     sagas: dict[str, saga_pb2.Saga] = field(default_factory=dict)
     requests: dict[str, coordinator_service_pb2.CreateSagaRequest] = field(default_factory=dict)
     list_requests: list[coordinator_service_pb2.ListSagasRequest] = field(default_factory=list)
+    watch_requests: list[coordinator_service_pb2.WatchSagaRequest] = field(default_factory=list)
     watches: int = 0
+    watch_messages: int = 0
+    """How many WatchSaga messages were sent, over every watch."""
     break_watches: int = 0
-    """How many of the next watches break with UNAVAILABLE after their first message."""
+    """How many of the next watches break with UNAVAILABLE after their first message (at once
+    for a watch of the ending only, which has no message before the ending)."""
+    honour_ending_only: bool = True
+    """False plays a coordinator older than `ending_only`, which sends every change."""
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     def CreateSaga(
@@ -162,11 +170,15 @@ class FakeCoordinator(coordinator_service_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_service_pb2.WatchSagaRequest, context: grpc.ServicerContext
     ) -> Iterator[coordinator_service_pb2.WatchSagaResponse]:
         saga = self._find(request.name, context)
+        ending_only = request.ending_only and self.honour_ending_only
         with self.changed:
+            self.watch_requests.append(request)
             self.watches += 1
             breaks = self.break_watches > 0
             self.break_watches -= 1 if breaks else 0
-        yield coordinator_service_pb2.WatchSagaResponse(saga=saga)
+        if not ending_only or saga.state in SETTLED:
+            self.watch_messages += 1
+            yield coordinator_service_pb2.WatchSagaResponse(saga=saga)
         if breaks:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is restarting")
         seen = saga.version
@@ -174,12 +186,13 @@ class FakeCoordinator(coordinator_service_pb2_grpc.CoordinatorServiceServicer):
             with self.changed:
                 self.changed.wait(0.05)
                 saga = self.sagas[saga.saga_id]
-            if saga.version > seen:
+            if saga.version > seen and (not ending_only or saga.state in SETTLED):
                 seen = saga.version
                 event = saga_pb2.SagaEvent(
                     sequence=saga.version, type=saga_pb2.SAGA_EVENT_TYPE_STEP_SUCCEEDED, step="x"
                 )
                 event.time.GetCurrentTime()
+                self.watch_messages += 1
                 yield coordinator_service_pb2.WatchSagaResponse(saga=saga, event=event)
 
     def CancelSaga(
@@ -398,6 +411,7 @@ def test_watch_yields_every_change_until_the_saga_settles(
         SagaState.COMPENSATING,
         SagaState.COMPENSATED,
     ]
+    assert [r.ending_only for r in fake.watch_requests] == [False]
     assert updates[0].event is None
     assert updates[2].event is not None
     assert updates[2].event.type is SagaEventType.STEP_SUCCEEDED
@@ -426,6 +440,55 @@ def test_wait_returns_the_settled_saga(coordinator: tuple[FakeCoordinator, str])
     assert saga.end_time is not None
 
 
+def test_watch_request_asks_for_every_change_unless_told_the_ending_only() -> None:
+    assert watch_request("s1") == coordinator_service_pb2.WatchSagaRequest(name="sagas/s1")
+    assert watch_request("s1", ending_only=True).ending_only is True
+
+
+def test_wait_asks_for_the_ending_only_and_gets_one_message(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="e1")
+        later(0.2, lambda: fake.move("e1", saga_pb2.SAGA_STATE_COMPENSATING))
+        later(0.4, lambda: fake.move("e1", saga_pb2.SAGA_STATE_COMPENSATED))
+        saga = client.wait("e1", timeout=10)
+        messages_while_running = fake.watch_messages
+        again = client.wait("e1", timeout=10)  # already settled: its one message, at once
+
+    assert saga.state is SagaState.COMPENSATED
+    assert saga.end_time is not None
+    assert again == saga
+    assert [(r.name, r.ending_only) for r in fake.watch_requests] == [("sagas/e1", True)] * 2
+    assert messages_while_running == 1
+    assert fake.watch_messages == 2
+
+
+def test_wait_converts_only_the_settled_saga_when_every_change_comes(
+    coordinator: tuple[FakeCoordinator, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake, target = coordinator
+    fake.honour_ending_only = False  # a coordinator older than ending_only
+    converted: list[int] = []
+    convert = model.saga_from_proto
+
+    def counting(saga: saga_pb2.Saga) -> model.Saga:
+        converted.append(saga.state)
+        return convert(saga)
+
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="old")
+        monkeypatch.setattr(model, "saga_from_proto", counting)
+        later(0.2, lambda: fake.move("old", saga_pb2.SAGA_STATE_COMPENSATING))
+        later(0.4, lambda: fake.move("old", saga_pb2.SAGA_STATE_COMPENSATED))
+        saga = client.wait("old", timeout=10)
+
+    assert saga.state is SagaState.COMPENSATED
+    assert fake.watch_messages == 3
+    assert converted == [saga_pb2.SAGA_STATE_COMPENSATED]
+
+
 def test_wait_gives_up_with_a_timeout_error(coordinator: tuple[FakeCoordinator, str]) -> None:
     _, target = coordinator
     with SagaClient(target) as client:
@@ -452,6 +515,8 @@ def test_wait_watches_again_when_the_stream_breaks_with_unavailable(
 
     assert saga.state is SagaState.NEEDS_ATTENTION
     assert fake.watches >= 3
+    assert all(r.ending_only for r in fake.watch_requests)
+    assert fake.watch_messages == 1
 
 
 def test_wait_raises_other_errors_at_once(coordinator: tuple[FakeCoordinator, str]) -> None:
@@ -487,6 +552,7 @@ def test_wait_survives_a_coordinator_restart() -> None:
 
     assert saga.state is SagaState.SUCCEEDED
     assert fake.watches >= 2
+    assert all(r.ending_only for r in fake.watch_requests)
 
 
 def test_a_given_channel_stays_open_after_close(coordinator: tuple[FakeCoordinator, str]) -> None:
@@ -559,7 +625,11 @@ async def test_async_watch_and_wait(coordinator: tuple[FakeCoordinator, str]) ->
             await cancelled_too_late
 
     assert waited.state is SagaState.SUCCEEDED
-    assert fake.watches >= 2
+    assert fake.watches >= 3
+    *by_wait, by_watch = fake.watch_requests
+    assert len(by_wait) >= 2
+    assert all(r.ending_only for r in by_wait)
+    assert by_watch.ending_only is False
     assert [u.saga.state for u in updates] == [SagaState.SUCCEEDED]
 
 
@@ -569,3 +639,28 @@ async def test_async_wait_times_out(coordinator: tuple[FakeCoordinator, str]) ->
         await client.create("onboard", saga_id="stuck")
         with pytest.raises(WaitTimeout):
             await client.wait("stuck", timeout=0.3)
+
+
+async def test_async_wait_asks_for_the_ending_only_and_converts_only_it(
+    coordinator: tuple[FakeCoordinator, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake, target = coordinator
+    fake.honour_ending_only = False  # every change comes: only the settled one is converted
+    converted: list[int] = []
+    convert = model.saga_from_proto
+
+    def counting(saga: saga_pb2.Saga) -> model.Saga:
+        converted.append(saga.state)
+        return convert(saga)
+
+    async with AsyncSagaClient(target) as client:
+        await client.create("onboard", saga_id="ae")
+        monkeypatch.setattr(model, "saga_from_proto", counting)
+        later(0.2, lambda: fake.move("ae", saga_pb2.SAGA_STATE_COMPENSATING))
+        later(0.4, lambda: fake.move("ae", saga_pb2.SAGA_STATE_NEEDS_ATTENTION))
+        waited = await client.wait("ae", timeout=10)
+
+    assert waited.state is SagaState.NEEDS_ATTENTION
+    assert [(r.name, r.ending_only) for r in fake.watch_requests] == [("sagas/ae", True)]
+    assert fake.watch_messages == 3
+    assert converted == [saga_pb2.SAGA_STATE_NEEDS_ATTENTION]
