@@ -31,6 +31,8 @@ class ParticipantCall:
     """Compensate only: this step's Execute output, when it answered OK."""
     execute_request_id: str
     """The request_id of the step's Execute (what a Compensate undoes)."""
+    step_index: int = 0
+    """The step's position in the saga (its answer is an event about that position)."""
     headers: Mapping[str, str] = field(default_factory=dict)
     """Propagation headers sent with the call as metadata (the W3C traceparent)."""
 
@@ -69,4 +71,5 @@ def build_call(saga: Saga, dispatch: Dispatch) -> ParticipantCall:
         previous_outputs=previous,
         execute_output=None if execute else step.output,
         execute_request_id=request_id(saga.saga_id, step.name, Operation.EXECUTE),
+        step_index=dispatch.step,
     )

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
 
-from coordinator.core.model import Operation, Saga, SagaDefinition
+from coordinator.core.model import Operation, Saga, SagaDefinition, SagaState, StepState, request_id
 
 
 def _no_headers() -> Mapping[str, str]:
@@ -115,9 +115,37 @@ class Dispatch:
 
 @dataclass(frozen=True)
 class Decision:
-    """The saga after an event, and the calls it implies."""
+    """The saga after an event, and whether it now waits on a call it has not sent yet.
+
+    The saga is the one source of truth for what to send (``pending_call``): a decision only
+    says that a new attempt became due, so that nothing else has to be kept equal to the saga.
+    """
 
     saga: Saga
-    commands: tuple[Dispatch, ...] = ()
+    dispatches: bool = False
+    """True when the event made a new attempt due (a first call, a retry, a compensation)."""
     changed: bool = True
     """False when the event did not apply (stale answer, settled saga): nothing to store."""
+
+    @property
+    def commands(self) -> tuple[Dispatch, ...]:
+        """The new attempt the decision made due, read from the saga itself."""
+        pending = pending_call(self.saga) if self.dispatches else None
+        return () if pending is None else (pending,)
+
+
+def pending_call(saga: Saga) -> Dispatch | None:
+    """The one call the saga is waiting on, if any: what recovery re-sends after a crash."""
+    if saga.state not in (SagaState.RUNNING, SagaState.COMPENSATING):
+        return None
+    for index, step in enumerate(saga.steps):
+        if step.state is StepState.RUNNING:
+            op, attempt = Operation.EXECUTE, step.execute_attempts
+        elif step.state is StepState.COMPENSATING:
+            op, attempt = Operation.COMPENSATE, step.compensate_attempts
+        else:
+            continue
+        return Dispatch(
+            op, index, attempt, request_id(saga.saga_id, step.name, op), step.next_attempt_at
+        )
+    return None

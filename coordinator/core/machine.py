@@ -13,7 +13,6 @@ from coordinator.core.events import (
     CallAnswered,
     CancelRequested,
     Decision,
-    Dispatch,
     Event,
     Failed,
     Outcome,
@@ -21,6 +20,9 @@ from coordinator.core.events import (
     SagaCreated,
     Succeeded,
     Transient,
+)
+from coordinator.core.events import (
+    pending_call as pending_call,  # re-exported: where the state machine's readers look
 )
 from coordinator.core.model import (
     Failure,
@@ -105,23 +107,6 @@ def fold(events: Iterable[tuple[Event, datetime]]) -> Saga:
     return saga
 
 
-def pending_call(saga: Saga) -> Dispatch | None:
-    """The one call the saga is waiting on, if any: what recovery re-sends after a crash."""
-    if saga.state not in (SagaState.RUNNING, SagaState.COMPENSATING):
-        return None
-    for index, step in enumerate(saga.steps):
-        if step.state is StepState.RUNNING:
-            op, attempt = Operation.EXECUTE, step.execute_attempts
-        elif step.state is StepState.COMPENSATING:
-            op, attempt = Operation.COMPENSATE, step.compensate_attempts
-        else:
-            continue
-        return Dispatch(
-            op, index, attempt, request_id(saga.saga_id, step.name, op), step.next_attempt_at
-        )
-    return None
-
-
 def check_cancellable(saga: Saga) -> None:
     """Raise SagaNotCancellable unless a cancellation would compensate the saga.
 
@@ -183,7 +168,7 @@ def _cancel(saga: Saga, reason: str, in_flight: bool, now: datetime) -> Decision
         return _next_compensation(saga, now)
     # The attempt is in flight: its answer comes first (and its output goes to the
     # compensation); after a restart it is re-sent with the same request_id and then undone.
-    return _changed(saga, now, ())
+    return _changed(saga, now)
 
 
 def _on_execute_answer(saga: Saga, index: int, outcome: Outcome, now: datetime) -> Decision:
@@ -204,9 +189,7 @@ def _on_execute_answer(saga: Saga, index: int, outcome: Outcome, now: datetime) 
                 return _next_compensation(saga, now)
             if index + 1 < len(saga.steps):
                 return _begin_execute(saga, index + 1, now)
-            return _changed(
-                dataclasses.replace(saga, state=SagaState.SUCCEEDED, ended_at=now), now, ()
-            )
+            return _changed(dataclasses.replace(saga, state=SagaState.SUCCEEDED, ended_at=now), now)
         case Rejected():
             saga = _fail_step(saga, index, StepState.REJECTED, _failure_of(outcome), now)
             if definition.kind is StepKind.RETRIABLE and not cancelled:
@@ -260,9 +243,7 @@ def _on_compensate_answer(saga: Saga, index: int, outcome: Outcome, now: datetim
 
 def _begin_execute(saga: Saga, index: int, now: datetime) -> Decision:
     saga = _set_step(saga, index, state=StepState.RUNNING, execute_attempts=1, started_at=now)
-    step = saga.steps[index]
-    rid = request_id(saga.saga_id, step.name, Operation.EXECUTE)
-    return _changed(saga, now, (Dispatch(Operation.EXECUTE, index, 1, rid),))
+    return _changed(saga, now, dispatches=True)
 
 
 def _retry(
@@ -282,7 +263,7 @@ def _retry(
         attempt + 1
     )
     saga = _set_step(saga, index, **changes)
-    return _changed(saga, now, (Dispatch(operation, index, attempt + 1, rid, due),))
+    return _changed(saga, now, dispatches=True)
 
 
 def _next_compensation(saga: Saga, now: datetime) -> Decision:
@@ -303,9 +284,8 @@ def _next_compensation(saga: Saga, now: datetime) -> Decision:
             compensate_attempts=1,
             next_attempt_at=None,
         )
-        rid = request_id(saga.saga_id, step.name, Operation.COMPENSATE)
-        return _changed(saga, now, (Dispatch(Operation.COMPENSATE, index, 1, rid),))
-    return _changed(dataclasses.replace(saga, state=SagaState.COMPENSATED, ended_at=now), now, ())
+        return _changed(saga, now, dispatches=True)
+    return _changed(dataclasses.replace(saga, state=SagaState.COMPENSATED, ended_at=now), now)
 
 
 def _fail_step(saga: Saga, index: int, state: StepState, failure: _Failure, now: datetime) -> Saga:
@@ -326,7 +306,7 @@ def _compensation_failed(saga: Saga, index: int, failure: _Failure, now: datetim
 
 def _needs_attention(saga: Saga, failure: Failure, now: datetime) -> Decision:
     saga = dataclasses.replace(saga, state=SagaState.NEEDS_ATTENTION, ended_at=now, failure=failure)
-    return _changed(saga, now, ())
+    return _changed(saga, now)
 
 
 def _failure_at(saga: Saga, index: int) -> Failure:
@@ -345,5 +325,13 @@ def _set_step(saga: Saga, index: int, **changes: Any) -> Saga:
     return dataclasses.replace(saga, steps=tuple(steps))
 
 
-def _changed(saga: Saga, now: datetime, commands: tuple[Dispatch, ...]) -> Decision:
-    return Decision(dataclasses.replace(saga, version=saga.version + 1, updated_at=now), commands)
+def _changed(saga: Saga, now: datetime, *, dispatches: bool = False) -> Decision:
+    saga = dataclasses.replace(saga, version=saga.version + 1, updated_at=now)
+    return Decision(saga, dispatches=dispatches)
+
+
+def changed_steps(before: Saga, after: Saga) -> tuple[int, ...]:
+    """The steps that ``after`` changed: the core replaces only the steps it moves, so identity
+    tells them apart without comparing their contents."""
+    pairs = zip(before.steps, after.steps, strict=True)
+    return tuple(index for index, (old, new) in enumerate(pairs) if old is not new)

@@ -120,9 +120,22 @@ def _check_decision(before: Saga, decision: Decision) -> None:
     """What holds for every single decision."""
     saga = decision.saga
     assert len(decision.commands) <= 1
-    if decision.commands:
-        # The dispatch is exactly what recovery would re-send from the stored saga.
-        assert decision.commands[0] == pending_call(saga)
+    due, was_due = pending_call(saga), pending_call(before)
+    if decision.dispatches:
+        # A dispatch is a new attempt: recovery would send it, and it was not due before.
+        assert due is not None
+        assert was_due is None or (due.operation, due.step, due.attempt) != (
+            was_due.operation,
+            was_due.step,
+            was_due.attempt,
+        )
+    elif due is not None and was_due is not None:
+        # No dispatch: whatever is due was already due (a call in flight stays the same call).
+        assert (due.operation, due.step, due.attempt) == (
+            was_due.operation,
+            was_due.step,
+            was_due.attempt,
+        )
     if not decision.changed:
         assert saga == before
         assert decision.commands == ()
