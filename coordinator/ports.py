@@ -55,11 +55,15 @@ class SagaStore(Protocol):
         """
         ...
 
-    async def commit(self, saga: Saga, event: RecordedEvent) -> None:
+    async def commit(
+        self, saga: Saga, event: RecordedEvent, changed_steps: Sequence[int] | None = None
+    ) -> None:
         """Store the saga's new state with the event that led to it.
 
         The stored saga must be at version ``saga.version - 1``, and ``event.sequence`` must be
         ``saga.version``; otherwise raise ``ConcurrentUpdate`` and store nothing.
+        ``changed_steps`` names the steps that differ from version ``saga.version - 1`` (None:
+        any may): a store may write only those.
         """
         ...
 

@@ -50,7 +50,9 @@ class MemoryStore:
         self._rows[saga.saga_id] = _Row(saga, fingerprint, [event])
         return saga, True
 
-    async def commit(self, saga: Saga, event: RecordedEvent) -> None:
+    async def commit(
+        self, saga: Saga, event: RecordedEvent, changed_steps: Sequence[int] | None = None
+    ) -> None:
         """Store the saga's new state with its event; see ``SagaStore.commit``."""
         self._check_open()
         check_commit(saga, event)

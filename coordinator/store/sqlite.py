@@ -12,23 +12,14 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from coordinator.core.events import RecordedEvent
 from coordinator.core.model import Saga
 from coordinator.ports import ListCursor, SagaFilter, SagaPage
-from coordinator.store.codec import (
-    decode_datetime,
-    decode_event,
-    decode_saga,
-    encode_datetime,
-    encode_event,
-    encode_saga,
-    event_type,
-)
-from coordinator.store.errors import StoreClosed, StoreCorrupt
+from coordinator.store.errors import StoreClosed
+from coordinator.store.packing import to_micros
 from coordinator.store.rules import (
     UNFINISHED,
     already_exists,
@@ -39,6 +30,23 @@ from coordinator.store.rules import (
     stale,
 )
 from coordinator.store.sqlite_errors import translate
+from coordinator.store.sqlite_rows import (
+    INSERT_EVENT,
+    INSERT_SAGA,
+    INSERT_STEP,
+    SAGA_COLUMNS,
+    UPDATE_SAGA,
+    UPDATE_STEP,
+    Definitions,
+    event_row,
+    read_events,
+    read_saga,
+    read_sagas,
+    saga_row,
+    saga_update,
+    step_rows,
+    step_updates,
+)
 from coordinator.store.sqlite_schema import (
     SYNCHRONOUS_MODES,
     load_migrations,
@@ -49,26 +57,11 @@ from coordinator.store.sqlite_writer import GroupCommitWriter, WriterStats
 
 T = TypeVar("T")
 
-_SELECT_FOR_CREATE = "SELECT fingerprint, body FROM sagas WHERE saga_id = ?"
-_INSERT_SAGA = """
-INSERT INTO sagas (saga_id, definition_name, definition_version, state, created_at, updated_at,
-                   version, fingerprint, body)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
-_UPDATE_SAGA = """
-UPDATE sagas SET state = ?, updated_at = ?, version = ?, body = ?
-WHERE saga_id = ? AND version = ?
-"""
+_SELECT_FOR_CREATE = "SELECT fingerprint FROM sagas WHERE saga_id = ?"
 _SELECT_VERSION = "SELECT version FROM sagas WHERE saga_id = ?"
-_INSERT_EVENT = """
-INSERT INTO saga_events (saga_id, sequence, recorded_at, type, body) VALUES (?, ?, ?, ?, ?)
-"""
-_SELECT_SAGA = "SELECT body FROM sagas WHERE saga_id = ?"
-_SELECT_EVENTS = """
-SELECT sequence, recorded_at, body FROM saga_events WHERE saga_id = ? ORDER BY sequence
-"""
 _SELECT_UNFINISHED = f"""
-SELECT body FROM sagas WHERE state IN ({", ".join(f"'{state}'" for state in sorted(UNFINISHED))})
+SELECT {SAGA_COLUMNS} FROM sagas
+WHERE state IN ({", ".join(f"'{state}'" for state in sorted(UNFINISHED))})
 ORDER BY created_at, saga_id
 """
 
@@ -93,6 +86,7 @@ class SqliteStore:
         self._reader_thread = reader_thread
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
+        self._definitions = Definitions()
 
     @classmethod
     async def open(
@@ -161,53 +155,53 @@ class SqliteStore:
         """Store a new saga with its first event; see ``SagaStore.create``."""
         self._check_open()
         check_creation(saga, event)
-        saga_row = (
-            saga.saga_id,
-            saga.definition.name,
-            saga.definition.version,
-            saga.state.value,
-            encode_datetime(saga.created_at),
-            encode_datetime(saga.updated_at),
-            saga.version,
-            fingerprint,
-            encode_saga(saga),
-        )
-        event_row = _event_row(event)
+        definitions = self._definitions
+        known_definition = definitions.known_id(saga.definition)
+        steps = step_rows(saga)
+        event_params = event_row(event)
 
-        def create(connection: sqlite3.Connection) -> tuple[Saga, bool]:
+        def create(connection: sqlite3.Connection) -> tuple[Saga | None, int]:
             # Inside the writer's transaction: a concurrent create of the same id, even in the
             # same batch, runs before or after this one, never in between.
             found = connection.execute(_SELECT_FOR_CREATE, (saga.saga_id,)).fetchone()
             if found is not None:
-                stored_fingerprint, body = found
-                if stored_fingerprint == fingerprint:
-                    return decode_saga(body), False
+                if found[0] == fingerprint:
+                    return read_saga(connection, definitions, saga.saga_id), -1
                 raise already_exists(saga.saga_id)
-            connection.execute(_INSERT_SAGA, saga_row)
-            connection.execute(_INSERT_EVENT, event_row)
-            return saga, True
+            definition_id = known_definition
+            if definition_id is None:
+                definition_id = definitions.store(connection, saga.definition)
+            connection.execute(INSERT_SAGA, saga_row(saga, definition_id, fingerprint))
+            connection.executemany(INSERT_STEP, steps)
+            connection.execute(INSERT_EVENT, event_params)
+            return None, definition_id
 
-        return await self._writer.submit(create, f"creating saga {saga.saga_id}")
+        stored, definition_id = await self._writer.submit(create, f"creating saga {saga.saga_id}")
+        if stored is not None:
+            return stored, False
+        # Only now is the definition's row known to be committed.
+        definitions.remember(saga.definition, definition_id)
+        return saga, True
 
-    async def commit(self, saga: Saga, event: RecordedEvent) -> None:
+    async def commit(
+        self, saga: Saga, event: RecordedEvent, changed_steps: Sequence[int] | None = None
+    ) -> None:
         """Store the saga's new state with its event; see ``SagaStore.commit``."""
         self._check_open()
         check_commit(saga, event)
-        update = (
-            saga.state.value,
-            encode_datetime(saga.updated_at),
-            saga.version,
-            encode_saga(saga),
-            saga.saga_id,
-            saga.version - 1,
+        update = saga_update(saga)
+        steps = step_updates(
+            saga, range(len(saga.steps)) if changed_steps is None else changed_steps
         )
-        event_row = _event_row(event)
+        event_params = event_row(event)
 
         def commit(connection: sqlite3.Connection) -> None:
-            if connection.execute(_UPDATE_SAGA, update).rowcount != 1:
+            if connection.execute(UPDATE_SAGA, update).rowcount != 1:
                 found = connection.execute(_SELECT_VERSION, (saga.saga_id,)).fetchone()
                 raise stale(saga, None if found is None else found[0])
-            connection.execute(_INSERT_EVENT, event_row)
+            if steps:
+                connection.executemany(UPDATE_STEP, steps)
+            connection.execute(INSERT_EVENT, event_params)
 
         await self._writer.submit(commit, f"committing saga {saga.saga_id} v{saga.version}")
 
@@ -215,10 +209,10 @@ class SqliteStore:
 
     async def get(self, saga_id: str) -> Saga | None:
         """The saga, or None."""
+        definitions = self._definitions
 
         def get(connection: sqlite3.Connection) -> Saga | None:
-            found = connection.execute(_SELECT_SAGA, (saga_id,)).fetchone()
-            return None if found is None else decode_saga(found[0])
+            return read_saga(connection, definitions, saga_id)
 
         return await self._read(get, f"reading saga {saga_id}")
 
@@ -230,14 +224,14 @@ class SqliteStore:
             # Keyset pagination: resume strictly after the last row seen, however rows were
             # added meanwhile; (created_at, saga_id) is unique, so nothing is seen twice.
             clauses.append("(created_at, saga_id) > (?, ?)")
-            params.extend((encode_datetime(after.created_at), after.saga_id))
+            params.extend((to_micros(after.created_at), after.saga_id))
         where_sql = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT body FROM sagas {where_sql} ORDER BY created_at, saga_id LIMIT ?"
+        sql = f"SELECT {SAGA_COLUMNS} FROM sagas {where_sql} ORDER BY created_at, saga_id LIMIT ?"
         params.append(limit + 1)  # one more than asked tells whether another page exists
+        definitions = self._definitions
 
         def list_sagas(connection: sqlite3.Connection) -> SagaPage:
-            rows = connection.execute(sql, params).fetchall()
-            return page_of([decode_saga(body) for (body,) in rows], limit)
+            return page_of(read_sagas(connection, definitions, sql, params), limit)
 
         return await self._read(list_sagas, "listing sagas")
 
@@ -256,22 +250,20 @@ class SqliteStore:
 
     async def events(self, saga_id: str) -> Sequence[RecordedEvent]:
         """The saga's event log, in order (empty if the saga does not exist)."""
+        definitions = self._definitions
 
         def events(connection: sqlite3.Connection) -> Sequence[RecordedEvent]:
-            rows = connection.execute(_SELECT_EVENTS, (saga_id,)).fetchall()
-            return tuple(
-                RecordedEvent(saga_id, sequence, _datetime(recorded_at), decode_event(body))
-                for sequence, recorded_at, body in rows
-            )
+            saga = read_saga(connection, definitions, saga_id)
+            return () if saga is None else read_events(connection, definitions, saga)
 
         return await self._read(events, f"reading the events of saga {saga_id}")
 
     async def unfinished(self) -> Sequence[Saga]:
         """Every saga that is RUNNING or COMPENSATING, oldest first."""
+        definitions = self._definitions
 
         def unfinished(connection: sqlite3.Connection) -> Sequence[Saga]:
-            rows = connection.execute(_SELECT_UNFINISHED).fetchall()
-            return tuple(decode_saga(body) for (body,) in rows)
+            return tuple(read_sagas(connection, definitions, _SELECT_UNFINISHED, ()))
 
         return await self._read(unfinished, "reading the unfinished sagas")
 
@@ -305,30 +297,13 @@ class SqliteStore:
             try:
                 return query(self._reader)
             except sqlite3.Error as error:
-                raise translate(error, doing) from error
+                raise translate(error, f"{doing} in {self._path}") from error
 
         return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed(f"the saga store {self._path} is closed")
-
-
-def _event_row(event: RecordedEvent) -> tuple[str, int, str, str, str]:
-    return (
-        event.saga_id,
-        event.sequence,
-        encode_datetime(event.recorded_at),
-        event_type(event.event),
-        encode_event(event.event),
-    )
-
-
-def _datetime(text: str) -> datetime:
-    try:
-        return decode_datetime(text)
-    except (TypeError, ValueError) as error:
-        raise StoreCorrupt(f"stored time {text!r} cannot be decoded") from error
 
 
 def _filter_sql(where: SagaFilter) -> tuple[list[str], list[Any]]:

@@ -230,7 +230,7 @@ class StoredSaga:
 
     state: str
     version: int
-    body: str
+    input: bytes
     events: int
     creations: int
 
@@ -249,9 +249,9 @@ def stored_sagas(database: Path) -> dict[str, StoredSaga]:
             )
         }
         return {
-            saga_id: StoredSaga(state, version, body, *events.get(saga_id, (0, 0)))
-            for saga_id, state, version, body in db.execute(
-                "SELECT saga_id, state, version, body FROM sagas"
+            saga_id: StoredSaga(state, version, input_, *events.get(saga_id, (0, 0)))
+            for saga_id, state, version, input_ in db.execute(
+                "SELECT saga_id, state, version, input FROM sagas"
             )
         }
 

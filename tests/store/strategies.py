@@ -26,7 +26,7 @@ from coordinator.core.events import (
     Succeeded,
     Transient,
 )
-from coordinator.core.machine import decide, pending_call, start
+from coordinator.core.machine import changed_steps, decide, pending_call, start
 from coordinator.core.model import (
     Failure,
     Operation,
@@ -159,9 +159,13 @@ class SagaHistory:
         """The saga after its last event."""
         return self.sagas[-1]
 
-    def commits(self) -> list[tuple[Saga, RecordedEvent]]:
-        """What the engine commits after the creation: each saga with the event that made it."""
-        return list(zip(self.sagas[1:], self.log[1:], strict=True))
+    def commits(self) -> list[tuple[Saga, RecordedEvent, tuple[int, ...]]]:
+        """What the engine commits after the creation: each saga with the event that made it
+        and the steps that event changed."""
+        return [
+            (saga, event, changed_steps(before, saga))
+            for before, saga, event in zip(self.sagas, self.sagas[1:], self.log[1:], strict=False)
+        ]
 
 
 def quick_retry(max_attempts: int = 2) -> RetryPolicy:

@@ -51,8 +51,8 @@ SCENARIOS = {
 async def store_history(store: SagaStore, history: SagaHistory, upto: int | None = None) -> None:
     """Create the saga, then commit its events (all, or the first ``upto``), as the engine does."""
     await store.create(history.first, history.log[0], FINGERPRINT)
-    for saga, event in history.commits()[:upto]:
-        await store.commit(saga, event)
+    for saga, event, changed in history.commits()[:upto]:
+        await store.commit(saga, event, changed)
 
 
 async def all_pages(store: SagaStore, where: SagaFilter, limit: int) -> list[list[str]]:
@@ -182,7 +182,7 @@ class StoreContract:
     ) -> None:
         history = run_history("s-1", [OK, OK, OK])
         await store_history(store, history, upto=1)
-        (v2, e2), _, (v4, e4) = history.commits()
+        (v2, e2, _), _, (v4, e4, _) = history.commits()
 
         with pytest.raises(ConcurrentUpdate, match="version 2"):
             await store.commit(v2, e2)  # already applied: the stored saga is past it
@@ -214,7 +214,7 @@ class StoreContract:
     async def test_commit_of_an_unknown_saga_raises_concurrent_update(
         self, store: SagaStore
     ) -> None:
-        saga, event = run_history("s-1", [OK]).commits()[0]
+        saga, event, _ = run_history("s-1", [OK]).commits()[0]
 
         with pytest.raises(ConcurrentUpdate, match="does not exist"):
             await store.commit(saga, event)
@@ -226,7 +226,7 @@ class StoreContract:
     ) -> None:
         history = run_history("s-1", [OK, OK])
         await store_history(store, history, upto=0)
-        (v2, _), (_, e3) = history.commits()
+        (v2, _, _), (_, e3, _) = history.commits()
 
         with pytest.raises(ConcurrentUpdate, match="event 3"):
             await store.commit(v2, e3)

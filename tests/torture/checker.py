@@ -22,8 +22,8 @@ from typing import Any
 from coordinator.core.events import Event, SagaCreated
 from coordinator.core.machine import decide, start
 from coordinator.core.model import Saga, SagaState, StepKind, StepState
-from coordinator.store.codec import decode_datetime, decode_event, decode_saga
 from coordinator.store.errors import StoreCorrupt
+from coordinator.store.sqlite_rows import Definitions, read_events, read_saga
 from tests.torture.scenario import STEP_NAMES, plan_of_input
 
 MUST_BE_ZERO = (
@@ -201,30 +201,28 @@ def _read_rows(
     sagas: dict[str, Saga],
     logs: dict[str, list[RecordedRow]],
 ) -> None:
+    definitions = Definitions()
     with contextlib.closing(read_only(database)) as db:
-        for saga_id, state, version, body in db.execute(
-            "SELECT saga_id, state, version, body FROM sagas"
-        ):
+        for (saga_id,) in db.execute("SELECT saga_id FROM sagas").fetchall():
             try:
-                saga = decode_saga(body)
+                saga = read_saga(db, definitions, saga_id)
             except StoreCorrupt as error:
                 report.violation("replay_mismatches", f"{saga_id}: row undecodable: {error}")
                 continue
-            if saga.saga_id != saga_id or saga.state.value != state or saga.version != version:
-                report.violation(
-                    "replay_mismatches",
-                    f"{saga_id}: columns ({state}, v{version}) disagree with the body "
-                    f"({saga.state}, v{saga.version})",
-                )
+            assert saga is not None
             sagas[saga_id] = saga
-        for saga_id, sequence, recorded_at, body in db.execute(
-            "SELECT saga_id, sequence, recorded_at, body FROM saga_events "
-            "ORDER BY saga_id, sequence"
-        ):
             try:
-                logs[saga_id].append((sequence, decode_datetime(recorded_at), decode_event(body)))
+                events = read_events(db, definitions, saga)
             except (StoreCorrupt, ValueError) as error:
-                report.violation("replay_mismatches", f"{saga_id}#{sequence}: {error}")
+                report.violation("replay_mismatches", f"{saga_id}: events undecodable: {error}")
+                continue
+            logs[saga_id].extend((e.sequence, e.recorded_at, e.event) for e in events)
+        orphans = db.execute(
+            "SELECT DISTINCT saga_id FROM saga_events"
+            " WHERE saga_id NOT IN (SELECT saga_id FROM sagas)"
+        )
+        for (saga_id,) in orphans:
+            logs.setdefault(saga_id, [])
 
 
 def _check_replay(report: CheckReport, stored: Saga, log: Sequence[RecordedRow]) -> None:

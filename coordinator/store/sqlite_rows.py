@@ -1,0 +1,300 @@
+"""Sagas as SQLite rows: what a creation and a commit write, and sagas and events read back.
+
+A saga is a row of ``sagas`` (what it is and the few fields that change), one row of
+``saga_steps`` per step, and its definition, stored once in ``definitions``. A commit writes the
+saga's changing columns, the steps that changed, and one event.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from coordinator.core.events import RecordedEvent, SagaCreated
+from coordinator.core.model import Saga, SagaDefinition, SagaState, StepRun, StepState
+from coordinator.store.errors import StoreCorrupt
+from coordinator.store.packing import (
+    digest,
+    event_type,
+    from_micros,
+    from_optional_micros,
+    optional_micros,
+    pack_definition,
+    pack_event,
+    pack_failure,
+    pack_headers,
+    to_micros,
+    unpack_definition,
+    unpack_event,
+    unpack_failure,
+    unpack_headers,
+)
+
+SAGA_COLUMNS = (
+    "saga_id, definition_id, state, created_at, updated_at, ended_at, version, input, failure, "
+    "cancel_reason, trace_context"
+)
+_STEP_COLUMNS = (
+    "state, execute_attempts, compensate_attempts, output, failure, next_attempt_at, started_at, "
+    "ended_at"
+)
+_INSERT_DEFINITION = """
+INSERT INTO definitions (name, version, digest, body) VALUES (?, ?, ?, ?)
+ON CONFLICT (digest) DO NOTHING
+"""
+_SELECT_DEFINITION_ID = "SELECT definition_id FROM definitions WHERE digest = ?"
+_SELECT_DEFINITION = "SELECT body FROM definitions WHERE definition_id = ?"
+INSERT_SAGA = f"""
+INSERT INTO sagas ({SAGA_COLUMNS}, definition_name, definition_version, fingerprint)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+INSERT_STEP = (
+    f"INSERT INTO saga_steps (saga_id, step, {_STEP_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+UPDATE_SAGA = """
+UPDATE sagas SET state = ?, updated_at = ?, ended_at = ?, version = ?, failure = ?,
+                 cancel_reason = ?
+WHERE saga_id = ? AND version = ?
+"""
+UPDATE_STEP = """
+UPDATE saga_steps SET state = ?, execute_attempts = ?, compensate_attempts = ?, output = ?,
+                      failure = ?, next_attempt_at = ?, started_at = ?, ended_at = ?
+WHERE saga_id = ? AND step = ?
+"""
+INSERT_EVENT = """
+INSERT INTO saga_events (saga_id, sequence, recorded_at, type, body) VALUES (?, ?, ?, ?, ?)
+"""
+_SELECT_STEPS = f"SELECT {_STEP_COLUMNS} FROM saga_steps WHERE saga_id = ? ORDER BY step"
+_SELECT_STEPS_OF_SAGAS = f"""
+SELECT saga_id, {_STEP_COLUMNS} FROM saga_steps WHERE saga_id IN (SELECT value FROM json_each(?))
+ORDER BY saga_id, step
+"""
+_SELECT_EVENTS = """
+SELECT sequence, recorded_at, type, body FROM saga_events WHERE saga_id = ? ORDER BY sequence
+"""
+
+
+class Definitions:
+    """The stored definitions and their ids, cached in both directions.
+
+    Shared by the writer and the reader thread: entries are only ever added, and an id is only
+    cached once it is known to be committed (``remember`` after the write, ``definition`` read
+    from committed rows), so a rolled-back insert never leaves a dangling id behind.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[int, tuple[SagaDefinition, int]] = {}
+        self._definitions: dict[int, SagaDefinition] = {}
+
+    def known_id(self, definition: SagaDefinition) -> int | None:
+        """The id of this very definition object, when it is known to be stored."""
+        found = self._ids.get(id(definition))
+        return None if found is None else found[1]
+
+    def store(self, connection: sqlite3.Connection, definition: SagaDefinition) -> int:
+        """Inside a write transaction: the id of ``definition``, stored if it is new."""
+        body = pack_definition(definition)
+        key = digest(body)
+        connection.execute(_INSERT_DEFINITION, (definition.name, definition.version, key, body))
+        (definition_id,) = connection.execute(_SELECT_DEFINITION_ID, (key,)).fetchone()
+        return int(definition_id)
+
+    def remember(self, definition: SagaDefinition, definition_id: int) -> None:
+        """Cache a committed definition's id."""
+        # Keyed by identity, holding the object: the id cannot be reused by another object.
+        self._ids[id(definition)] = (definition, definition_id)
+        self._definitions.setdefault(definition_id, definition)
+
+    def definition(self, connection: sqlite3.Connection, definition_id: int) -> SagaDefinition:
+        """The stored definition with this id."""
+        found = self._definitions.get(definition_id)
+        if found is None:
+            row = connection.execute(_SELECT_DEFINITION, (definition_id,)).fetchone()
+            if row is None:
+                raise StoreCorrupt(f"a saga refers to definition {definition_id}, which is missing")
+            found = unpack_definition(row[0])
+            found = self._definitions.setdefault(definition_id, found)
+            self._ids.setdefault(id(found), (found, definition_id))
+        return found
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def saga_row(saga: Saga, definition_id: int, fingerprint: str) -> tuple[Any, ...]:
+    """The parameters of ``INSERT_SAGA``."""
+    return (
+        saga.saga_id,
+        definition_id,
+        saga.state.value,
+        to_micros(saga.created_at),
+        to_micros(saga.updated_at),
+        optional_micros(saga.ended_at),
+        saga.version,
+        saga.input,
+        pack_failure(saga.failure),
+        saga.cancel_reason,
+        pack_headers(saga.trace_context),
+        saga.definition.name,
+        saga.definition.version,
+        fingerprint,
+    )
+
+
+def step_rows(saga: Saga) -> list[tuple[Any, ...]]:
+    """The parameters of ``INSERT_STEP`` for every step of a new saga."""
+    return [(saga.saga_id, index, *_step_fields(step)) for index, step in enumerate(saga.steps)]
+
+
+def saga_update(saga: Saga) -> tuple[Any, ...]:
+    """The parameters of ``UPDATE_SAGA``: the saga's changing columns, from version - 1."""
+    return (
+        saga.state.value,
+        to_micros(saga.updated_at),
+        optional_micros(saga.ended_at),
+        saga.version,
+        pack_failure(saga.failure),
+        saga.cancel_reason,
+        saga.saga_id,
+        saga.version - 1,
+    )
+
+
+def step_updates(saga: Saga, steps: Iterable[int]) -> list[tuple[Any, ...]]:
+    """The parameters of ``UPDATE_STEP`` for the steps that changed."""
+    return [(*_step_fields(saga.steps[index]), saga.saga_id, index) for index in steps]
+
+
+def event_row(event: RecordedEvent) -> tuple[str, int, int, str, bytes]:
+    """The parameters of ``INSERT_EVENT``."""
+    return (
+        event.saga_id,
+        event.sequence,
+        to_micros(event.recorded_at),
+        event_type(event.event),
+        pack_event(event.event),
+    )
+
+
+def _step_fields(step: StepRun) -> tuple[Any, ...]:
+    return (
+        step.state.value,
+        step.execute_attempts,
+        step.compensate_attempts,
+        step.output,
+        pack_failure(step.failure),
+        optional_micros(step.next_attempt_at),
+        optional_micros(step.started_at),
+        optional_micros(step.ended_at),
+    )
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read_saga(
+    connection: sqlite3.Connection, definitions: Definitions, saga_id: str
+) -> Saga | None:
+    """The saga with this id, or None."""
+    row = connection.execute(
+        f"SELECT {SAGA_COLUMNS} FROM sagas WHERE saga_id = ?", (saga_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    steps = connection.execute(_SELECT_STEPS, (saga_id,)).fetchall()
+    return _saga(connection, definitions, row, steps)
+
+
+def read_sagas(
+    connection: sqlite3.Connection, definitions: Definitions, sql: str, params: Sequence[Any]
+) -> list[Saga]:
+    """The sagas of a query that selects ``SAGA_COLUMNS``, in its order, with their steps."""
+    rows = connection.execute(sql, params).fetchall()
+    if not rows:
+        return []
+    ids = [row[0] for row in rows]
+    steps: dict[str, list[tuple[Any, ...]]] = {saga_id: [] for saga_id in ids}
+    # The ids travel as one JSON array: any number of them, in one statement.
+    for saga_id, *fields in connection.execute(_SELECT_STEPS_OF_SAGAS, (json.dumps(ids),)):
+        steps[saga_id].append(tuple(fields))
+    return [_saga(connection, definitions, row, steps[row[0]]) for row in rows]
+
+
+def read_events(
+    connection: sqlite3.Connection, definitions: Definitions, saga: Saga
+) -> tuple[RecordedEvent, ...]:
+    """The saga's event log, in order."""
+    rows = connection.execute(_SELECT_EVENTS, (saga.saga_id,)).fetchall()
+    return events_of(saga, rows)
+
+
+def events_of(saga: Saga, rows: Iterable[tuple[int, int, str, bytes]]) -> tuple[RecordedEvent, ...]:
+    """Recorded events of ``saga`` from rows of (sequence, recorded_at, type, body)."""
+
+    def created() -> SagaCreated:
+        return SagaCreated(saga.saga_id, saga.definition, saga.input, saga.trace_context)
+
+    return tuple(
+        RecordedEvent(saga.saga_id, sequence, from_micros(at), unpack_event(kind, body, created))
+        for sequence, at, kind, body in rows
+    )
+
+
+def _saga(
+    connection: sqlite3.Connection,
+    definitions: Definitions,
+    row: Sequence[Any],
+    step_rows: Sequence[Sequence[Any]],
+) -> Saga:
+    (
+        saga_id,
+        definition_id,
+        state,
+        created_at,
+        updated_at,
+        ended_at,
+        version,
+        input_,
+        failure,
+        cancel_reason,
+        trace_context,
+    ) = row
+    definition = definitions.definition(connection, definition_id)
+    if len(step_rows) != len(definition.steps):
+        raise StoreCorrupt(
+            f"saga {saga_id} has {len(step_rows)} stored steps; its definition has "
+            f"{len(definition.steps)}"
+        )
+    try:
+        steps = tuple(
+            StepRun(
+                name=step.name,
+                state=StepState(fields[0]),
+                execute_attempts=fields[1],
+                compensate_attempts=fields[2],
+                output=fields[3],
+                failure=unpack_failure(fields[4]),
+                next_attempt_at=from_optional_micros(fields[5]),
+                started_at=from_optional_micros(fields[6]),
+                ended_at=from_optional_micros(fields[7]),
+            )
+            for step, fields in zip(definition.steps, step_rows, strict=True)
+        )
+        return Saga(
+            saga_id=saga_id,
+            definition=definition,
+            input=input_,
+            state=SagaState(state),
+            steps=steps,
+            created_at=from_micros(created_at),
+            updated_at=from_micros(updated_at),
+            version=version,
+            ended_at=from_optional_micros(ended_at),
+            failure=unpack_failure(failure),
+            cancel_reason=cancel_reason,
+            trace_context=unpack_headers(trace_context),
+        )
+    except ValueError as error:
+        raise StoreCorrupt(f"saga {saga_id} cannot be read back: {error}") from error
