@@ -21,22 +21,22 @@ from coordinator.core.errors import (
     ShuttingDown,
     StorageFailure,
     StorageUnavailable,
-    WatcherTooSlow,
 )
 from coordinator.core.events import (
     CallAnswered,
     CancelRequested,
-    Dispatch,
     Event,
     RecordedEvent,
     SagaCreated,
-    Succeeded,
+    pending_call,
 )
-from coordinator.core.machine import check_cancellable, decide, pending_call, start
+from coordinator.core.machine import changed_steps, check_cancellable, decide, start
 from coordinator.core.model import Operation, Saga, SagaState
 from coordinator.crashpoints import NO_CRASH_POINTS, CrashPoint, CrashPoints
+from coordinator.observer import SagaObserver
 from coordinator.ports import Clock, ListCursor, ParticipantGateway, SagaFilter, SagaPage, SagaStore
-from coordinator.telemetry import TRACEPARENT, SagaTelemetry
+from coordinator.telemetry import SagaTelemetry
+from coordinator.watchers import SagaChange, SagaWatchers
 
 log = logging.getLogger("coordinator.engine")
 
@@ -53,20 +53,6 @@ class EngineSettings:
     """Longest delay, in seconds, between retries of a write the store could not take."""
 
 
-@dataclass(frozen=True)
-class SagaChange:
-    """One state of a watched saga: the saga, and the event that led to it (None at first)."""
-
-    saga: Saga
-    event: RecordedEvent | None
-
-
-@dataclass(eq=False)
-class _Watcher:
-    queue: asyncio.Queue[SagaChange | None] = field(default_factory=asyncio.Queue)
-    overflowed: bool = False
-
-
 @dataclass
 class _Active:
     """A saga this process is moving forward: its latest committed state and its runner."""
@@ -77,8 +63,6 @@ class _Active:
     runner: asyncio.Task[None] | None = None
     in_flight: bool = False
     """The runner has decided to send the pending call and has not applied its answer yet."""
-    states: list[SagaState] | None = None
-    """The saga's state after each event, when this process saw them all (for its trace)."""
 
 
 def fingerprint(definition: str, version: int, payload: bytes) -> str:
@@ -90,19 +74,12 @@ def fingerprint(definition: str, version: int, payload: bytes) -> str:
     return digest.hexdigest()
 
 
-def _about(saga: Saga, step: str | None = None) -> dict[str, str]:
-    """What a log line about a saga carries: its id, the step, and the saga's trace id."""
-    extra = {"saga_id": saga.saga_id}
-    if step is not None:
-        extra["step"] = step
-    traceparent = saga.trace_context.get(TRACEPARENT, "")
-    if traceparent.count("-") == 3:
-        extra["trace_id"] = traceparent.split("-")[1]
-    return extra
-
-
 class Engine:
-    """Runs sagas: decides with the core, commits with the store, then calls participants."""
+    """Runs sagas: decides with the core, commits with the store, then calls participants.
+
+    Watchers of sagas (``SagaWatchers``) and logs, metrics and traces (``SagaObserver``) are
+    collaborators it hands each committed change to; it orchestrates and nothing else.
+    """
 
     def __init__(
         self,
@@ -125,12 +102,11 @@ class Engine:
         self._settings = settings or EngineSettings()
         self._new_id = new_id
         self._on_fatal = on_fatal
-        self._log_payloads = log_payloads
         self._crash = crash_points
         self._telemetry = telemetry or SagaTelemetry()
-        self._exports: set[asyncio.Task[None]] = set()
+        self._observer = SagaObserver(self._telemetry, store, log_payloads=log_payloads)
+        self._watchers = SagaWatchers(self._settings.watch_buffer)
         self._active: dict[str, _Active] = {}
-        self._watchers: dict[str, set[_Watcher]] = {}
         self._stopping = False
         self._last_now: datetime | None = None
 
@@ -204,12 +180,9 @@ class Engine:
             raise
         if is_new:
             self._crash.reach(CrashPoint.AFTER_CREATE_COMMIT)
-            self._telemetry.saga_started(saga)
-            log.info("saga created (%s v%d)", resolved.name, resolved.version, extra=_about(saga))
-            if self._log_payloads:
-                log.info("saga input: %r", payload[:4096], extra=_about(saga))
-            self._publish(SagaChange(saga, record))
-            self._activate(saga, [saga.state])
+            self._observer.created(saga)
+            self._watchers.publish(SagaChange(saga, record))
+            self._activate(saga)
         elif saga_id in self._active:
             saga = self._active[saga_id].saga
         elif not saga.state.is_settled:
@@ -256,44 +229,16 @@ class Engine:
             await self._apply_locked(active, CancelRequested(reason, active.in_flight))
             return active.saga
 
-    async def watch(self, saga_id: str, *, ending_only: bool = False) -> AsyncIterator[SagaChange]:
+    def watch(self, saga_id: str, *, ending_only: bool = False) -> AsyncIterator[SagaChange]:
         """The saga's current state, then every change in order, until it settles.
 
         With ``ending_only``, only the settled state (the last of those).
         """
         if self._stopping:
             raise ShuttingDown("the coordinator is shutting down; watch again")
-        watcher = _Watcher()
-        self._watchers.setdefault(saga_id, set()).add(watcher)
-        try:
-            # Registered before reading: a change committed after the read is in the queue, one
-            # committed before is in the state read; versions tell them apart.
-            current = await self.get_saga(saga_id)
-            seen = current.version
-            settled = current.state.is_settled
-            if settled or not ending_only:
-                yield SagaChange(current, None)
-            while not settled:
-                change = await watcher.queue.get()
-                if change is None:
-                    raise ShuttingDown("the coordinator is shutting down; watch again")
-                if watcher.overflowed:
-                    raise WatcherTooSlow(
-                        f"watcher of saga {saga_id} fell more than "
-                        f"{self._settings.watch_buffer} changes behind; watch again"
-                    )
-                if change.saga.version <= seen:
-                    continue
-                seen = change.saga.version
-                settled = change.saga.state.is_settled
-                if settled or not ending_only:
-                    yield change
-        finally:
-            watchers = self._watchers.get(saga_id)
-            if watchers is not None:
-                watchers.discard(watcher)
-                if not watchers:
-                    del self._watchers[saga_id]
+        return self._watchers.watch(
+            saga_id, lambda: self.get_saga(saga_id), ending_only=ending_only
+        )
 
     async def stop(self, grace: float) -> None:
         """Stop taking work; let calls in flight finish for up to ``grace`` seconds.
@@ -302,33 +247,27 @@ class Engine:
         re-sent, with the same request_id, by the next start.
         """
         self._stopping = True
-        for watchers in self._watchers.values():
-            for watcher in watchers:
-                watcher.queue.put_nowait(None)
+        self._watchers.close()
         for active in self._active.values():
             active.wake.set()
         runners = [a.runner for a in self._active.values() if a.runner is not None]
-        if not runners:
-            await self._drain_exports(grace)
-            return
-        _, pending = await asyncio.wait(runners, timeout=grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            log.warning("%d calls were still in flight after %.1fs; cut off", len(pending), grace)
-            await asyncio.gather(*pending, return_exceptions=True)
-        await self._drain_exports(grace)
-
-    async def _drain_exports(self, grace: float) -> None:
-        if self._exports:
-            await asyncio.wait(list(self._exports), timeout=max(grace, 1.0))
+        if runners:
+            _, pending = await asyncio.wait(runners, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning(
+                    "%d calls were still in flight after %.1fs; cut off", len(pending), grace
+                )
+                await asyncio.gather(*pending, return_exceptions=True)
+        await self._observer.drain(grace)
 
     # -- inside ---------------------------------------------------------------------------------
 
-    def _activate(self, saga: Saga, states: list[SagaState] | None = None) -> None:
+    def _activate(self, saga: Saga) -> None:
         if saga.state.is_settled or self._stopping:
             return
-        active = _Active(saga, states=states)
+        active = _Active(saga)
         self._active[saga.saga_id] = active
         active.runner = asyncio.create_task(self._run(active), name=f"saga {saga.saga_id}")
 
@@ -348,55 +287,70 @@ class Engine:
                 del self._active[saga_id]
 
     async def _drive(self, active: _Active) -> None:
+        """Send the saga's pending call, apply the answer, and so on until it settles.
+
+        The saga's lock is taken once per answer: applying it and choosing the next call happen
+        together, so no cancellation can slip in between.
+        """
+        async with active.lock:
+            call, delay = self._next_call(active)
         while not self._stopping:
-            call: ParticipantCall | None = None
-            async with active.lock:
-                dispatch = pending_call(active.saga)
-                if dispatch is None:
-                    return
-                delay = 0.0
-                if dispatch.not_before is not None:
-                    delay = (dispatch.not_before - self._now()).total_seconds()
-                if delay <= 0:
-                    active.in_flight = True
-                    call = build_call(active.saga, dispatch)
-                    headers = self._telemetry.call_headers(active.saga, call)
-                    if headers:
-                        call = replace(call, headers=headers)
-                else:
-                    active.wake.clear()
             if call is None:
+                if delay is None:
+                    return
                 # Waiting out a backoff; a cancellation or a stop wakes us early.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(active.wake.wait(), timeout=delay)
+                async with active.lock:
+                    call, delay = self._next_call(active)
                 continue
-            if dispatch.operation is Operation.COMPENSATE:
+            if call.operation is Operation.COMPENSATE:
                 self._crash.reach(CrashPoint.INSIDE_COMPENSATION)
             sent_at = self._now()
             outcome = await self._gateway.send(call)
             self._crash.reach(CrashPoint.AFTER_ANSWER)
-            answered = CallAnswered(
-                dispatch.operation, dispatch.step, dispatch.attempt, outcome, sent_at
-            )
+            answered = CallAnswered(call.operation, call.step_index, call.attempt, outcome, sent_at)
             async with active.lock:
                 active.in_flight = False
                 await self._apply_locked(active, answered)
+                call, delay = self._next_call(active)
+
+    def _next_call(self, active: _Active) -> tuple[ParticipantCall | None, float | None]:
+        """The call to send now (marked in flight), or how long until one is due (None: none
+        will be). The caller holds the saga's lock."""
+        saga = active.saga
+        dispatch = pending_call(saga)
+        if dispatch is None:
+            return None, None
+        if dispatch.not_before is not None:
+            delay = (dispatch.not_before - self._now()).total_seconds()
+            if delay > 0:
+                active.wake.clear()
+                return None, delay
+        active.in_flight = True
+        call = build_call(saga, dispatch)
+        headers = self._telemetry.call_headers(saga, call)
+        if headers:
+            call = replace(call, headers=headers)
+        return call, None
 
     async def _apply_locked(self, active: _Active, event: Event) -> None:
         """Decide, commit, then publish; the caller holds the saga's lock."""
         delay = self._settings.storage_retry_initial
         while True:
             now = self._now()
-            decision = decide(active.saga, event, now)
+            previous = active.saga
+            decision = decide(previous, event, now)
             if not decision.changed:
                 return
-            record = RecordedEvent(active.saga.saga_id, decision.saga.version, now, event)
-            if decision.saga.state.is_terminal:
+            saga = decision.saga
+            record = RecordedEvent(saga.saga_id, saga.version, now, event)
+            if saga.state.is_terminal:
                 self._crash.reach(CrashPoint.BEFORE_TERMINAL_WRITE)
             try:
                 # Commit before acting: the decision (and the call it implies) is durable before
                 # any participant hears of it, so a crash re-sends rather than forgets.
-                await self._store.commit(decision.saga, record)
+                await self._store.commit(saga, record, changed_steps(previous, saga))
             except StorageUnavailable as error:
                 if self._stopping:
                     raise ShuttingDown("stopping with a write the store could not take") from error
@@ -404,7 +358,7 @@ class Engine:
                     "store unavailable, retrying in %.2fs: %s",
                     delay,
                     error.message,
-                    extra={"saga_id": active.saga.saga_id},
+                    extra={"saga_id": saga.saga_id},
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.storage_retry_max)
@@ -415,67 +369,25 @@ class Engine:
             except ConcurrentUpdate:
                 # Someone else moved the saga on (a write whose caller was cut off): take the
                 # stored state, tell watchers and the runner, and decide again from there.
-                stored = await self._store.get(active.saga.saga_id)
+                stored = await self._store.get(saga.saga_id)
                 if stored is None:
                     raise
-                active.saga, active.states = stored, None
+                active.saga = stored
                 active.wake.set()
-                self._publish(SagaChange(stored, None))
+                self._observer.lost_track(saga.saga_id)
+                self._watchers.publish(SagaChange(stored, None))
                 continue
-            if decision.commands:
+            if decision.dispatches:
                 self._crash.reach(CrashPoint.AFTER_DISPATCH_COMMIT)
-            previous, active.saga = active.saga, decision.saga
-            if active.states is not None:
-                active.states.append(decision.saga.state)
+            active.saga = saga
             active.wake.set()
-            self._publish(SagaChange(decision.saga, record))
-            self._observe(previous, decision.saga, event, now, decision.commands, active.states)
+            self._watchers.publish(SagaChange(saga, record))
+            retried = isinstance(event, CallAnswered) and any(
+                command.step == event.step and command.operation is event.operation
+                for command in decision.commands
+            )
+            self._observer.moved(previous, saga, event, retried=retried)
             return
-
-    def _observe(
-        self,
-        previous: Saga,
-        saga: Saga,
-        event: Event,
-        now: datetime,
-        commands: tuple[Dispatch, ...],
-        states: list[SagaState] | None,
-    ) -> None:
-        """Logs, metrics and, once the saga settles, its trace."""
-        if isinstance(event, CallAnswered):
-            retried = any(c.step == event.step and c.operation is event.operation for c in commands)
-            self._telemetry.call_answered(saga, event, now, retried)
-            step = saga.steps[event.step].name
-            if not isinstance(event.outcome, Succeeded):
-                log.warning(
-                    "%s %s attempt %d: %s %s %s",
-                    event.operation.value,
-                    step,
-                    event.attempt,
-                    event.outcome.code,
-                    event.outcome.reason,
-                    event.outcome.message,
-                    extra=_about(saga, step),
-                )
-            elif self._log_payloads and event.outcome.output:
-                log.info(
-                    "%s output: %r", step, event.outcome.output[:4096], extra=_about(saga, step)
-                )
-        if saga.state is not previous.state:
-            log.info("saga %s -> %s", previous.state.value, saga.state.value, extra=_about(saga))
-        if saga.state.is_settled and not previous.state.is_settled:
-            self._telemetry.saga_ended(saga)
-            if self._telemetry.should_export():
-                task = asyncio.create_task(self._export_trace(saga, states))
-                self._exports.add(task)
-                task.add_done_callback(self._exports.discard)
-
-    async def _export_trace(self, saga: Saga, states: list[SagaState] | None) -> None:
-        try:
-            history = await self._store.events(saga.saga_id)
-            self._telemetry.saga_settled(saga, history, states)
-        except Exception:  # telemetry must never stop a saga
-            log.exception("could not export the saga's trace", extra=_about(saga))
 
     def _now(self) -> datetime:
         """The clock's time, never earlier than a time already given out.
@@ -493,11 +405,3 @@ class Engine:
         """The coordinator can no longer keep its promises: ask the process to stop."""
         if self._on_fatal is not None:
             self._on_fatal(error)
-
-    def _publish(self, change: SagaChange) -> None:
-        for watcher in self._watchers.get(change.saga.saga_id, ()):
-            if watcher.overflowed:
-                continue
-            if watcher.queue.qsize() >= self._settings.watch_buffer:
-                watcher.overflowed = True
-            watcher.queue.put_nowait(change)
