@@ -62,9 +62,9 @@ stubs: install
 contract-baseline: install
 	$(BUF) build -o $(CONTRACT_BASELINE)
 
-## Prints sagas/s and latency percentiles of a loop of four-step sagas on loopback.
+## Measures four-step sagas through a coordinator against floors of the same calls, on loopback.
 bench: install
-	$(BIN)/python scripts/bench.py $(ARGS)
+	$(BIN)/saga bench $(ARGS)
 
 ## The long torture run: 2,000 SIGKILLs of the coordinator at crash points and random instants,
 ## participants killed, the network broken; then the offline checker's figures (all must be 0).

@@ -1,4 +1,4 @@
-"""The ``saga`` command: serve the coordinator, and start, inspect and cancel sagas."""
+"""The ``saga`` command: serve the coordinator, start, inspect and cancel sagas, and bench."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.bench import run as bench
 from coordinator.config import ConfigError, ParticipantEndpoint, load_settings
 from coordinator.console import SAGA_STYLE, console, saga_panel, update_line
 from coordinator.core.errors import SagaError
@@ -98,6 +99,16 @@ def _parser() -> argparse.ArgumentParser:
 
     watch = client("watch", "follow a saga's changes until it ends")
     watch.add_argument("saga_id")
+
+    bench.add_arguments(
+        commands.add_parser(
+            "bench",
+            help="measure sagas/s, latency and CPU against floors of the same calls",
+            description="Measure four-step sagas through a fresh coordinator process against "
+            "two floors, the same calls made directly and with one SQLite commit per call; "
+            "each side runs in a process of its own. Exits 1 if a case made the wrong calls.",
+        )
+    )
 
     # Parsed by the SDK's kit itself (see main); listed here for `saga --help`.
     commands.add_parser(
@@ -271,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "bench":
+        return bench.main(args)
     return _client_command(args)
 
 

@@ -11,7 +11,9 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
+from opentelemetry import metrics
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.metrics import MeterProvider
@@ -22,7 +24,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 
 from coordinator.config import Settings
-from coordinator.telemetry import PLANNED_IDS, SagaTelemetry
+from coordinator.telemetry import INSTRUMENTATION, PLANNED_IDS, SagaTelemetry
 
 log = logging.getLogger("coordinator.observability")
 
@@ -74,6 +76,7 @@ class Observability:
 
     telemetry: SagaTelemetry
     endpoint: str | None = None
+    meter_provider: MeterProvider | None = None
     _shutdowns: list[Callable[[], object]] = field(default_factory=list)
 
     def shutdown(self) -> None:
@@ -145,6 +148,7 @@ def configure_observability(settings: Settings) -> Observability:
     if readers:
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         observability._shutdowns.insert(0, meter_provider.shutdown)
+    observability.meter_provider = meter_provider
     observability.telemetry = SagaTelemetry(
         tracing=tracer_provider is not None,
         tracer_provider=tracer_provider,
@@ -152,3 +156,40 @@ def configure_observability(settings: Settings) -> Observability:
         collector_reachable=(lambda: exporter.reachable) if exporter is not None else lambda: True,
     )
     return observability
+
+
+class _WriteCounts(Protocol):
+    @property
+    def transactions(self) -> int: ...
+
+    @property
+    def jobs(self) -> int: ...
+
+
+class _CountsWrites(Protocol):
+    @property
+    def write_stats(self) -> _WriteCounts: ...
+
+
+def observe_store(observability: Observability, store: object) -> None:
+    """Report the store's write transactions (its commits) and the writes they carried.
+
+    Only a store that keeps ``write_stats`` (SQLite's group-commit writer) has these counters;
+    for the others nothing is registered. The figures are read when metrics are collected.
+    """
+    if getattr(store, "write_stats", None) is None:
+        return
+    source = cast(_CountsWrites, store)
+    meter = metrics.get_meter(INSTRUMENTATION, meter_provider=observability.meter_provider)
+    meter.create_observable_counter(
+        "saga.store.transactions",
+        callbacks=[lambda _options: [metrics.Observation(source.write_stats.transactions)]],
+        unit="{transaction}",
+        description="Write transactions the store committed",
+    )
+    meter.create_observable_counter(
+        "saga.store.writes",
+        callbacks=[lambda _options: [metrics.Observation(source.write_stats.jobs)]],
+        unit="{write}",
+        description="Writes the store committed; under group commit several share a transaction",
+    )

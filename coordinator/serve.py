@@ -12,7 +12,7 @@ from coordinator.clock import SystemClock
 from coordinator.config import Settings
 from coordinator.crashpoints import CrashPoints
 from coordinator.engine import Engine
-from coordinator.observability import Observability, configure_observability
+from coordinator.observability import Observability, configure_observability, observe_store
 from coordinator.ports import SagaStore
 from coordinator.store import open_store
 from coordinator.transport.definition_files import load_definitions
@@ -60,6 +60,7 @@ async def start_coordinator(settings: Settings) -> Coordinator:
     store = await open_store(
         settings.database, **(sqlite_options if settings.database.startswith("sqlite:") else {})
     )
+    observe_store(observability, store)
     gateway = GrpcParticipantGateway(
         settings.participants,
         max_message_bytes=settings.max_message_bytes,

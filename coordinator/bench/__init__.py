@@ -1,0 +1,1 @@
+"""``saga bench``: the coordinator measured against floors, each side a process of its own."""
