@@ -6,7 +6,7 @@ BUF := scripts/node_modules/.bin/buf
 # The released saga.v1 contract: changes must stay additive (buf's FILE breaking rules).
 CONTRACT_BASELINE := scripts/contract/saga-v1-baseline.json
 
-.PHONY: install system demo test lint check-stubs stubs contract-baseline bench torture load clean
+.PHONY: install system demo test lint check-stubs stubs contract-baseline bench torture load scale clean
 
 install: system $(VENV)/.installed scripts/node_modules/.installed clients/node/node_modules/.installed
 
@@ -74,6 +74,10 @@ torture: install
 ## 10,000 sagas in flight against slow participants: peak memory, file descriptors, calls in flight.
 load: install
 	$(BIN)/python scripts/load.py --sagas 10000 --json-out load-report.json
+
+## 100,000 sagas with memory flat, recovery of 10,000 in flight after SIGKILL, start-up on 1 GB.
+scale: install
+	$(BIN)/python scripts/scale.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) scripts/node_modules clients/node/node_modules
