@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -70,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics on /metrics"
     )
+    serve.add_argument(
+        "--event-loop", choices=("asyncio", "uvloop"), help="the event loop (default asyncio)"
+    )
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
@@ -120,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from coordinator.serve import serve
+    from coordinator.serve import run
 
     participants: dict[str, ParticipantEndpoint] = {}
     try:
@@ -141,6 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "log_payloads": args.log_payloads,
                 "otlp_endpoint": args.otlp_endpoint,
                 "metrics_listen": args.metrics_listen,
+                "event_loop": args.event_loop,
             },
         )
     except ConfigError as error:
@@ -148,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:
-        return asyncio.run(serve(settings))
+        return run(settings)
     except SagaError as error:
         print(f"saga serve: {error.message}", file=sys.stderr)
         return 2

@@ -29,6 +29,10 @@ class ParticipantEndpoint:
     """PEM roots to verify the participant with (TLS only); None means the system's roots."""
 
 
+EVENT_LOOPS = ("asyncio", "uvloop")
+"""The event loops ``saga serve`` can run on."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything ``saga serve`` needs to run."""
@@ -73,6 +77,9 @@ class Settings:
     """``host:port`` of a Prometheus scrape endpoint (``/metrics``); unset: none."""
     service_name: str = "saga-coordinator"
     """``service.name`` of the telemetry (``OTEL_SERVICE_NAME`` wins)."""
+    event_loop: str = "asyncio"
+    """The event loop: ``asyncio`` (the standard library's) or ``uvloop`` (faster, where the
+    ``uvloop`` package is installed; ``saga bench`` measures both)."""
 
 
 _TOP_LEVEL = set(Settings.__dataclass_fields__)
@@ -163,6 +170,7 @@ def _checked(settings: Settings, source: str) -> Settings:
         ("otlp_timeout", (int, float)),
         ("metrics_interval", (int, float)),
         ("service_name", str),
+        ("event_loop", str),
     ):
         value = getattr(settings, name)
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
@@ -173,6 +181,8 @@ def _checked(settings: Settings, source: str) -> Settings:
             raise ConfigError(f"{source}: {name}: unexpected value {value!r}")
     if settings.metrics_listen is not None and not ADDRESS_PATTERN.match(settings.metrics_listen):
         raise ConfigError(f"{source}: metrics_listen: expected host:port")
+    if settings.event_loop not in EVENT_LOOPS:
+        raise ConfigError(f"{source}: event_loop: expected one of {', '.join(EVENT_LOOPS)}")
     if settings.log_format not in ("text", "json"):
         raise ConfigError(f"{source}: log_format: expected text or json")
     if settings.otlp_timeout <= 0 or settings.metrics_interval <= 0:

@@ -128,3 +128,17 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     await coordinator.stop()
     log.info("stopped")
     return code
+
+
+def run(settings: Settings) -> int:
+    """Run the coordinator on the configured event loop until it stops; its exit status."""
+    if settings.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise RuntimeError(
+                "event_loop uvloop needs the uvloop package: pip install 'saga-coordinator[uvloop]'"
+            ) from None
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve(settings))
+    return asyncio.run(serve(settings))

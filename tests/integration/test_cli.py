@@ -158,3 +158,32 @@ def test_serve_refuses_a_bad_configuration_file(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "participants.identity.address" in result.stderr
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+async def test_serve_runs_sagas_on_either_event_loop(
+    tmp_path: Path, participants: dict[str, ScriptedParticipant], event_loop: str
+) -> None:
+    write_definitions(tmp_path / "definitions", [four_step_definition("onboard")])
+    process = CoordinatorProcess.configure(
+        tmp_path / "saga.yaml", tmp_path / "saga.db", participants, event_loop=event_loop
+    )
+    await process.start()
+    try:
+        result = await run_saga(
+            "start", "onboard", "--target", process.target, "--wait", "--json", "--timeout", "30"
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["state"] == "SUCCEEDED"
+    finally:
+        await process.stop()
+
+
+def test_serve_refuses_an_unknown_event_loop(tmp_path: Path) -> None:
+    config = tmp_path / "saga.yaml"
+    config.write_text("listen: 127.0.0.1:0\nevent_loop: trio\n")
+
+    result = saga("serve", "--config", str(config))
+
+    assert result.returncode == 2
+    assert "event_loop: expected one of asyncio, uvloop" in result.stderr
