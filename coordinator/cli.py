@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     watch = client("watch", "follow a saga's changes until it ends")
     watch.add_argument("saga_id")
 
+    check = commands.add_parser(
+        "check-store",
+        help="scan a SQLite store for damage (read-only; the coordinator may keep running)",
+    )
+    check.add_argument("database", help="store URL, sqlite:///path (or a file path)")
+
     bench.add_arguments(
         commands.add_parser(
             "bench",
@@ -287,7 +293,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "bench":
         return bench.main(args)
+    if args.command == "check-store":
+        return _check_store(args.database)
     return _client_command(args)
+
+
+def _check_store(database: str) -> int:
+    """Scan the whole file; 0 when it is sound, 1 when damaged, 2 when it cannot be checked."""
+    from coordinator.store import sqlite_path
+    from coordinator.store.sqlite_schema import check_integrity
+
+    try:
+        path = sqlite_path(database) if database.startswith("sqlite:") else Path(database)
+        problems = check_integrity(path)
+    except SagaError as error:
+        print(f"saga check-store: {error.message}", file=sys.stderr)
+        return 2
+    if problems:
+        print(f"{path}: damaged", file=sys.stderr)
+        for problem in problems[:20]:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok")
+    return 0
 
 
 if __name__ == "__main__":

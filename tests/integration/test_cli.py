@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -187,3 +188,37 @@ def test_serve_refuses_an_unknown_event_loop(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "event_loop: expected one of asyncio, uvloop" in result.stderr
+
+
+def test_check_store_scans_on_demand_and_names_the_damage(tmp_path: Path) -> None:
+    database = tmp_path / "saga.db"
+    connection = sqlite3.connect(database)
+    connection.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    connection.execute("CREATE INDEX t_by_v ON t (v)")
+    connection.executemany(
+        "INSERT INTO t (v) VALUES (?)", [(f"v{i:05d}" * 20,) for i in range(2000)]
+    )
+    connection.commit()
+    (index_page,) = connection.execute(
+        "SELECT rootpage FROM sqlite_master WHERE name = 't_by_v'"
+    ).fetchone()
+    connection.close()
+
+    sound = saga("check-store", f"sqlite:///{database}")
+    assert sound.returncode == 0, sound.stderr
+    assert "ok" in sound.stdout
+
+    data = bytearray(database.read_bytes())
+    page_size = int.from_bytes(data[16:18], "big")
+    start = (index_page - 1) * page_size + 8
+    data[start : start + 8] = b"\xff" * 8
+    database.write_bytes(bytes(data))
+
+    damaged = saga("check-store", str(database))
+    assert damaged.returncode == 1
+    assert "damaged" in damaged.stderr
+    assert database.read_bytes() == bytes(data), "the check never writes"
+
+    missing = saga("check-store", f"sqlite:///{tmp_path / 'none.db'}")
+    assert missing.returncode == 2
+    assert "no saga store" in missing.stderr
