@@ -1,4 +1,4 @@
-"""Lossless JSON for sagas and events: what the stores keep as text.
+"""Lossless JSON for sagas and events: how schema 1 stored them, read when migrating.
 
 The format is explicit rather than derived from the dataclasses, so that renaming a Python field
 never silently changes stored data:
@@ -50,13 +50,12 @@ from coordinator.core.model import (
     StepState,
 )
 from coordinator.store.errors import StoreCorrupt
+from coordinator.store.packing import CALL_ANSWERED, CANCEL_REQUESTED, SAGA_CREATED
 
 _MICROSECOND = timedelta(microseconds=1)
 
-# The "type" tags of the unions. They are part of the stored format: never change one.
-SAGA_CREATED = "saga_created"
-CALL_ANSWERED = "call_answered"
-CANCEL_REQUESTED = "cancel_requested"
+# The "type" tags of the unions. They are part of the stored format: never change one. The
+# events' tags are those of the current format (``packing``), which kept them.
 _SUCCEEDED = "succeeded"
 _REJECTED = "rejected"
 _TRANSIENT = "transient"
@@ -99,19 +98,6 @@ def encode_recorded_event(recorded: RecordedEvent) -> str:
 def decode_recorded_event(text: str) -> RecordedEvent:
     """The logged event that ``encode_recorded_event`` wrote; raise ``StoreCorrupt`` otherwise."""
     return _decoding("recorded event", text, recorded_event_from_json)
-
-
-def event_type(event: Event) -> str:
-    """The stored type tag of an event (``saga_created``, ``call_answered``...)."""
-    match event:
-        case SagaCreated():
-            return SAGA_CREATED
-        case CallAnswered():
-            return CALL_ANSWERED
-        case CancelRequested():
-            return CANCEL_REQUESTED
-        case _:
-            assert_never(event)
 
 
 def encode_datetime(value: datetime) -> str:

@@ -19,9 +19,9 @@ from coordinator.store.codec import (
     encode_event,
     encode_recorded_event,
     encode_saga,
-    event_type,
 )
 from coordinator.store.errors import StoreCorrupt
+from coordinator.store.packing import event_type
 
 from .strategies import (
     OK,

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from coordinator.core.errors import ConcurrentUpdate, StorageUnavailable
-from coordinator.store.codec import encode_datetime, encode_event, encode_saga, event_type
+from coordinator.store.codec import encode_datetime, encode_event, encode_saga
 from coordinator.store.errors import SchemaTooNew, StorageFailure, StoreCorrupt
+from coordinator.store.packing import event_type
 from coordinator.store.sqlite import SqliteStore
 from coordinator.store.sqlite_schema import check_integrity, load_migrations, open_writer
 
@@ -485,3 +486,26 @@ async def test_a_schema_1_store_is_converted_with_every_saga_and_event(db: Path)
     tables = {name for (name,) in query(db, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert not {"sagas_v1", "saga_events_v1"} & tables
     assert query(db, "SELECT count(*) FROM definitions") == [(1,)]
+
+
+async def test_a_stored_body_that_is_not_ours_reads_as_store_corrupt(
+    store: SqliteStore, db: Path
+) -> None:
+    await store_history(store, run_history("s-1", [OK]))
+
+    def damage(sql: str) -> None:
+        connection = sqlite3.connect(db)
+        try:
+            connection.execute("DROP TRIGGER IF EXISTS saga_events_no_update")
+            connection.execute(sql)
+            connection.commit()
+        finally:
+            connection.close()
+
+    damage("UPDATE saga_events SET body = x'c1' WHERE sequence = 2")
+    with pytest.raises(StoreCorrupt, match="stored event cannot be decoded"):
+        await store.events("s-1")
+
+    damage("UPDATE saga_steps SET failure = x'92a178a179' WHERE step = 0")
+    with pytest.raises(StoreCorrupt, match="stored failure is not in the expected form"):
+        await store.get("s-1")
