@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Generic, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from saga.v1 import saga_pb2
@@ -35,6 +37,8 @@ from coordinator.core.model import (
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_Value = TypeVar("_Value")
+_Message = TypeVar("_Message")
 _MICROSECOND = timedelta(microseconds=1)
 _SAGA_STATES = {state: saga_pb2.SagaState.Value(f"SAGA_STATE_{state.value}") for state in SagaState}
 _STEP_STATES = {state: saga_pb2.StepState.Value(f"STEP_STATE_{state.value}") for state in StepState}
@@ -118,26 +122,28 @@ def saga_to_proto(saga: Saga) -> saga_pb2.Saga:
     )
 
 
-class SagaRenderings:
-    """Converts each state of a saga to protobuf once, however many callers ask for it.
+class Renderings(Generic[_Value, _Message]):
+    """Renders each immutable value (a committed saga state, a change) once, however many
+    callers ask for it; the most recent ``size`` values keep their rendering.
 
-    A committed saga state is an immutable object handed to every watcher and to the caller
-    that made the change; the most recent ``size`` of them keep their rendering.
+    Keyed by identity: the engine hands the same object to every watcher and to the caller that
+    made the change, and hashing a saga would cost more than rendering it.
     """
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, render: Callable[[_Value], _Message], size: int = 4096) -> None:
+        self._render = render
         self._size = size
-        self._cache: OrderedDict[int, tuple[Saga, saga_pb2.Saga]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[_Value, _Message]] = OrderedDict()
 
-    def saga(self, saga: Saga) -> saga_pb2.Saga:
-        """The proto resource of ``saga`` (shared: callers must not change it)."""
-        key = id(saga)
+    def __call__(self, value: _Value) -> _Message:
+        """The rendering of ``value`` (shared: callers must not change it)."""
+        key = id(value)
         found = self._cache.get(key)
-        if found is not None and found[0] is saga:
+        if found is not None and found[0] is value:
             return found[1]
-        message = saga_to_proto(saga)
-        # Holding the saga keeps its id from being reused by another object while cached.
-        self._cache[key] = (saga, message)
+        message = self._render(value)
+        # Holding the value keeps its id from being reused by another object while cached.
+        self._cache[key] = (value, message)
         if len(self._cache) > self._size:
             self._cache.popitem(last=False)
         return message

@@ -21,9 +21,10 @@ from coordinator.engine import Engine
 from coordinator.ports import ListCursor, SagaFilter
 from coordinator.telemetry import SagaTelemetry, headers_of, now_ns
 from coordinator.transport.convert import (
-    SagaRenderings,
+    Renderings,
     event_to_proto,
     saga_state_from_proto,
+    saga_to_proto,
 )
 from coordinator.watchers import SagaChange
 
@@ -92,8 +93,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._engine = engine
         self._max_payload_bytes = max_payload_bytes
         self._telemetry = telemetry or SagaTelemetry()
-        self._renderings = SagaRenderings()
-        self._watch_responses: dict[int, tuple[SagaChange, pb.WatchSagaResponse]] = {}
+        self._saga = Renderings(saga_to_proto)
+        self._watch_response = Renderings(self._render_change, size=1024)
 
     async def CreateSaga(
         self,
@@ -123,7 +124,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             client_headers,
         )
         self._telemetry.record_create(client_headers, saga, created, began)
-        return pb.CreateSagaResponse(saga=self._renderings.saga(saga), created=created)
+        return pb.CreateSagaResponse(saga=self._saga(saga), created=created)
 
     async def GetSaga(
         self,
@@ -133,7 +134,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         """Return one saga."""
 
         saga = await self._engine.get_saga(saga_id_of(request.name))
-        return pb.GetSagaResponse(saga=self._renderings.saga(saga))
+        return pb.GetSagaResponse(saga=self._saga(saga))
 
     async def ListSagas(
         self,
@@ -158,7 +159,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         page = await self._engine.list_sagas(where, request.page_size or DEFAULT_PAGE_SIZE, after)
         token = encode_page_token(page.next_cursor, where) if page.next_cursor else ""
         return pb.ListSagasResponse(
-            sagas=[self._renderings.saga(s) for s in page.sagas], next_page_token=token
+            sagas=[self._saga(s) for s in page.sagas], next_page_token=token
         )
 
     async def WatchSaga(
@@ -171,18 +172,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         async for change in changes:
             yield self._watch_response(change)
 
-    def _watch_response(self, change: SagaChange) -> pb.WatchSagaResponse:
-        """One message per change, built once for all the watchers of the saga."""
-        found = self._watch_responses.get(id(change))
-        if found is not None and found[0] is change:
-            return found[1]
-        response = pb.WatchSagaResponse(saga=self._renderings.saga(change.saga))
+    def _render_change(self, change: SagaChange) -> pb.WatchSagaResponse:
+        """One watch message per change, shared by all the watchers of the saga."""
+        response = pb.WatchSagaResponse(saga=self._saga(change.saga))
         if change.event is not None:
             response.event.CopyFrom(event_to_proto(change.event, change.saga))
-        # Only the latest change of each saga is worth keeping: its watchers ask together.
-        self._watch_responses[id(change)] = (change, response)
-        if len(self._watch_responses) > 1024:
-            self._watch_responses.pop(next(iter(self._watch_responses)))
         return response
 
     async def CancelSaga(
@@ -197,4 +191,4 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 "reason is too long", (FieldViolation("reason", "at most 1024 characters"),)
             )
         saga = await self._engine.cancel_saga(saga_id_of(request.name), request.reason)
-        return pb.CancelSagaResponse(saga=self._renderings.saga(saga))
+        return pb.CancelSagaResponse(saga=self._saga(saga))
