@@ -13,33 +13,60 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import grpc
 import grpc.aio
-from saga.v1 import coordinator_service_pb2_grpc
+from saga.v1 import coordinator_service_pb2_grpc, saga_pb2
 
 from saga_sdk.errors import WaitTimeout, error_from_aio, error_from_call
 from saga_sdk.model import (
     CreateResult,
+    DefinitionSummary,
+    PruneResult,
+    RegisteredDefinition,
+    RegisterResult,
+    RetryPolicy,
     Saga,
+    SagaCounts,
+    SagaEvent,
     SagaState,
     SagaUpdate,
+    counts_from_proto,
+    event_from_proto,
+    prune_result_from_proto,
+    register_result_from_proto,
+    registered_from_proto,
     saga_from_proto,
     settled_saga_from_response,
+    summary_from_proto,
     update_from_proto,
 )
 from saga_sdk.requests import (
+    DefinitionInput,
     ListQuery,
     cancel_request,
+    complete_request,
     create_request,
+    definition_request,
+    definitions_request,
+    events_request,
     get_request,
+    mark_compensated_request,
+    prune_request,
+    register_request,
+    resume_request,
+    retry_request,
     rewatch_delay,
     trace_headers,
     watch_request,
 )
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
 
 ChannelOptions = Sequence[tuple[str, Any]]
 Metadata = Sequence[tuple[str, str]]
@@ -85,6 +112,14 @@ class SagaClient:
         self._timeout = timeout
         self._metadata = tuple(metadata)
 
+    def _call(
+        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+    ) -> _Response:
+        try:
+            return method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from_call(exc) from None
+
     def create(
         self,
         definition: str,
@@ -92,16 +127,22 @@ class SagaClient:
         *,
         saga_id: str | None = None,
         definition_version: int = 0,
+        labels: Mapping[str, str] | None = None,
     ) -> CreateResult:
         """Start a saga of `definition` and return it once it is stored durably.
 
         `input` is sent as is when it is bytes, as an empty payload when None, and as UTF-8
         JSON otherwise. With a `saga_id` the call is idempotent: the same request again returns
         the existing saga with `created=False`; a different request with the same id raises
-        `AlreadyExists`. `definition_version` 0 means the newest version.
+        `AlreadyExists`. `definition_version` 0 means the newest version. `labels` (e.g.
+        {"customer": "c-42"}) are kept with the saga, to find it by with `list()`.
         """
         request = create_request(
-            definition, input, saga_id=saga_id, definition_version=definition_version
+            definition,
+            input,
+            saga_id=saga_id,
+            definition_version=definition_version,
+            labels=labels,
         )
         try:
             response = self._stub.CreateSaga(
@@ -121,15 +162,177 @@ class SagaClient:
             raise error_from_call(exc) from None
         return saga_from_proto(response.saga)
 
-    def cancel(self, saga_id: str, reason: str = "") -> Saga:
-        """Cancel a running saga (it compensates); `FailedPrecondition` when it cannot be."""
-        try:
-            response = self._stub.CancelSaga(
-                cancel_request(saga_id, reason), timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise error_from_call(exc) from None
+    def cancel(self, saga_id: str, reason: str = "", *, actor: str | None = None) -> Saga:
+        """Cancel a running saga (it compensates); `FailedPrecondition` when it cannot be.
+
+        `actor` is recorded in the saga's audit trail; None means the `SAGA_ACTOR` environment
+        variable, else "user@host".
+        """
+        response = self._call(self._stub.CancelSaga, cancel_request(saga_id, reason, actor))
         return saga_from_proto(response.saga)
+
+    def retry(
+        self,
+        saga_id: str,
+        step: str = "",
+        *,
+        reason: str,
+        actor: str | None = None,
+        expected_version: int = 0,
+    ) -> Saga:
+        """Send a step's pending call again now, and return the saga once that is stored.
+
+        Fits a call waiting out its backoff, or the forward step a saga is parked on (which gets
+        a fresh attempt budget). `step` "" means the step the saga waits on. Every operator
+        action needs a `reason` and is recorded, with the `actor` (default: `SAGA_ACTOR`, else
+        "user@host"), in the saga's audit trail. With `expected_version` the action applies
+        only if the saga is still at that version (else `SagaRpcError` ABORTED,
+        SAGA_VERSION_MISMATCH). An action that does not fit the saga's state raises
+        `FailedPrecondition` (ACTION_NOT_ALLOWED) naming what would fit.
+        """
+        request = retry_request(
+            saga_id, step, reason=reason, actor=actor, expected_version=expected_version
+        )
+        return saga_from_proto(self._call(self._stub.RetrySagaStep, request).saga)
+
+    def resume(
+        self,
+        saga_id: str,
+        *,
+        reason: str,
+        actor: str | None = None,
+        expected_version: int = 0,
+        compensation_retry: RetryPolicy | saga_pb2.RetryPolicy | None = None,
+    ) -> Saga:
+        """Take a saga parked on a failed compensation back to compensating.
+
+        The compensation is tried again with a fresh budget, under `compensation_retry` when
+        given (its unset fields take the defaults), then the earlier steps are compensated,
+        newest first. See `retry()` for `reason`, `actor` and `expected_version`.
+        """
+        request = resume_request(
+            saga_id,
+            reason=reason,
+            actor=actor,
+            expected_version=expected_version,
+            compensation_retry=compensation_retry,
+        )
+        return saga_from_proto(self._call(self._stub.ResumeSaga, request).saga)
+
+    def mark_compensated(
+        self,
+        saga_id: str,
+        step: str = "",
+        *,
+        reason: str,
+        actor: str | None = None,
+        expected_version: int = 0,
+    ) -> Saga:
+        """Record that a step was undone by hand; the saga goes on compensating the earlier ones.
+
+        `step` "" means the step whose compensation the saga waits on. See `retry()`.
+        """
+        request = mark_compensated_request(
+            saga_id, step, reason=reason, actor=actor, expected_version=expected_version
+        )
+        return saga_from_proto(self._call(self._stub.MarkStepCompensated, request).saga)
+
+    def complete(
+        self,
+        saga_id: str,
+        step: str = "",
+        *,
+        reason: str,
+        output: object = None,
+        actor: str | None = None,
+        expected_version: int = 0,
+    ) -> Saga:
+        """Record a stuck pivot or retriable step as succeeded; the saga goes on forward.
+
+        `output` is the step's output as its participant would have answered it, encoded as
+        `create()`'s input is (bytes as is, None empty, else JSON); later steps receive it.
+        `step` "" means the step the saga waits on. See `retry()`.
+        """
+        request = complete_request(
+            saga_id,
+            step,
+            reason=reason,
+            output=output,
+            actor=actor,
+            expected_version=expected_version,
+        )
+        return saga_from_proto(self._call(self._stub.CompleteStep, request).saga)
+
+    def events(self, saga_id: str, *, page_size: int = 100) -> Iterator[SagaEvent]:
+        """Iterate over a saga's whole event log, oldest first, page after page."""
+        events_request(saga_id, page_size)  # checks the arguments before the first call
+
+        def pages() -> Iterator[SagaEvent]:
+            token = ""
+            while True:
+                response = self._call(
+                    self._stub.ListSagaEvents, events_request(saga_id, page_size, token)
+                )
+                for event in response.events:
+                    yield event_from_proto(event)
+                token = response.next_page_token
+                if not token:
+                    return
+
+        return pages()
+
+    def count(
+        self,
+        *,
+        definition: str | None = None,
+        definition_version: int = 0,
+        labels: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        stuck_on_participant: str | None = None,
+        stuck_on_step: str | None = None,
+    ) -> SagaCounts:
+        """How many sagas are in each state, NEEDS_ATTENTION first, with `list()`'s filters."""
+        query = ListQuery.of(
+            definition=definition,
+            definition_version=definition_version,
+            labels=labels,
+            created_after=created_after,
+            created_before=created_before,
+            stuck_on_participant=stuck_on_participant,
+            stuck_on_step=stuck_on_step,
+        )
+        return counts_from_proto(self._call(self._stub.CountSagas, query.count()))
+
+    def definitions(self, name: str | None = None) -> list[DefinitionSummary]:
+        """The registered definitions (or only `name`'s), each with its versions."""
+        response = self._call(self._stub.ListDefinitions, definitions_request(name))
+        return [summary_from_proto(summary) for summary in response.definitions]
+
+    def definition(self, name: str, version: int = 0) -> RegisteredDefinition:
+        """One version of a definition (0: the newest); `NotFound` when there is none."""
+        response = self._call(self._stub.GetDefinition, definition_request(name, version))
+        return registered_from_proto(response)
+
+    def register_definition(
+        self, definition: DefinitionInput, *, actor: str | None = None
+    ) -> RegisterResult:
+        """Register a new version of a definition, validated as a definition file is.
+
+        `definition` is a `saga.v1.SagaDefinition`, the SDK's `SagaDefinition`, or the proto's
+        JSON form as a dict. The same content under a registered version is a no-op
+        (`created=False`); other content under it raises `AlreadyExists`
+        (DEFINITION_VERSION_EXISTS). Running sagas keep the version they started with.
+        """
+        request = register_request(definition, actor)
+        return register_result_from_proto(self._call(self._stub.RegisterDefinition, request))
+
+    def prune(self, older_than: timedelta, *, dry_run: bool = False) -> PruneResult:
+        """Remove the sagas that ended (SUCCEEDED or COMPENSATED) longer than `older_than` ago,
+        with their events; with `dry_run`, only count them. Unfinished sagas are never pruned.
+        """
+        response = self._call(self._stub.PruneSagas, prune_request(older_than, dry_run))
+        return prune_result_from_proto(response, dry_run)
 
     def watch(self, saga_id: str) -> Iterator[SagaUpdate]:
         """Iterate over a saga's states: first the current one, then each change, in order.
@@ -193,13 +396,34 @@ class SagaClient:
         states: Iterable[SagaState | str] = (),
         definition: str | None = None,
         page_size: int = 100,
+        definition_version: int = 0,
+        labels: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        stuck_on_participant: str | None = None,
+        stuck_on_step: str | None = None,
     ) -> Iterator[Saga]:
         """Iterate over every saga matching the filters, oldest first, page after page.
 
         `states` keeps sagas in any of these states (empty: all); `definition` keeps sagas of
-        that definition; `page_size` is how many sagas each request fetches.
+        that definition, and `definition_version` (with `definition`) of that version;
+        `labels` keeps sagas carrying every one of them; `created_after` (inclusive) and
+        `created_before` bound the creation time (timezone-aware datetimes);
+        `stuck_on_participant` and `stuck_on_step` keep unfinished or parked sagas waiting on
+        a step of that participant, or of that name. `page_size` is how many sagas each
+        request fetches.
         """
-        query = ListQuery.of(states, definition, page_size)
+        query = ListQuery.of(
+            states,
+            definition,
+            page_size,
+            definition_version=definition_version,
+            labels=labels,
+            created_after=created_after,
+            created_before=created_before,
+            stuck_on_participant=stuck_on_participant,
+            stuck_on_step=stuck_on_step,
+        )
 
         def pages() -> Iterator[Saga]:
             token = ""
@@ -267,6 +491,14 @@ class AsyncSagaClient:
         self._timeout = timeout
         self._metadata = tuple(metadata)
 
+    async def _call(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+    ) -> _Response:
+        try:
+            return await method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_aio(exc) from None
+
     async def create(
         self,
         definition: str,
@@ -274,10 +506,15 @@ class AsyncSagaClient:
         *,
         saga_id: str | None = None,
         definition_version: int = 0,
+        labels: Mapping[str, str] | None = None,
     ) -> CreateResult:
         """Start a saga of `definition` and return it once it is stored; see `SagaClient`."""
         request = create_request(
-            definition, input, saga_id=saga_id, definition_version=definition_version
+            definition,
+            input,
+            saga_id=saga_id,
+            definition_version=definition_version,
+            labels=labels,
         )
         try:
             response = await self._stub.CreateSaga(
@@ -297,15 +534,143 @@ class AsyncSagaClient:
             raise error_from_aio(exc) from None
         return saga_from_proto(response.saga)
 
-    async def cancel(self, saga_id: str, reason: str = "") -> Saga:
-        """Cancel a running saga (it compensates); `FailedPrecondition` when it cannot be."""
-        try:
-            response = await self._stub.CancelSaga(
-                cancel_request(saga_id, reason), timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_aio(exc) from None
+    async def cancel(self, saga_id: str, reason: str = "", *, actor: str | None = None) -> Saga:
+        """Cancel a running saga (it compensates); see `SagaClient.cancel`."""
+        response = await self._call(self._stub.CancelSaga, cancel_request(saga_id, reason, actor))
         return saga_from_proto(response.saga)
+
+    async def retry(
+        self,
+        saga_id: str,
+        step: str = "",
+        *,
+        reason: str,
+        actor: str | None = None,
+        expected_version: int = 0,
+    ) -> Saga:
+        """Send a step's pending call again now; see `SagaClient.retry`."""
+        request = retry_request(
+            saga_id, step, reason=reason, actor=actor, expected_version=expected_version
+        )
+        return saga_from_proto((await self._call(self._stub.RetrySagaStep, request)).saga)
+
+    async def resume(
+        self,
+        saga_id: str,
+        *,
+        reason: str,
+        actor: str | None = None,
+        expected_version: int = 0,
+        compensation_retry: RetryPolicy | saga_pb2.RetryPolicy | None = None,
+    ) -> Saga:
+        """Take a saga parked on a failed compensation back to compensating; see `SagaClient`."""
+        request = resume_request(
+            saga_id,
+            reason=reason,
+            actor=actor,
+            expected_version=expected_version,
+            compensation_retry=compensation_retry,
+        )
+        return saga_from_proto((await self._call(self._stub.ResumeSaga, request)).saga)
+
+    async def mark_compensated(
+        self,
+        saga_id: str,
+        step: str = "",
+        *,
+        reason: str,
+        actor: str | None = None,
+        expected_version: int = 0,
+    ) -> Saga:
+        """Record that a step was undone by hand; see `SagaClient.mark_compensated`."""
+        request = mark_compensated_request(
+            saga_id, step, reason=reason, actor=actor, expected_version=expected_version
+        )
+        return saga_from_proto((await self._call(self._stub.MarkStepCompensated, request)).saga)
+
+    async def complete(
+        self,
+        saga_id: str,
+        step: str = "",
+        *,
+        reason: str,
+        output: object = None,
+        actor: str | None = None,
+        expected_version: int = 0,
+    ) -> Saga:
+        """Record a stuck pivot or retriable step as succeeded; see `SagaClient.complete`."""
+        request = complete_request(
+            saga_id,
+            step,
+            reason=reason,
+            output=output,
+            actor=actor,
+            expected_version=expected_version,
+        )
+        return saga_from_proto((await self._call(self._stub.CompleteStep, request)).saga)
+
+    def events(self, saga_id: str, *, page_size: int = 100) -> AsyncIterator[SagaEvent]:
+        """Iterate over a saga's whole event log, oldest first, page after page."""
+        events_request(saga_id, page_size)  # checks the arguments before the first call
+
+        async def pages() -> AsyncIterator[SagaEvent]:
+            token = ""
+            while True:
+                response = await self._call(
+                    self._stub.ListSagaEvents, events_request(saga_id, page_size, token)
+                )
+                for event in response.events:
+                    yield event_from_proto(event)
+                token = response.next_page_token
+                if not token:
+                    return
+
+        return pages()
+
+    async def count(
+        self,
+        *,
+        definition: str | None = None,
+        definition_version: int = 0,
+        labels: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        stuck_on_participant: str | None = None,
+        stuck_on_step: str | None = None,
+    ) -> SagaCounts:
+        """How many sagas are in each state, NEEDS_ATTENTION first; see `SagaClient.count`."""
+        query = ListQuery.of(
+            definition=definition,
+            definition_version=definition_version,
+            labels=labels,
+            created_after=created_after,
+            created_before=created_before,
+            stuck_on_participant=stuck_on_participant,
+            stuck_on_step=stuck_on_step,
+        )
+        return counts_from_proto(await self._call(self._stub.CountSagas, query.count()))
+
+    async def definitions(self, name: str | None = None) -> list[DefinitionSummary]:
+        """The registered definitions (or only `name`'s), each with its versions."""
+        response = await self._call(self._stub.ListDefinitions, definitions_request(name))
+        return [summary_from_proto(summary) for summary in response.definitions]
+
+    async def definition(self, name: str, version: int = 0) -> RegisteredDefinition:
+        """One version of a definition (0: the newest); `NotFound` when there is none."""
+        response = await self._call(self._stub.GetDefinition, definition_request(name, version))
+        return registered_from_proto(response)
+
+    async def register_definition(
+        self, definition: DefinitionInput, *, actor: str | None = None
+    ) -> RegisterResult:
+        """Register a new version of a definition; see `SagaClient.register_definition`."""
+        request = register_request(definition, actor)
+        return register_result_from_proto(await self._call(self._stub.RegisterDefinition, request))
+
+    async def prune(self, older_than: timedelta, *, dry_run: bool = False) -> PruneResult:
+        """Remove (or count) the sagas that ended longer ago; see `SagaClient.prune`."""
+        response = await self._call(self._stub.PruneSagas, prune_request(older_than, dry_run))
+        return prune_result_from_proto(response, dry_run)
 
     def watch(self, saga_id: str) -> AsyncIterator[SagaUpdate]:
         """Iterate over a saga's states until it settles; see `SagaClient.watch`."""
@@ -359,9 +724,25 @@ class AsyncSagaClient:
         states: Iterable[SagaState | str] = (),
         definition: str | None = None,
         page_size: int = 100,
+        definition_version: int = 0,
+        labels: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        stuck_on_participant: str | None = None,
+        stuck_on_step: str | None = None,
     ) -> AsyncIterator[Saga]:
         """Iterate over every saga matching the filters, page after page; see `SagaClient`."""
-        query = ListQuery.of(states, definition, page_size)
+        query = ListQuery.of(
+            states,
+            definition,
+            page_size,
+            definition_version=definition_version,
+            labels=labels,
+            created_after=created_after,
+            created_before=created_before,
+            stuck_on_participant=stuck_on_participant,
+            stuck_on_step=stuck_on_step,
+        )
 
         async def pages() -> AsyncIterator[Saga]:
             token = ""

@@ -7,7 +7,8 @@ The tree::
     │   ├── InvalidArgument           INVALID_ARGUMENT (see field_violations)
     │   ├── NotFound                  NOT_FOUND
     │   ├── AlreadyExists             ALREADY_EXISTS
-    │   ├── FailedPrecondition        FAILED_PRECONDITION
+    │   ├── FailedPrecondition        FAILED_PRECONDITION (e.g. ACTION_NOT_ALLOWED)
+    │   ├── Aborted                   ABORTED (e.g. SAGA_VERSION_MISMATCH)
     │   ├── Unavailable               UNAVAILABLE
     │   └── DeadlineExceeded          DEADLINE_EXCEEDED
     ├── WaitTimeout                   wait() gave up (also a builtin TimeoutError)
@@ -99,9 +100,16 @@ class AlreadyExists(SagaRpcError):
 
 
 class FailedPrecondition(SagaRpcError):
-    """The saga is not in a state that allows this, e.g. cancelling a saga that has ended."""
+    """The saga is not in a state that allows this, e.g. cancelling a saga that has ended, or
+    an operator action that does not fit (ACTION_NOT_ALLOWED; the message names what would)."""
 
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(SagaRpcError):
+    """The call lost a race, e.g. an action's `expected_version` was stale; read and retry."""
+
+    grpc_code = grpc.StatusCode.ABORTED
 
 
 class Unavailable(SagaRpcError):
@@ -159,6 +167,7 @@ _BY_CODE: Mapping[grpc.StatusCode, type[SagaRpcError]] = {
         NotFound,
         AlreadyExists,
         FailedPrecondition,
+        Aborted,
         Unavailable,
         DeadlineExceeded,
     )

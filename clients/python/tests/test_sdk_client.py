@@ -8,7 +8,8 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
@@ -18,11 +19,14 @@ from grpc_status import rpc_status
 from saga.v1 import coordinator_service_pb2, coordinator_service_pb2_grpc, saga_pb2
 
 from saga_sdk import (
+    Aborted,
     AlreadyExists,
     AsyncSagaClient,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OperatorAction,
+    RetryPolicy,
     SagaClient,
     SagaEventType,
     SagaRpcError,
@@ -87,6 +91,15 @@ class FakeCoordinator(coordinator_service_pb2_grpc.CoordinatorServiceServicer):
     honour_ending_only: bool = True
     """False plays a coordinator older than `ending_only`, which sends every change."""
     changed: threading.Condition = field(default_factory=threading.Condition)
+    events: dict[str, list[saga_pb2.SagaEvent]] = field(default_factory=dict)
+    event_requests: list[coordinator_service_pb2.ListSagaEventsRequest] = field(
+        default_factory=list
+    )
+    count_requests: list[coordinator_service_pb2.CountSagasRequest] = field(default_factory=list)
+    actions: list[Any] = field(default_factory=list)
+    """Every operator action request, in order."""
+    definitions: dict[tuple[str, int], saga_pb2.SagaDefinition] = field(default_factory=dict)
+    prune_requests: list[coordinator_service_pb2.PruneSagasRequest] = field(default_factory=list)
 
     def CreateSaga(
         self, request: coordinator_service_pb2.CreateSagaRequest, context: grpc.ServicerContext
@@ -204,6 +217,193 @@ class FakeCoordinator(coordinator_service_pb2_grpc.CoordinatorServiceServicer):
         saga.cancel_reason = request.reason
         self.move(saga.saga_id, saga_pb2.SAGA_STATE_COMPENSATING)
         return coordinator_service_pb2.CancelSagaResponse(saga=self.sagas[saga.saga_id])
+
+    def ListSagaEvents(
+        self, request: coordinator_service_pb2.ListSagaEventsRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.ListSagaEventsResponse:
+        saga = self._find(request.name, context)
+        self.event_requests.append(request)
+        log = self.events.get(saga.saga_id, [])
+        start = int(request.page_token or "0")
+        end = start + (request.page_size or 100)
+        return coordinator_service_pb2.ListSagaEventsResponse(
+            events=log[start:end], next_page_token=str(end) if end < len(log) else ""
+        )
+
+    def CountSagas(
+        self, request: coordinator_service_pb2.CountSagasRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.CountSagasResponse:
+        self.count_requests.append(request)
+        states = [saga_pb2.SAGA_STATE_NEEDS_ATTENTION] + [
+            s for s in saga_pb2.SagaState.values() if s not in (0, 5)
+        ]
+        matching = [
+            s
+            for s in self.sagas.values()
+            if not request.definition or s.definition == request.definition
+        ]
+        counts = [
+            coordinator_service_pb2.StateCount(
+                state=state, count=sum(1 for s in matching if s.state == state)
+            )
+            for state in states
+        ]
+        return coordinator_service_pb2.CountSagasResponse(counts=counts, total=len(matching))
+
+    def _act(
+        self, request: Any, context: grpc.ServicerContext, action: saga_pb2.OperatorAction.ValueType
+    ) -> saga_pb2.Saga:
+        """An operator action: refused as the coordinator refuses, else recorded in the audit."""
+        saga = self._find(request.name, context)
+        self.actions.append(request)
+        if not request.reason:
+            abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_ARGUMENT",
+                "the request is invalid",
+                (("reason", "is required"),),
+            )
+        if request.expected_version and request.expected_version != saga.version:
+            abort(
+                context,
+                grpc.StatusCode.ABORTED,
+                "SAGA_VERSION_MISMATCH",
+                f"saga is at version {saga.version}",
+            )
+        if saga.state == saga_pb2.SAGA_STATE_SUCCEEDED:
+            abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "ACTION_NOT_ALLOWED",
+                "saga is SUCCEEDED; what fits now: nothing",
+            )
+        with self.changed:
+            saga.version += 1
+            saga.audit.add(
+                sequence=saga.version,
+                actor=request.actor,
+                action=action,
+                step=getattr(request, "step", ""),
+                reason=request.reason,
+            )
+        return saga
+
+    def RetrySagaStep(
+        self, request: coordinator_service_pb2.RetrySagaStepRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.RetrySagaStepResponse:
+        saga = self._act(request, context, saga_pb2.OPERATOR_ACTION_RETRY)
+        return coordinator_service_pb2.RetrySagaStepResponse(saga=saga)
+
+    def ResumeSaga(
+        self, request: coordinator_service_pb2.ResumeSagaRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.ResumeSagaResponse:
+        saga = self._act(request, context, saga_pb2.OPERATOR_ACTION_RESUME)
+        return coordinator_service_pb2.ResumeSagaResponse(saga=saga)
+
+    def MarkStepCompensated(
+        self,
+        request: coordinator_service_pb2.MarkStepCompensatedRequest,
+        context: grpc.ServicerContext,
+    ) -> coordinator_service_pb2.MarkStepCompensatedResponse:
+        saga = self._act(request, context, saga_pb2.OPERATOR_ACTION_MARK_COMPENSATED)
+        return coordinator_service_pb2.MarkStepCompensatedResponse(saga=saga)
+
+    def CompleteStep(
+        self, request: coordinator_service_pb2.CompleteStepRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.CompleteStepResponse:
+        saga = self._act(request, context, saga_pb2.OPERATOR_ACTION_COMPLETE)
+        return coordinator_service_pb2.CompleteStepResponse(saga=saga)
+
+    def _info(
+        self, definition: saga_pb2.SagaDefinition
+    ) -> coordinator_service_pb2.DefinitionVersion:
+        return coordinator_service_pb2.DefinitionVersion(
+            version=definition.version,
+            digest=f"{hash(definition.SerializeToString()) & 0xFFFF:04x}",
+            step_count=len(definition.steps),
+            unfinished_sagas=sum(
+                1
+                for s in self.sagas.values()
+                if s.definition == definition.name and s.state not in SETTLED
+            ),
+        )
+
+    def ListDefinitions(
+        self, request: coordinator_service_pb2.ListDefinitionsRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.ListDefinitionsResponse:
+        names = sorted({n for n, _ in self.definitions if not request.name or n == request.name})
+        return coordinator_service_pb2.ListDefinitionsResponse(
+            definitions=[
+                coordinator_service_pb2.DefinitionSummary(
+                    name=name,
+                    versions=[
+                        self._info(d) for (n, _), d in sorted(self.definitions.items()) if n == name
+                    ],
+                )
+                for name in names
+            ]
+        )
+
+    def GetDefinition(
+        self, request: coordinator_service_pb2.GetDefinitionRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.GetDefinitionResponse:
+        versions = [v for n, v in self.definitions if n == request.name]
+        version = request.version or max(versions, default=0)
+        if (request.name, version) not in self.definitions:
+            abort(context, grpc.StatusCode.NOT_FOUND, "DEFINITION_NOT_FOUND", "no definition")
+        definition = self.definitions[(request.name, version)]
+        return coordinator_service_pb2.GetDefinitionResponse(
+            definition=definition, info=self._info(definition)
+        )
+
+    def RegisterDefinition(
+        self,
+        request: coordinator_service_pb2.RegisterDefinitionRequest,
+        context: grpc.ServicerContext,
+    ) -> coordinator_service_pb2.RegisterDefinitionResponse:
+        definition = request.definition
+        key = (definition.name, definition.version)
+        created = key not in self.definitions
+        if not created and self.definitions[key] != definition:
+            abort(
+                context,
+                grpc.StatusCode.ALREADY_EXISTS,
+                "DEFINITION_VERSION_EXISTS",
+                f"{definition.name} v{definition.version} exists with other content",
+            )
+        self.definitions[key] = definition
+        return coordinator_service_pb2.RegisterDefinitionResponse(
+            definition=definition, created=created, info=self._info(definition)
+        )
+
+    def PruneSagas(
+        self, request: coordinator_service_pb2.PruneSagasRequest, context: grpc.ServicerContext
+    ) -> coordinator_service_pb2.PruneSagasResponse:
+        self.prune_requests.append(request)
+        ended = [s for s in self.sagas.values() if s.state in SETTLED]
+        if not request.dry_run:
+            for saga in ended:
+                del self.sagas[saga.saga_id]
+        response = coordinator_service_pb2.PruneSagasResponse(
+            sagas=len(ended), events=3 * len(ended)
+        )
+        response.cutoff.GetCurrentTime()
+        return response
+
+    def log(self, saga_id: str, count: int) -> None:
+        """Give a saga an event log of `count` events."""
+        self.events[saga_id] = [
+            saga_pb2.SagaEvent(
+                sequence=n,
+                type=saga_pb2.SAGA_EVENT_TYPE_STEP_SUCCEEDED,
+                step="open-account",
+                operation="execute",
+                action="OpenAccount",
+                attempt=1,
+            )
+            for n in range(1, count + 1)
+        ]
 
     def move(self, saga_id: str, state: saga_pb2.SagaState.ValueType) -> None:
         """Change a saga's state as the engine would, waking the watchers."""
@@ -664,3 +864,201 @@ async def test_async_wait_asks_for_the_ending_only_and_converts_only_it(
     assert [(r.name, r.ending_only) for r in fake.watch_requests] == [("sagas/ae", True)]
     assert fake.watch_messages == 3
     assert converted == [saga_pb2.SAGA_STATE_NEEDS_ATTENTION]
+
+
+# --- operator actions, events, counts, definitions, pruning --------------------------------
+
+
+def test_operator_actions_are_recorded_with_reason_and_actor(
+    coordinator: tuple[FakeCoordinator, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake, target = coordinator
+    monkeypatch.setenv("SAGA_ACTOR", "ops@example")
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="op")
+        retried = client.retry("op", "issue-card", reason="cards is back", expected_version=1)
+        resumed = client.resume(
+            "op", reason="fixed", actor="ann", compensation_retry=RetryPolicy(max_attempts=9)
+        )
+        marked = client.mark_compensated("op", reason="closed by hand")
+        completed = client.complete("op", "issue-card", reason="issued by hand", output={"c": 1})
+
+    assert [e.action for e in completed.audit] == [
+        OperatorAction.RETRY,
+        OperatorAction.RESUME,
+        OperatorAction.MARK_COMPENSATED,
+        OperatorAction.COMPLETE,
+    ]
+    assert [e.actor for e in completed.audit] == [
+        "ops@example",
+        "ann",
+        "ops@example",
+        "ops@example",
+    ]
+    assert retried.audit[0].step == "issue-card"
+    assert retried.audit[0].reason == "cards is back"
+    assert (resumed.version, marked.version, completed.version) == (3, 4, 5)
+    retry, resume, mark, complete = fake.actions
+    assert retry.expected_version == 1
+    assert resume.compensation_retry.max_attempts == 9
+    assert mark.step == ""
+    assert complete.output == b'{"c":1}'
+
+
+def test_refused_actions_raise_with_the_coordinators_reason(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="r")
+        with pytest.raises(Aborted) as stale:
+            client.retry("r", reason="now", expected_version=7)
+        with pytest.raises(InvalidArgument) as no_reason:
+            client.complete("r", reason="")
+        fake.move("r", saga_pb2.SAGA_STATE_SUCCEEDED)
+        with pytest.raises(FailedPrecondition) as not_allowed:
+            client.resume("r", reason="why not")
+        with pytest.raises(NotFound):
+            client.mark_compensated("ghost", reason="x")
+
+    assert stale.value.reason == "SAGA_VERSION_MISMATCH"
+    assert stale.value.code == grpc.StatusCode.ABORTED
+    assert no_reason.value.field_violations == (("reason", "is required"),)
+    assert not_allowed.value.reason == "ACTION_NOT_ALLOWED"
+    assert "what fits now" in not_allowed.value.message
+
+
+def test_events_walk_the_whole_log_page_by_page(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="ev")
+        fake.log("ev", 250)
+        events = list(client.events("ev"))
+        with pytest.raises(NotFound):
+            list(client.events("ghost"))
+        with pytest.raises(ValueError, match="page_size"):
+            client.events("ev", page_size=0)
+
+    assert [e.sequence for e in events] == list(range(1, 251))
+    assert [r.page_token for r in fake.event_requests[:3]] == ["", "100", "200"]
+    assert events[0].action == "OpenAccount"
+    assert events[0].operation == "execute"
+
+
+def test_count_and_list_send_every_filter(coordinator: tuple[FakeCoordinator, str]) -> None:
+    fake, target = coordinator
+    since = datetime(2030, 1, 1, tzinfo=UTC)
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="c1", labels={"tenant": "t-1"})
+        client.create("onboard", saga_id="c2")
+        fake.move("c2", saga_pb2.SAGA_STATE_NEEDS_ATTENTION)
+        counts = client.count(definition="onboard", labels={"tenant": "t-1"}, created_after=since)
+        list(
+            client.list(
+                definition="onboard",
+                definition_version=3,
+                labels={"tenant": "t-1"},
+                created_before=since,
+                stuck_on_participant="cards",
+                stuck_on_step="issue-card",
+            )
+        )
+
+    assert next(iter(counts.counts)) is SagaState.NEEDS_ATTENTION
+    assert (counts[SagaState.NEEDS_ATTENTION], counts["RUNNING"], counts.total) == (1, 1, 2)
+    assert dict(fake.count_requests[0].labels) == {"tenant": "t-1"}
+    assert fake.count_requests[0].created_after.ToDatetime(tzinfo=UTC) == since
+    assert fake.requests["c1"].labels == {"tenant": "t-1"}
+    listed = fake.list_requests[-1]
+    assert listed.definition_version == 3
+    assert listed.created_before.ToDatetime(tzinfo=UTC) == since
+    assert (listed.stuck_on_participant, listed.stuck_on_step) == ("cards", "issue-card")
+
+
+def test_definitions_are_registered_listed_and_fetched(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    _, target = coordinator
+    v1 = {
+        "name": "refund",
+        "version": 1,
+        "steps": [{"name": "pay", "participant": "billing", "action": "Refund"}],
+    }
+    v2 = {**v1, "version": 2, "description": "two"}
+    with SagaClient(target) as client:
+        first = client.register_definition(v1)
+        again = client.register_definition(v1)
+        client.register_definition(v2)
+        with pytest.raises(AlreadyExists) as conflict:
+            client.register_definition({**v1, "description": "changed"})
+        newest = client.definition("refund")
+        older = client.definition("refund", 1)
+        summaries = client.definitions()
+        with pytest.raises(NotFound):
+            client.definition("nope")
+
+    assert (first.created, again.created) == (True, False)
+    assert conflict.value.reason == "DEFINITION_VERSION_EXISTS"
+    assert newest.definition.version == 2
+    assert newest.definition.description == "two"
+    assert older.definition.steps[0].action == "Refund"
+    assert newest.info is not None
+    assert newest.info.step_count == 1
+    assert [(s.name, [v.version for v in s.versions]) for s in summaries] == [("refund", [1, 2])]
+
+
+def test_prune_sends_the_age_and_says_what_it_removed(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="old")
+        fake.move("old", saga_pb2.SAGA_STATE_SUCCEEDED)
+        counted = client.prune(timedelta(days=30), dry_run=True)
+        still_there = client.get("old")
+        pruned = client.prune(timedelta(days=30))
+        with pytest.raises(NotFound):
+            client.get("old")
+
+    assert (counted.sagas, counted.events, counted.dry_run) == (1, 3, True)
+    assert still_there.saga_id == "old"
+    assert (pruned.sagas, pruned.dry_run) == (1, False)
+    assert pruned.cutoff is not None
+    assert fake.prune_requests[0].older_than.ToTimedelta() == timedelta(days=30)
+
+
+async def test_async_twins_of_the_operator_and_registry_calls(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    async with AsyncSagaClient(target) as client:
+        await client.create("onboard", saga_id="aa", labels={"k": "v"})
+        fake.log("aa", 5)
+        await client.retry("aa", reason="r1", actor="a")
+        await client.resume("aa", reason="r2", actor="a")
+        await client.mark_compensated("aa", "open-account", reason="r3", actor="a")
+        done = await client.complete("aa", reason="r4", actor="a", output=b"\x01")
+        with pytest.raises(Aborted):
+            await client.retry("aa", reason="r", expected_version=1)
+        events = [e async for e in client.events("aa", page_size=2)]
+        counts = await client.count(labels={"k": "v"})
+        registered = await client.register_definition(
+            {"name": "d", "version": 1, "steps": [{"name": "a", "participant": "p", "action": "A"}]}
+        )
+        fetched = await client.definition("d")
+        listed = await client.definitions("d")
+        pruned = await client.prune(timedelta(hours=1), dry_run=True)
+        cancelled = await client.cancel("aa", "bye", actor="b")
+
+    assert [e.reason for e in done.audit] == ["r1", "r2", "r3", "r4"]
+    assert fake.actions[3].output == b"\x01"
+    assert len(events) == 5
+    assert len(fake.event_requests) == 3
+    assert counts.total == 1
+    assert registered.created
+    assert fetched.definition.name == "d"
+    assert [s.name for s in listed] == ["d"]
+    assert pruned.dry_run
+    assert cancelled.cancel_reason == "bye"
