@@ -97,15 +97,15 @@ def _normalise(raw: Any, path: str = "", budget: list[int] | None = None) -> Any
     return raw
 
 
-def parse_definition(raw: Any, source: str, participants: Collection[str]) -> SagaDefinition:
-    """A validated definition from the parsed contents of one file."""
+def _message(raw: Any, source: str) -> saga_pb2.SagaDefinition:
+    """The proto message of the parsed contents of one file; only its shape is checked."""
     if not isinstance(raw, dict):
         raise InvalidDefinition(
             f"{source}: a saga definition is a mapping (name, version, steps)",
             (FieldViolation("", "expected a mapping"),),
         )
     try:
-        message = json_format.ParseDict(
+        return json_format.ParseDict(
             _normalise(raw, ""), saga_pb2.SagaDefinition(), ignore_unknown_fields=False
         )
     except InvalidDefinition as error:
@@ -114,20 +114,48 @@ def parse_definition(raw: Any, source: str, participants: Collection[str]) -> Sa
         raise InvalidDefinition(
             f"{source}: invalid saga definition: {error}", (FieldViolation("", str(error)),)
         ) from None
+
+
+def parse_definition(raw: Any, source: str, participants: Collection[str]) -> SagaDefinition:
+    """A validated definition from the parsed contents of one file."""
+    message = _message(raw, source)
     return validate_definition(definition_from_proto(message), participants, source)
 
 
-def load_definition_file(path: Path, participants: Collection[str]) -> SagaDefinition:
-    """Read and validate one definition file."""
+def _read(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidDefinition(f"{path}: cannot read: {error}") from None
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        return parse_definition(raw, str(path), participants)
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise InvalidDefinition(f"{path}: not valid {path.suffix[1:].upper()}: {error}") from None
+    except RecursionError:
+        raise InvalidDefinition(f"{path}: nested too deeply to be a saga definition") from None
+
+
+def load_definition_file(path: Path, participants: Collection[str]) -> SagaDefinition:
+    """Read and validate one definition file."""
+    raw = _read(path)
+    try:
+        return parse_definition(raw, str(path), participants)
+    except RecursionError:
+        raise InvalidDefinition(f"{path}: nested too deeply to be a saga definition") from None
+
+
+def read_definition_message(path: Path) -> saga_pb2.SagaDefinition:
+    """The ``saga.v1.SagaDefinition`` message of one definition file, as a client sends it to
+    RegisterDefinition.
+
+    The file's friendly spellings (``2s``, ``500ms``, ``kind: pivot``) are turned into the
+    proto's form and its shape is checked (YAML or JSON, known fields, their types); the rules
+    of a definition and its participants are checked by whoever registers it
+    (``load_definition_file`` checks both). Raises ``InvalidDefinition`` naming the file.
+    """
+    raw = _read(path)
+    try:
+        return _message(raw, str(path))
     except RecursionError:
         raise InvalidDefinition(f"{path}: nested too deeply to be a saga definition") from None
 
