@@ -81,7 +81,7 @@ async def test_start_wait_get_list_and_cancel_from_the_command_line(
     assert "FAILED_PRECONDITION SAGA_ENDED" in cancel.stderr
 
     missing = await run_saga("get", "ghost", *target)
-    assert missing.returncode == 1
+    assert missing.returncode == 3  # not found
     assert "NOT_FOUND" in missing.stderr
 
     bad = await run_saga("start", "onboard", "--input", "{not json", *target)
