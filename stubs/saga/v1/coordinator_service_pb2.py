@@ -22,36 +22,96 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from saga.v1 import saga_pb2 as saga_dot_v1_dot_saga__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!saga/v1/coordinator_service.proto\x12\x07saga.v1\x1a\x12saga/v1/saga.proto\"c\n\x11\x43reateSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x03 \x01(\r\x12\r\n\x05input\x18\x04 \x01(\x0c\"B\n\x12\x43reateSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1e\n\x0eGetSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x0fGetSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\"q\n\x10ListSagasRequest\x12\"\n\x06states\x18\x01 \x03(\x0e\x32\x12.saga.v1.SagaState\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"J\n\x11ListSagasResponse\x12\x1c\n\x05sagas\x18\x01 \x03(\x0b\x32\r.saga.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x10WatchSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x65nding_only\x18\x02 \x01(\x08\"S\n\x11WatchSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\x12!\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x12.saga.v1.SagaEvent\"1\n\x11\x43\x61ncelSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x12\x43\x61ncelSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga2\xea\x02\n\x12\x43oordinatorService\x12\x45\n\nCreateSaga\x12\x1a.saga.v1.CreateSagaRequest\x1a\x1b.saga.v1.CreateSagaResponse\x12<\n\x07GetSaga\x12\x17.saga.v1.GetSagaRequest\x1a\x18.saga.v1.GetSagaResponse\x12\x42\n\tListSagas\x12\x19.saga.v1.ListSagasRequest\x1a\x1a.saga.v1.ListSagasResponse\x12\x44\n\tWatchSaga\x12\x19.saga.v1.WatchSagaRequest\x1a\x1a.saga.v1.WatchSagaResponse0\x01\x12\x45\n\nCancelSaga\x12\x1a.saga.v1.CancelSagaRequest\x1a\x1b.saga.v1.CancelSagaResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!saga/v1/coordinator_service.proto\x12\x07saga.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12saga/v1/saga.proto\"\xca\x01\n\x11\x43reateSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x03 \x01(\r\x12\r\n\x05input\x18\x04 \x01(\x0c\x12\x36\n\x06labels\x18\x05 \x03(\x0b\x32&.saga.v1.CreateSagaRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x12\x43reateSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1e\n\x0eGetSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x0fGetSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\"\x8f\x03\n\x10ListSagasRequest\x12\"\n\x06states\x18\x01 \x03(\x0e\x32\x12.saga.v1.SagaState\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x05 \x01(\r\x12\x35\n\x06labels\x18\x06 \x03(\x0b\x32%.saga.v1.ListSagasRequest.LabelsEntry\x12\x31\n\rcreated_after\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14stuck_on_participant\x18\t \x01(\t\x12\x15\n\rstuck_on_step\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x11ListSagasResponse\x12\x1c\n\x05sagas\x18\x01 \x03(\x0b\x32\r.saga.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x10WatchSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x65nding_only\x18\x02 \x01(\x08\"S\n\x11WatchSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\x12!\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x12.saga.v1.SagaEvent\"@\n\x11\x43\x61ncelSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"1\n\x12\x43\x61ncelSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\"L\n\x15ListSagaEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x16ListSagaEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.saga.v1.SagaEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc6\x02\n\x11\x43ountSagasRequest\x12\x12\n\ndefinition\x18\x01 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x02 \x01(\r\x12\x36\n\x06labels\x18\x03 \x03(\x0b\x32&.saga.v1.CountSagasRequest.LabelsEntry\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14stuck_on_participant\x18\x06 \x01(\t\x12\x15\n\rstuck_on_step\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\nStateCount\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.saga.v1.SagaState\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"H\n\x12\x43ountSagasResponse\x12#\n\x06\x63ounts\x18\x01 \x03(\x0b\x32\x13.saga.v1.StateCount\x12\r\n\x05total\x18\x02 \x01(\x04\"k\n\x14RetrySagaStepRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x05 \x01(\x04\"\x8c\x01\n\x11ResumeSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x04 \x01(\x04\x12\x30\n\x12\x63ompensation_retry\x18\x05 \x01(\x0b\x32\x14.saga.v1.RetryPolicy\"q\n\x1aMarkStepCompensatedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x05 \x01(\x04\"z\n\x13\x43ompleteStepRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x05 \x01(\x04\x12\x0e\n\x06output\x18\x06 \x01(\x0c\"4\n\x15RetrySagaStepResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\"1\n\x12ResumeSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\":\n\x1bMarkStepCompensatedResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\"3\n\x14\x43ompleteStepResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\"&\n\x16ListDefinitionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x95\x01\n\x11\x44\x65\x66initionVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x31\n\rregister_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x18\n\x10unfinished_sagas\x18\x04 \x01(\x04\x12\x12\n\nstep_count\x18\x05 \x01(\r\"d\n\x11\x44\x65\x66initionSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08versions\x18\x02 \x03(\x0b\x32\x1a.saga.v1.DefinitionVersion\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"J\n\x17ListDefinitionsResponse\x12/\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32\x1a.saga.v1.DefinitionSummary\"5\n\x14GetDefinitionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"n\n\x15GetDefinitionResponse\x12+\n\ndefinition\x18\x01 \x01(\x0b\x32\x17.saga.v1.SagaDefinition\x12(\n\x04info\x18\x02 \x01(\x0b\x32\x1a.saga.v1.DefinitionVersion\"W\n\x19RegisterDefinitionRequest\x12+\n\ndefinition\x18\x01 \x01(\x0b\x32\x17.saga.v1.SagaDefinition\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\"\x84\x01\n\x1aRegisterDefinitionResponse\x12+\n\ndefinition\x18\x01 \x01(\x0b\x32\x17.saga.v1.SagaDefinition\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12(\n\x04info\x18\x03 \x01(\x0b\x32\x1a.saga.v1.DefinitionVersion\"S\n\x11PruneSagasRequest\x12-\n\nolder_than\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"_\n\x12PruneSagasResponse\x12\r\n\x05sagas\x18\x01 \x01(\x04\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\x12*\n\x06\x63utoff\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x96\t\n\x12\x43oordinatorService\x12\x45\n\nCreateSaga\x12\x1a.saga.v1.CreateSagaRequest\x1a\x1b.saga.v1.CreateSagaResponse\x12<\n\x07GetSaga\x12\x17.saga.v1.GetSagaRequest\x1a\x18.saga.v1.GetSagaResponse\x12\x42\n\tListSagas\x12\x19.saga.v1.ListSagasRequest\x1a\x1a.saga.v1.ListSagasResponse\x12\x44\n\tWatchSaga\x12\x19.saga.v1.WatchSagaRequest\x1a\x1a.saga.v1.WatchSagaResponse0\x01\x12\x45\n\nCancelSaga\x12\x1a.saga.v1.CancelSagaRequest\x1a\x1b.saga.v1.CancelSagaResponse\x12Q\n\x0eListSagaEvents\x12\x1e.saga.v1.ListSagaEventsRequest\x1a\x1f.saga.v1.ListSagaEventsResponse\x12\x45\n\nCountSagas\x12\x1a.saga.v1.CountSagasRequest\x1a\x1b.saga.v1.CountSagasResponse\x12N\n\rRetrySagaStep\x12\x1d.saga.v1.RetrySagaStepRequest\x1a\x1e.saga.v1.RetrySagaStepResponse\x12\x45\n\nResumeSaga\x12\x1a.saga.v1.ResumeSagaRequest\x1a\x1b.saga.v1.ResumeSagaResponse\x12`\n\x13MarkStepCompensated\x12#.saga.v1.MarkStepCompensatedRequest\x1a$.saga.v1.MarkStepCompensatedResponse\x12K\n\x0c\x43ompleteStep\x12\x1c.saga.v1.CompleteStepRequest\x1a\x1d.saga.v1.CompleteStepResponse\x12T\n\x0fListDefinitions\x12\x1f.saga.v1.ListDefinitionsRequest\x1a .saga.v1.ListDefinitionsResponse\x12N\n\rGetDefinition\x12\x1d.saga.v1.GetDefinitionRequest\x1a\x1e.saga.v1.GetDefinitionResponse\x12]\n\x12RegisterDefinition\x12\".saga.v1.RegisterDefinitionRequest\x1a#.saga.v1.RegisterDefinitionResponse\x12\x45\n\nPruneSagas\x12\x1a.saga.v1.PruneSagasRequest\x1a\x1b.saga.v1.PruneSagasResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'saga.v1.coordinator_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATESAGAREQUEST']._serialized_start=66
-  _globals['_CREATESAGAREQUEST']._serialized_end=165
-  _globals['_CREATESAGARESPONSE']._serialized_start=167
-  _globals['_CREATESAGARESPONSE']._serialized_end=233
-  _globals['_GETSAGAREQUEST']._serialized_start=235
-  _globals['_GETSAGAREQUEST']._serialized_end=265
-  _globals['_GETSAGARESPONSE']._serialized_start=267
-  _globals['_GETSAGARESPONSE']._serialized_end=313
-  _globals['_LISTSAGASREQUEST']._serialized_start=315
-  _globals['_LISTSAGASREQUEST']._serialized_end=428
-  _globals['_LISTSAGASRESPONSE']._serialized_start=430
-  _globals['_LISTSAGASRESPONSE']._serialized_end=504
-  _globals['_WATCHSAGAREQUEST']._serialized_start=506
-  _globals['_WATCHSAGAREQUEST']._serialized_end=559
-  _globals['_WATCHSAGARESPONSE']._serialized_start=561
-  _globals['_WATCHSAGARESPONSE']._serialized_end=644
-  _globals['_CANCELSAGAREQUEST']._serialized_start=646
-  _globals['_CANCELSAGAREQUEST']._serialized_end=695
-  _globals['_CANCELSAGARESPONSE']._serialized_start=697
-  _globals['_CANCELSAGARESPONSE']._serialized_end=746
-  _globals['_COORDINATORSERVICE']._serialized_start=749
-  _globals['_COORDINATORSERVICE']._serialized_end=1111
+  _globals['_CREATESAGAREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_CREATESAGAREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_LISTSAGASREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_LISTSAGASREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_COUNTSAGASREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_COUNTSAGASREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_CREATESAGAREQUEST']._serialized_start=132
+  _globals['_CREATESAGAREQUEST']._serialized_end=334
+  _globals['_CREATESAGAREQUEST_LABELSENTRY']._serialized_start=289
+  _globals['_CREATESAGAREQUEST_LABELSENTRY']._serialized_end=334
+  _globals['_CREATESAGARESPONSE']._serialized_start=336
+  _globals['_CREATESAGARESPONSE']._serialized_end=402
+  _globals['_GETSAGAREQUEST']._serialized_start=404
+  _globals['_GETSAGAREQUEST']._serialized_end=434
+  _globals['_GETSAGARESPONSE']._serialized_start=436
+  _globals['_GETSAGARESPONSE']._serialized_end=482
+  _globals['_LISTSAGASREQUEST']._serialized_start=485
+  _globals['_LISTSAGASREQUEST']._serialized_end=884
+  _globals['_LISTSAGASREQUEST_LABELSENTRY']._serialized_start=289
+  _globals['_LISTSAGASREQUEST_LABELSENTRY']._serialized_end=334
+  _globals['_LISTSAGASRESPONSE']._serialized_start=886
+  _globals['_LISTSAGASRESPONSE']._serialized_end=960
+  _globals['_WATCHSAGAREQUEST']._serialized_start=962
+  _globals['_WATCHSAGAREQUEST']._serialized_end=1015
+  _globals['_WATCHSAGARESPONSE']._serialized_start=1017
+  _globals['_WATCHSAGARESPONSE']._serialized_end=1100
+  _globals['_CANCELSAGAREQUEST']._serialized_start=1102
+  _globals['_CANCELSAGAREQUEST']._serialized_end=1166
+  _globals['_CANCELSAGARESPONSE']._serialized_start=1168
+  _globals['_CANCELSAGARESPONSE']._serialized_end=1217
+  _globals['_LISTSAGAEVENTSREQUEST']._serialized_start=1219
+  _globals['_LISTSAGAEVENTSREQUEST']._serialized_end=1295
+  _globals['_LISTSAGAEVENTSRESPONSE']._serialized_start=1297
+  _globals['_LISTSAGAEVENTSRESPONSE']._serialized_end=1382
+  _globals['_COUNTSAGASREQUEST']._serialized_start=1385
+  _globals['_COUNTSAGASREQUEST']._serialized_end=1711
+  _globals['_COUNTSAGASREQUEST_LABELSENTRY']._serialized_start=289
+  _globals['_COUNTSAGASREQUEST_LABELSENTRY']._serialized_end=334
+  _globals['_STATECOUNT']._serialized_start=1713
+  _globals['_STATECOUNT']._serialized_end=1775
+  _globals['_COUNTSAGASRESPONSE']._serialized_start=1777
+  _globals['_COUNTSAGASRESPONSE']._serialized_end=1849
+  _globals['_RETRYSAGASTEPREQUEST']._serialized_start=1851
+  _globals['_RETRYSAGASTEPREQUEST']._serialized_end=1958
+  _globals['_RESUMESAGAREQUEST']._serialized_start=1961
+  _globals['_RESUMESAGAREQUEST']._serialized_end=2101
+  _globals['_MARKSTEPCOMPENSATEDREQUEST']._serialized_start=2103
+  _globals['_MARKSTEPCOMPENSATEDREQUEST']._serialized_end=2216
+  _globals['_COMPLETESTEPREQUEST']._serialized_start=2218
+  _globals['_COMPLETESTEPREQUEST']._serialized_end=2340
+  _globals['_RETRYSAGASTEPRESPONSE']._serialized_start=2342
+  _globals['_RETRYSAGASTEPRESPONSE']._serialized_end=2394
+  _globals['_RESUMESAGARESPONSE']._serialized_start=2396
+  _globals['_RESUMESAGARESPONSE']._serialized_end=2445
+  _globals['_MARKSTEPCOMPENSATEDRESPONSE']._serialized_start=2447
+  _globals['_MARKSTEPCOMPENSATEDRESPONSE']._serialized_end=2505
+  _globals['_COMPLETESTEPRESPONSE']._serialized_start=2507
+  _globals['_COMPLETESTEPRESPONSE']._serialized_end=2558
+  _globals['_LISTDEFINITIONSREQUEST']._serialized_start=2560
+  _globals['_LISTDEFINITIONSREQUEST']._serialized_end=2598
+  _globals['_DEFINITIONVERSION']._serialized_start=2601
+  _globals['_DEFINITIONVERSION']._serialized_end=2750
+  _globals['_DEFINITIONSUMMARY']._serialized_start=2752
+  _globals['_DEFINITIONSUMMARY']._serialized_end=2852
+  _globals['_LISTDEFINITIONSRESPONSE']._serialized_start=2854
+  _globals['_LISTDEFINITIONSRESPONSE']._serialized_end=2928
+  _globals['_GETDEFINITIONREQUEST']._serialized_start=2930
+  _globals['_GETDEFINITIONREQUEST']._serialized_end=2983
+  _globals['_GETDEFINITIONRESPONSE']._serialized_start=2985
+  _globals['_GETDEFINITIONRESPONSE']._serialized_end=3095
+  _globals['_REGISTERDEFINITIONREQUEST']._serialized_start=3097
+  _globals['_REGISTERDEFINITIONREQUEST']._serialized_end=3184
+  _globals['_REGISTERDEFINITIONRESPONSE']._serialized_start=3187
+  _globals['_REGISTERDEFINITIONRESPONSE']._serialized_end=3319
+  _globals['_PRUNESAGASREQUEST']._serialized_start=3321
+  _globals['_PRUNESAGASREQUEST']._serialized_end=3404
+  _globals['_PRUNESAGASRESPONSE']._serialized_start=3406
+  _globals['_PRUNESAGASRESPONSE']._serialized_end=3501
+  _globals['_COORDINATORSERVICE']._serialized_start=3504
+  _globals['_COORDINATORSERVICE']._serialized_end=4678
 # @@protoc_insertion_point(module_scope)

@@ -5,7 +5,9 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from saga.v1 import saga_pb2 as _saga_pb2
 import builtins as _builtins
@@ -25,10 +27,31 @@ class CreateSagaRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SAGA_ID_FIELD_NUMBER: _builtins.int
     DEFINITION_FIELD_NUMBER: _builtins.int
     DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     """Client-chosen identifier, the idempotency key of the creation: 1 to 128 characters of
     letters, digits, '.', '_' and '-', starting with a letter or digit. Empty: the coordinator
@@ -40,6 +63,12 @@ class CreateSagaRequest(_message.Message):
     """Version of the definition to run; zero means the newest."""
     input: _builtins.bytes
     """Input payload, sent to every step."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels to find the saga by, e.g. {"customer": "c-42"}: at most 16, keys 1 to 63 letters,
+        digits, '.', '_', '-' or '/', values at most 256 characters.
+        """
+
     def __init__(
         self,
         *,
@@ -47,10 +76,11 @@ class CreateSagaRequest(_message.Message):
         definition: _builtins.str = ...,
         definition_version: _builtins.int = ...,
         input: _builtins.bytes = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_version", b"definition_version", "input", b"input", "saga_id", b"saga_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_version", b"definition_version", "input", b"input", "labels", b"labels", "saga_id", b"saga_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -136,19 +166,63 @@ class ListSagasRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     STATES_FIELD_NUMBER: _builtins.int
     DEFINITION_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    STUCK_ON_PARTICIPANT_FIELD_NUMBER: _builtins.int
+    STUCK_ON_STEP_FIELD_NUMBER: _builtins.int
     definition: _builtins.str
     """Only sagas of this definition; empty means every definition."""
     page_size: _builtins.int
     """Most sagas to return, from 1 to 1000; zero means 100."""
     page_token: _builtins.str
     """Token from a previous response's next_page_token, with the same filters."""
+    definition_version: _builtins.int
+    """Only sagas of this version of the definition (needs definition); zero means every version."""
+    stuck_on_participant: _builtins.str
+    """Only unfinished or parked sagas waiting on a step of this participant."""
+    stuck_on_step: _builtins.str
+    """Only unfinished or parked sagas waiting on the step of this name."""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_saga_pb2.SagaState.ValueType]:
         """Only sagas in one of these states; empty means every state."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only sagas carrying every one of these labels."""
+
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Only sagas created at or after this time."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp:
+        """Only sagas created before this time."""
 
     def __init__(
         self,
@@ -157,10 +231,16 @@ class ListSagasRequest(_message.Message):
         definition: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        definition_version: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+        stuck_on_participant: _builtins.str = ...,
+        stuck_on_step: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "definition", b"definition", "definition_version", b"definition_version", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "stuck_on_participant", b"stuck_on_participant", "stuck_on_step", b"stuck_on_step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,19 +341,23 @@ class CancelSagaRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name of the saga, "sagas/{saga_id}"."""
     reason: _builtins.str
     """Why, for people; recorded with the saga."""
+    actor: _builtins.str
+    """Who asks, recorded in the saga's audit trail; empty means "unknown"."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "name", b"name", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -302,3 +386,739 @@ class CancelSagaResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelSagaResponse: _TypeAlias = CancelSagaResponse  # noqa: Y015
+
+@_typing.final
+class ListSagaEventsRequest(_message.Message):
+    """ListSagaEventsRequest names the saga whose event log to return."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name of the saga, "sagas/{saga_id}"."""
+    page_size: _builtins.int
+    """Most events to return, from 1 to 1000; zero means 100."""
+    page_token: _builtins.str
+    """Token from a previous response's next_page_token."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSagaEventsRequest: _TypeAlias = ListSagaEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListSagaEventsResponse(_message.Message):
+    """ListSagaEventsResponse is one page of a saga's event log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_saga_pb2.SagaEvent]:
+        """The events of this page, in order."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_saga_pb2.SagaEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSagaEventsResponse: _TypeAlias = ListSagaEventsResponse  # noqa: Y015
+
+@_typing.final
+class CountSagasRequest(_message.Message):
+    """CountSagasRequest filters the sagas to count, as ListSagasRequest does."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    STUCK_ON_PARTICIPANT_FIELD_NUMBER: _builtins.int
+    STUCK_ON_STEP_FIELD_NUMBER: _builtins.int
+    definition: _builtins.str
+    """Only sagas of this definition; empty means every definition."""
+    definition_version: _builtins.int
+    """Only sagas of this version of the definition; zero means every version."""
+    stuck_on_participant: _builtins.str
+    """Only unfinished or parked sagas waiting on a step of this participant."""
+    stuck_on_step: _builtins.str
+    """Only unfinished or parked sagas waiting on the step of this name."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only sagas carrying every one of these labels."""
+
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Only sagas created at or after this time."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp:
+        """Only sagas created before this time."""
+
+    def __init__(
+        self,
+        *,
+        definition: _builtins.str = ...,
+        definition_version: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+        stuck_on_participant: _builtins.str = ...,
+        stuck_on_step: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "definition", b"definition", "definition_version", b"definition_version", "labels", b"labels", "stuck_on_participant", b"stuck_on_participant", "stuck_on_step", b"stuck_on_step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountSagasRequest: _TypeAlias = CountSagasRequest  # noqa: Y015
+
+@_typing.final
+class StateCount(_message.Message):
+    """StateCount is how many sagas are in one state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    state: _saga_pb2.SagaState.ValueType
+    """The state."""
+    count: _builtins.int
+    """How many sagas are in it."""
+    def __init__(
+        self,
+        *,
+        state: _saga_pb2.SagaState.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateCount: _TypeAlias = StateCount  # noqa: Y015
+
+@_typing.final
+class CountSagasResponse(_message.Message):
+    """CountSagasResponse has one count per state, NEEDS_ATTENTION first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """The sum of the counts."""
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateCount]:
+        """One entry per state, zero counts included."""
+
+    def __init__(
+        self,
+        *,
+        counts: _abc.Iterable[Global___StateCount] | None = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountSagasResponse: _TypeAlias = CountSagasResponse  # noqa: Y015
+
+@_typing.final
+class RetrySagaStepRequest(_message.Message):
+    """RetrySagaStepRequest asks for a step's pending call to be sent again now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name of the saga, "sagas/{saga_id}"."""
+    step: _builtins.str
+    """Name of the step; empty means the step the saga waits on."""
+    reason: _builtins.str
+    """Why, for people; required."""
+    actor: _builtins.str
+    """Who asks, recorded in the audit trail."""
+    expected_version: _builtins.int
+    """When set, the action applies only if the saga is still at this version (ABORTED if not)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        step: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "expected_version", b"expected_version", "name", b"name", "reason", b"reason", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrySagaStepRequest: _TypeAlias = RetrySagaStepRequest  # noqa: Y015
+
+@_typing.final
+class ResumeSagaRequest(_message.Message):
+    """ResumeSagaRequest asks for a saga parked on a failed compensation to compensate again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    COMPENSATION_RETRY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name of the saga, "sagas/{saga_id}"."""
+    reason: _builtins.str
+    """Why, for people; required."""
+    actor: _builtins.str
+    """Who asks, recorded in the audit trail."""
+    expected_version: _builtins.int
+    """When set, the action applies only if the saga is still at this version (ABORTED if not)."""
+    @_builtins.property
+    def compensation_retry(self) -> _saga_pb2.RetryPolicy:
+        """The retry policy of the compensation from now on; unset keeps the definition's. Unset
+        fields take the defaults.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+        compensation_retry: _saga_pb2.RetryPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compensation_retry", b"compensation_retry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "compensation_retry", b"compensation_retry", "expected_version", b"expected_version", "name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSagaRequest: _TypeAlias = ResumeSagaRequest  # noqa: Y015
+
+@_typing.final
+class MarkStepCompensatedRequest(_message.Message):
+    """MarkStepCompensatedRequest records a step as undone by hand."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name of the saga, "sagas/{saga_id}"."""
+    step: _builtins.str
+    """Name of the step; empty means the step whose compensation the saga waits on."""
+    reason: _builtins.str
+    """Why, for people; required."""
+    actor: _builtins.str
+    """Who asks, recorded in the audit trail."""
+    expected_version: _builtins.int
+    """When set, the action applies only if the saga is still at this version (ABORTED if not)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        step: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "expected_version", b"expected_version", "name", b"name", "reason", b"reason", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkStepCompensatedRequest: _TypeAlias = MarkStepCompensatedRequest  # noqa: Y015
+
+@_typing.final
+class CompleteStepRequest(_message.Message):
+    """CompleteStepRequest records a stuck pivot or retriable step as succeeded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name of the saga, "sagas/{saga_id}"."""
+    step: _builtins.str
+    """Name of the step; empty means the step the saga waits on."""
+    reason: _builtins.str
+    """Why, for people; required."""
+    actor: _builtins.str
+    """Who asks, recorded in the audit trail."""
+    expected_version: _builtins.int
+    """When set, the action applies only if the saga is still at this version (ABORTED if not)."""
+    output: _builtins.bytes
+    """The step's output, as the participant would have answered it; passed to later steps."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        step: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+        output: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "expected_version", b"expected_version", "name", b"name", "output", b"output", "reason", b"reason", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteStepRequest: _TypeAlias = CompleteStepRequest  # noqa: Y015
+
+@_typing.final
+class RetrySagaStepResponse(_message.Message):
+    """RetrySagaStepResponse returns the saga once the action is stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saga(self) -> _saga_pb2.Saga:
+        """The saga after the action."""
+
+    def __init__(
+        self,
+        *,
+        saga: _saga_pb2.Saga | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrySagaStepResponse: _TypeAlias = RetrySagaStepResponse  # noqa: Y015
+
+@_typing.final
+class ResumeSagaResponse(_message.Message):
+    """ResumeSagaResponse returns the saga once the action is stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saga(self) -> _saga_pb2.Saga:
+        """The saga after the action."""
+
+    def __init__(
+        self,
+        *,
+        saga: _saga_pb2.Saga | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSagaResponse: _TypeAlias = ResumeSagaResponse  # noqa: Y015
+
+@_typing.final
+class MarkStepCompensatedResponse(_message.Message):
+    """MarkStepCompensatedResponse returns the saga once the action is stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saga(self) -> _saga_pb2.Saga:
+        """The saga after the action."""
+
+    def __init__(
+        self,
+        *,
+        saga: _saga_pb2.Saga | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkStepCompensatedResponse: _TypeAlias = MarkStepCompensatedResponse  # noqa: Y015
+
+@_typing.final
+class CompleteStepResponse(_message.Message):
+    """CompleteStepResponse returns the saga once the action is stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saga(self) -> _saga_pb2.Saga:
+        """The saga after the action."""
+
+    def __init__(
+        self,
+        *,
+        saga: _saga_pb2.Saga | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteStepResponse: _TypeAlias = CompleteStepResponse  # noqa: Y015
+
+@_typing.final
+class ListDefinitionsRequest(_message.Message):
+    """ListDefinitionsRequest filters the definitions to list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Only the definition of this name; empty means every definition."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDefinitionsRequest: _TypeAlias = ListDefinitionsRequest  # noqa: Y015
+
+@_typing.final
+class DefinitionVersion(_message.Message):
+    """DefinitionVersion describes one registered version of a definition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    REGISTER_TIME_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    UNFINISHED_SAGAS_FIELD_NUMBER: _builtins.int
+    STEP_COUNT_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version."""
+    digest: _builtins.str
+    """SHA-256 of its canonical content, hexadecimal."""
+    unfinished_sagas: _builtins.int
+    """Sagas of this version not yet ended: running, compensating or parked."""
+    step_count: _builtins.int
+    """Number of steps."""
+    @_builtins.property
+    def register_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was registered."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        register_time: _timestamp_pb2.Timestamp | None = ...,
+        digest: _builtins.str = ...,
+        unfinished_sagas: _builtins.int = ...,
+        step_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["register_time", b"register_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "register_time", b"register_time", "step_count", b"step_count", "unfinished_sagas", b"unfinished_sagas", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DefinitionVersion: _TypeAlias = DefinitionVersion  # noqa: Y015
+
+@_typing.final
+class DefinitionSummary(_message.Message):
+    """DefinitionSummary is one definition and its versions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of the definition."""
+    description: _builtins.str
+    """Description of the newest version."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DefinitionVersion]:
+        """Its versions, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        versions: _abc.Iterable[Global___DefinitionVersion] | None = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DefinitionSummary: _TypeAlias = DefinitionSummary  # noqa: Y015
+
+@_typing.final
+class ListDefinitionsResponse(_message.Message):
+    """ListDefinitionsResponse lists definitions by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def definitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DefinitionSummary]:
+        """The definitions, by name."""
+
+    def __init__(
+        self,
+        *,
+        definitions: _abc.Iterable[Global___DefinitionSummary] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definitions", b"definitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDefinitionsResponse: _TypeAlias = ListDefinitionsResponse  # noqa: Y015
+
+@_typing.final
+class GetDefinitionRequest(_message.Message):
+    """GetDefinitionRequest names the definition to return."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of the definition."""
+    version: _builtins.int
+    """Version; zero means the newest."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDefinitionRequest: _TypeAlias = GetDefinitionRequest  # noqa: Y015
+
+@_typing.final
+class GetDefinitionResponse(_message.Message):
+    """GetDefinitionResponse returns one version of a definition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    INFO_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def definition(self) -> _saga_pb2.SagaDefinition:
+        """The definition, defaults filled in."""
+
+    @_builtins.property
+    def info(self) -> Global___DefinitionVersion:
+        """The version's registration."""
+
+    def __init__(
+        self,
+        *,
+        definition: _saga_pb2.SagaDefinition | None = ...,
+        info: Global___DefinitionVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDefinitionResponse: _TypeAlias = GetDefinitionResponse  # noqa: Y015
+
+@_typing.final
+class RegisterDefinitionRequest(_message.Message):
+    """RegisterDefinitionRequest carries a new version of a definition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    """Who registers it."""
+    @_builtins.property
+    def definition(self) -> _saga_pb2.SagaDefinition:
+        """The definition, in full."""
+
+    def __init__(
+        self,
+        *,
+        definition: _saga_pb2.SagaDefinition | None = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "definition", b"definition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterDefinitionRequest: _TypeAlias = RegisterDefinitionRequest  # noqa: Y015
+
+@_typing.final
+class RegisterDefinitionResponse(_message.Message):
+    """RegisterDefinitionResponse returns the registered definition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    INFO_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when this version was registered already with the same content."""
+    @_builtins.property
+    def definition(self) -> _saga_pb2.SagaDefinition:
+        """The definition, defaults filled in."""
+
+    @_builtins.property
+    def info(self) -> Global___DefinitionVersion:
+        """The version's registration."""
+
+    def __init__(
+        self,
+        *,
+        definition: _saga_pb2.SagaDefinition | None = ...,
+        created: _builtins.bool = ...,
+        info: Global___DefinitionVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "definition", b"definition", "info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterDefinitionResponse: _TypeAlias = RegisterDefinitionResponse  # noqa: Y015
+
+@_typing.final
+class PruneSagasRequest(_message.Message):
+    """PruneSagasRequest says which ended sagas to remove."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLDER_THAN_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Count what would be pruned and remove nothing."""
+    @_builtins.property
+    def older_than(self) -> _duration_pb2.Duration:
+        """Sagas that ended longer ago than this are pruned; at least one minute."""
+
+    def __init__(
+        self,
+        *,
+        older_than: _duration_pb2.Duration | None = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["older_than", b"older_than"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "older_than", b"older_than"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneSagasRequest: _TypeAlias = PruneSagasRequest  # noqa: Y015
+
+@_typing.final
+class PruneSagasResponse(_message.Message):
+    """PruneSagasResponse says what was (or would be) removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGAS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    CUTOFF_FIELD_NUMBER: _builtins.int
+    sagas: _builtins.int
+    """Sagas removed (or, with dry_run, that would be)."""
+    events: _builtins.int
+    """Their events."""
+    @_builtins.property
+    def cutoff(self) -> _timestamp_pb2.Timestamp:
+        """The cutoff applied: sagas that ended before it."""
+
+    def __init__(
+        self,
+        *,
+        sagas: _builtins.int = ...,
+        events: _builtins.int = ...,
+        cutoff: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cutoff", b"cutoff"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutoff", b"cutoff", "events", b"events", "sagas", b"sagas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneSagasResponse: _TypeAlias = PruneSagasResponse  # noqa: Y015

@@ -63,6 +63,56 @@ class CoordinatorServiceStub:
                 request_serializer=saga_dot_v1_dot_coordinator__service__pb2.CancelSagaRequest.SerializeToString,
                 response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.CancelSagaResponse.FromString,
                 _registered_method=True)
+        self.ListSagaEvents = channel.unary_unary(
+                '/saga.v1.CoordinatorService/ListSagaEvents',
+                request_serializer=saga_dot_v1_dot_coordinator__service__pb2.ListSagaEventsRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.ListSagaEventsResponse.FromString,
+                _registered_method=True)
+        self.CountSagas = channel.unary_unary(
+                '/saga.v1.CoordinatorService/CountSagas',
+                request_serializer=saga_dot_v1_dot_coordinator__service__pb2.CountSagasRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.CountSagasResponse.FromString,
+                _registered_method=True)
+        self.RetrySagaStep = channel.unary_unary(
+                '/saga.v1.CoordinatorService/RetrySagaStep',
+                request_serializer=saga_dot_v1_dot_coordinator__service__pb2.RetrySagaStepRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.RetrySagaStepResponse.FromString,
+                _registered_method=True)
+        self.ResumeSaga = channel.unary_unary(
+                '/saga.v1.CoordinatorService/ResumeSaga',
+                request_serializer=saga_dot_v1_dot_coordinator__service__pb2.ResumeSagaRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.ResumeSagaResponse.FromString,
+                _registered_method=True)
+        self.MarkStepCompensated = channel.unary_unary(
+                '/saga.v1.CoordinatorService/MarkStepCompensated',
+                request_serializer=saga_dot_v1_dot_coordinator__service__pb2.MarkStepCompensatedRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.MarkStepCompensatedResponse.FromString,
+                _registered_method=True)
+        self.CompleteStep = channel.unary_unary(
+                '/saga.v1.CoordinatorService/CompleteStep',
+                request_serializer=saga_dot_v1_dot_coordinator__service__pb2.CompleteStepRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.CompleteStepResponse.FromString,
+                _registered_method=True)
+        self.ListDefinitions = channel.unary_unary(
+                '/saga.v1.CoordinatorService/ListDefinitions',
+                request_serializer=saga_dot_v1_dot_coordinator__service__pb2.ListDefinitionsRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.ListDefinitionsResponse.FromString,
+                _registered_method=True)
+        self.GetDefinition = channel.unary_unary(
+                '/saga.v1.CoordinatorService/GetDefinition',
+                request_serializer=saga_dot_v1_dot_coordinator__service__pb2.GetDefinitionRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.GetDefinitionResponse.FromString,
+                _registered_method=True)
+        self.RegisterDefinition = channel.unary_unary(
+                '/saga.v1.CoordinatorService/RegisterDefinition',
+                request_serializer=saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionResponse.FromString,
+                _registered_method=True)
+        self.PruneSagas = channel.unary_unary(
+                '/saga.v1.CoordinatorService/PruneSagas',
+                request_serializer=saga_dot_v1_dot_coordinator__service__pb2.PruneSagasRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.PruneSagasResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -111,6 +161,90 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSagaEvents(self, request, context):
+        """ListSagaEvents returns a saga's event log, oldest first, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CountSagas(self, request, context):
+        """CountSagas counts the sagas in each state, with the filters of ListSagas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetrySagaStep(self, request, context):
+        """Operator actions. Each needs a reason and is recorded in the saga's audit trail and event
+        log. An action that does not fit the saga's state fails with FAILED_PRECONDITION, naming
+        the state and the actions that would fit; of two concurrent actions on one saga, one wins
+        and the other is refused.
+
+        RetrySagaStep sends the step's pending call again at once: a call waiting out its backoff,
+        or the forward step a saga is parked on (with a fresh attempt budget). The request_id is
+        the same as the earlier attempts'.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSaga(self, request, context):
+        """ResumeSaga takes a saga parked on a failed compensation back to compensating: the
+        compensation is tried again with a fresh budget (and optionally a new retry policy), then
+        the earlier steps are compensated, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkStepCompensated(self, request, context):
+        """MarkStepCompensated records that the operator undid the step by hand outside the system;
+        the saga goes on compensating the steps before it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteStep(self, request, context):
+        """CompleteStep records a stuck pivot or retriable step as succeeded, with an output the
+        operator supplies; the saga goes on forward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDefinitions(self, request, context):
+        """ListDefinitions lists the registered definitions and their versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDefinition(self, request, context):
+        """GetDefinition returns one version of a definition (the newest by default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterDefinition(self, request, context):
+        """RegisterDefinition registers a new version of a definition, validated as a file is. The
+        same content under an existing version is a no-op; other content under it is refused
+        (ALREADY_EXISTS). Running sagas keep the version they started with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PruneSagas(self, request, context):
+        """PruneSagas removes the sagas that ended (SUCCEEDED or COMPENSATED) before a cutoff, with
+        their events, in small batches. Running and parked sagas are never pruned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +272,56 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.CancelSaga,
                     request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.CancelSagaRequest.FromString,
                     response_serializer=saga_dot_v1_dot_coordinator__service__pb2.CancelSagaResponse.SerializeToString,
+            ),
+            'ListSagaEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSagaEvents,
+                    request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.ListSagaEventsRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_coordinator__service__pb2.ListSagaEventsResponse.SerializeToString,
+            ),
+            'CountSagas': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountSagas,
+                    request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.CountSagasRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_coordinator__service__pb2.CountSagasResponse.SerializeToString,
+            ),
+            'RetrySagaStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetrySagaStep,
+                    request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.RetrySagaStepRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_coordinator__service__pb2.RetrySagaStepResponse.SerializeToString,
+            ),
+            'ResumeSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSaga,
+                    request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.ResumeSagaRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_coordinator__service__pb2.ResumeSagaResponse.SerializeToString,
+            ),
+            'MarkStepCompensated': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkStepCompensated,
+                    request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.MarkStepCompensatedRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_coordinator__service__pb2.MarkStepCompensatedResponse.SerializeToString,
+            ),
+            'CompleteStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteStep,
+                    request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.CompleteStepRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_coordinator__service__pb2.CompleteStepResponse.SerializeToString,
+            ),
+            'ListDefinitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDefinitions,
+                    request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.ListDefinitionsRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_coordinator__service__pb2.ListDefinitionsResponse.SerializeToString,
+            ),
+            'GetDefinition': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDefinition,
+                    request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.GetDefinitionRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_coordinator__service__pb2.GetDefinitionResponse.SerializeToString,
+            ),
+            'RegisterDefinition': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterDefinition,
+                    request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionResponse.SerializeToString,
+            ),
+            'PruneSagas': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneSagas,
+                    request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.PruneSagasRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_coordinator__service__pb2.PruneSagasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -279,6 +463,276 @@ class CoordinatorService:
             '/saga.v1.CoordinatorService/CancelSaga',
             saga_dot_v1_dot_coordinator__service__pb2.CancelSagaRequest.SerializeToString,
             saga_dot_v1_dot_coordinator__service__pb2.CancelSagaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSagaEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.CoordinatorService/ListSagaEvents',
+            saga_dot_v1_dot_coordinator__service__pb2.ListSagaEventsRequest.SerializeToString,
+            saga_dot_v1_dot_coordinator__service__pb2.ListSagaEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountSagas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.CoordinatorService/CountSagas',
+            saga_dot_v1_dot_coordinator__service__pb2.CountSagasRequest.SerializeToString,
+            saga_dot_v1_dot_coordinator__service__pb2.CountSagasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrySagaStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.CoordinatorService/RetrySagaStep',
+            saga_dot_v1_dot_coordinator__service__pb2.RetrySagaStepRequest.SerializeToString,
+            saga_dot_v1_dot_coordinator__service__pb2.RetrySagaStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.CoordinatorService/ResumeSaga',
+            saga_dot_v1_dot_coordinator__service__pb2.ResumeSagaRequest.SerializeToString,
+            saga_dot_v1_dot_coordinator__service__pb2.ResumeSagaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkStepCompensated(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.CoordinatorService/MarkStepCompensated',
+            saga_dot_v1_dot_coordinator__service__pb2.MarkStepCompensatedRequest.SerializeToString,
+            saga_dot_v1_dot_coordinator__service__pb2.MarkStepCompensatedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.CoordinatorService/CompleteStep',
+            saga_dot_v1_dot_coordinator__service__pb2.CompleteStepRequest.SerializeToString,
+            saga_dot_v1_dot_coordinator__service__pb2.CompleteStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDefinitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.CoordinatorService/ListDefinitions',
+            saga_dot_v1_dot_coordinator__service__pb2.ListDefinitionsRequest.SerializeToString,
+            saga_dot_v1_dot_coordinator__service__pb2.ListDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDefinition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.CoordinatorService/GetDefinition',
+            saga_dot_v1_dot_coordinator__service__pb2.GetDefinitionRequest.SerializeToString,
+            saga_dot_v1_dot_coordinator__service__pb2.GetDefinitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterDefinition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.CoordinatorService/RegisterDefinition',
+            saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionRequest.SerializeToString,
+            saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneSagas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.CoordinatorService/PruneSagas',
+            saga_dot_v1_dot_coordinator__service__pb2.PruneSagasRequest.SerializeToString,
+            saga_dot_v1_dot_coordinator__service__pb2.PruneSagasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,46 @@ class CoordinatorServiceStub:
     """CancelSaga stops a running saga and compensates every step that had been sent. A saga that
     has ended, or whose pivot has been sent, cannot be cancelled (FAILED_PRECONDITION).
     """
+    ListSagaEvents: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.ListSagaEventsRequest, _coordinator_service_pb2.ListSagaEventsResponse]
+    """ListSagaEvents returns a saga's event log, oldest first, paged."""
+    CountSagas: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.CountSagasRequest, _coordinator_service_pb2.CountSagasResponse]
+    """CountSagas counts the sagas in each state, with the filters of ListSagas."""
+    RetrySagaStep: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.RetrySagaStepRequest, _coordinator_service_pb2.RetrySagaStepResponse]
+    """Operator actions. Each needs a reason and is recorded in the saga's audit trail and event
+    log. An action that does not fit the saga's state fails with FAILED_PRECONDITION, naming
+    the state and the actions that would fit; of two concurrent actions on one saga, one wins
+    and the other is refused.
+
+    RetrySagaStep sends the step's pending call again at once: a call waiting out its backoff,
+    or the forward step a saga is parked on (with a fresh attempt budget). The request_id is
+    the same as the earlier attempts'.
+    """
+    ResumeSaga: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.ResumeSagaRequest, _coordinator_service_pb2.ResumeSagaResponse]
+    """ResumeSaga takes a saga parked on a failed compensation back to compensating: the
+    compensation is tried again with a fresh budget (and optionally a new retry policy), then
+    the earlier steps are compensated, newest first.
+    """
+    MarkStepCompensated: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.MarkStepCompensatedRequest, _coordinator_service_pb2.MarkStepCompensatedResponse]
+    """MarkStepCompensated records that the operator undid the step by hand outside the system;
+    the saga goes on compensating the steps before it.
+    """
+    CompleteStep: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.CompleteStepRequest, _coordinator_service_pb2.CompleteStepResponse]
+    """CompleteStep records a stuck pivot or retriable step as succeeded, with an output the
+    operator supplies; the saga goes on forward.
+    """
+    ListDefinitions: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.ListDefinitionsRequest, _coordinator_service_pb2.ListDefinitionsResponse]
+    """ListDefinitions lists the registered definitions and their versions."""
+    GetDefinition: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.GetDefinitionRequest, _coordinator_service_pb2.GetDefinitionResponse]
+    """GetDefinition returns one version of a definition (the newest by default)."""
+    RegisterDefinition: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.RegisterDefinitionRequest, _coordinator_service_pb2.RegisterDefinitionResponse]
+    """RegisterDefinition registers a new version of a definition, validated as a file is. The
+    same content under an existing version is a no-op; other content under it is refused
+    (ALREADY_EXISTS). Running sagas keep the version they started with.
+    """
+    PruneSagas: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.PruneSagasRequest, _coordinator_service_pb2.PruneSagasResponse]
+    """PruneSagas removes the sagas that ended (SUCCEEDED or COMPENSATED) before a cutoff, with
+    their events, in small batches. Running and parked sagas are never pruned.
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -80,6 +120,46 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     CancelSaga: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.CancelSagaRequest, _coordinator_service_pb2.CancelSagaResponse]  # type: ignore[assignment]
     """CancelSaga stops a running saga and compensates every step that had been sent. A saga that
     has ended, or whose pivot has been sent, cannot be cancelled (FAILED_PRECONDITION).
+    """
+    ListSagaEvents: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.ListSagaEventsRequest, _coordinator_service_pb2.ListSagaEventsResponse]  # type: ignore[assignment]
+    """ListSagaEvents returns a saga's event log, oldest first, paged."""
+    CountSagas: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.CountSagasRequest, _coordinator_service_pb2.CountSagasResponse]  # type: ignore[assignment]
+    """CountSagas counts the sagas in each state, with the filters of ListSagas."""
+    RetrySagaStep: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.RetrySagaStepRequest, _coordinator_service_pb2.RetrySagaStepResponse]  # type: ignore[assignment]
+    """Operator actions. Each needs a reason and is recorded in the saga's audit trail and event
+    log. An action that does not fit the saga's state fails with FAILED_PRECONDITION, naming
+    the state and the actions that would fit; of two concurrent actions on one saga, one wins
+    and the other is refused.
+
+    RetrySagaStep sends the step's pending call again at once: a call waiting out its backoff,
+    or the forward step a saga is parked on (with a fresh attempt budget). The request_id is
+    the same as the earlier attempts'.
+    """
+    ResumeSaga: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.ResumeSagaRequest, _coordinator_service_pb2.ResumeSagaResponse]  # type: ignore[assignment]
+    """ResumeSaga takes a saga parked on a failed compensation back to compensating: the
+    compensation is tried again with a fresh budget (and optionally a new retry policy), then
+    the earlier steps are compensated, newest first.
+    """
+    MarkStepCompensated: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.MarkStepCompensatedRequest, _coordinator_service_pb2.MarkStepCompensatedResponse]  # type: ignore[assignment]
+    """MarkStepCompensated records that the operator undid the step by hand outside the system;
+    the saga goes on compensating the steps before it.
+    """
+    CompleteStep: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.CompleteStepRequest, _coordinator_service_pb2.CompleteStepResponse]  # type: ignore[assignment]
+    """CompleteStep records a stuck pivot or retriable step as succeeded, with an output the
+    operator supplies; the saga goes on forward.
+    """
+    ListDefinitions: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.ListDefinitionsRequest, _coordinator_service_pb2.ListDefinitionsResponse]  # type: ignore[assignment]
+    """ListDefinitions lists the registered definitions and their versions."""
+    GetDefinition: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.GetDefinitionRequest, _coordinator_service_pb2.GetDefinitionResponse]  # type: ignore[assignment]
+    """GetDefinition returns one version of a definition (the newest by default)."""
+    RegisterDefinition: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.RegisterDefinitionRequest, _coordinator_service_pb2.RegisterDefinitionResponse]  # type: ignore[assignment]
+    """RegisterDefinition registers a new version of a definition, validated as a file is. The
+    same content under an existing version is a no-op; other content under it is refused
+    (ALREADY_EXISTS). Running sagas keep the version they started with.
+    """
+    PruneSagas: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.PruneSagasRequest, _coordinator_service_pb2.PruneSagasResponse]  # type: ignore[assignment]
+    """PruneSagas removes the sagas that ended (SUCCEEDED or COMPENSATED) before a cutoff, with
+    their events, in small batches. Running and parked sagas are never pruned.
     """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -134,6 +214,106 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_coordinator_service_pb2.CancelSagaResponse, _abc.Awaitable[_coordinator_service_pb2.CancelSagaResponse]]:
         """CancelSaga stops a running saga and compensates every step that had been sent. A saga that
         has ended, or whose pivot has been sent, cannot be cancelled (FAILED_PRECONDITION).
+        """
+
+    @_abc_1.abstractmethod
+    def ListSagaEvents(
+        self,
+        request: _coordinator_service_pb2.ListSagaEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.ListSagaEventsResponse, _abc.Awaitable[_coordinator_service_pb2.ListSagaEventsResponse]]:
+        """ListSagaEvents returns a saga's event log, oldest first, paged."""
+
+    @_abc_1.abstractmethod
+    def CountSagas(
+        self,
+        request: _coordinator_service_pb2.CountSagasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.CountSagasResponse, _abc.Awaitable[_coordinator_service_pb2.CountSagasResponse]]:
+        """CountSagas counts the sagas in each state, with the filters of ListSagas."""
+
+    @_abc_1.abstractmethod
+    def RetrySagaStep(
+        self,
+        request: _coordinator_service_pb2.RetrySagaStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.RetrySagaStepResponse, _abc.Awaitable[_coordinator_service_pb2.RetrySagaStepResponse]]:
+        """Operator actions. Each needs a reason and is recorded in the saga's audit trail and event
+        log. An action that does not fit the saga's state fails with FAILED_PRECONDITION, naming
+        the state and the actions that would fit; of two concurrent actions on one saga, one wins
+        and the other is refused.
+
+        RetrySagaStep sends the step's pending call again at once: a call waiting out its backoff,
+        or the forward step a saga is parked on (with a fresh attempt budget). The request_id is
+        the same as the earlier attempts'.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeSaga(
+        self,
+        request: _coordinator_service_pb2.ResumeSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.ResumeSagaResponse, _abc.Awaitable[_coordinator_service_pb2.ResumeSagaResponse]]:
+        """ResumeSaga takes a saga parked on a failed compensation back to compensating: the
+        compensation is tried again with a fresh budget (and optionally a new retry policy), then
+        the earlier steps are compensated, newest first.
+        """
+
+    @_abc_1.abstractmethod
+    def MarkStepCompensated(
+        self,
+        request: _coordinator_service_pb2.MarkStepCompensatedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.MarkStepCompensatedResponse, _abc.Awaitable[_coordinator_service_pb2.MarkStepCompensatedResponse]]:
+        """MarkStepCompensated records that the operator undid the step by hand outside the system;
+        the saga goes on compensating the steps before it.
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteStep(
+        self,
+        request: _coordinator_service_pb2.CompleteStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.CompleteStepResponse, _abc.Awaitable[_coordinator_service_pb2.CompleteStepResponse]]:
+        """CompleteStep records a stuck pivot or retriable step as succeeded, with an output the
+        operator supplies; the saga goes on forward.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDefinitions(
+        self,
+        request: _coordinator_service_pb2.ListDefinitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.ListDefinitionsResponse, _abc.Awaitable[_coordinator_service_pb2.ListDefinitionsResponse]]:
+        """ListDefinitions lists the registered definitions and their versions."""
+
+    @_abc_1.abstractmethod
+    def GetDefinition(
+        self,
+        request: _coordinator_service_pb2.GetDefinitionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.GetDefinitionResponse, _abc.Awaitable[_coordinator_service_pb2.GetDefinitionResponse]]:
+        """GetDefinition returns one version of a definition (the newest by default)."""
+
+    @_abc_1.abstractmethod
+    def RegisterDefinition(
+        self,
+        request: _coordinator_service_pb2.RegisterDefinitionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.RegisterDefinitionResponse, _abc.Awaitable[_coordinator_service_pb2.RegisterDefinitionResponse]]:
+        """RegisterDefinition registers a new version of a definition, validated as a file is. The
+        same content under an existing version is a no-op; other content under it is refused
+        (ALREADY_EXISTS). Running sagas keep the version they started with.
+        """
+
+    @_abc_1.abstractmethod
+    def PruneSagas(
+        self,
+        request: _coordinator_service_pb2.PruneSagasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.PruneSagasResponse, _abc.Awaitable[_coordinator_service_pb2.PruneSagasResponse]]:
+        """PruneSagas removes the sagas that ended (SUCCEEDED or COMPENSATED) before a cutoff, with
+        their events, in small batches. Running and parked sagas are never pruned.
         """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -143,6 +143,42 @@ STEP_KIND_RETRIABLE: StepKind.ValueType  # 3
 """After the pivot: retried until it succeeds, never compensated."""
 Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
 
+class _OperatorAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OperatorActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OperatorAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPERATOR_ACTION_UNSPECIFIED: _OperatorAction.ValueType  # 0
+    """Not set."""
+    OPERATOR_ACTION_CANCEL: _OperatorAction.ValueType  # 1
+    """Cancelled the saga."""
+    OPERATOR_ACTION_RETRY: _OperatorAction.ValueType  # 2
+    """Sent a step's pending call again at once."""
+    OPERATOR_ACTION_RESUME: _OperatorAction.ValueType  # 3
+    """Resumed a saga parked on a failed compensation."""
+    OPERATOR_ACTION_MARK_COMPENSATED: _OperatorAction.ValueType  # 4
+    """Recorded a step as compensated by hand."""
+    OPERATOR_ACTION_COMPLETE: _OperatorAction.ValueType  # 5
+    """Recorded a step as completed by hand."""
+
+class OperatorAction(_OperatorAction, metaclass=_OperatorActionEnumTypeWrapper):
+    """OperatorAction names what an operator did to a saga."""
+
+OPERATOR_ACTION_UNSPECIFIED: OperatorAction.ValueType  # 0
+"""Not set."""
+OPERATOR_ACTION_CANCEL: OperatorAction.ValueType  # 1
+"""Cancelled the saga."""
+OPERATOR_ACTION_RETRY: OperatorAction.ValueType  # 2
+"""Sent a step's pending call again at once."""
+OPERATOR_ACTION_RESUME: OperatorAction.ValueType  # 3
+"""Resumed a saga parked on a failed compensation."""
+OPERATOR_ACTION_MARK_COMPENSATED: OperatorAction.ValueType  # 4
+"""Recorded a step as compensated by hand."""
+OPERATOR_ACTION_COMPLETE: OperatorAction.ValueType  # 5
+"""Recorded a step as completed by hand."""
+Global___OperatorAction: _TypeAlias = OperatorAction  # noqa: Y015
+
 class _SagaEventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -169,6 +205,16 @@ class _SagaEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SagaEve
     """Compensate failed with a code that is not retried."""
     SAGA_EVENT_TYPE_CANCEL_REQUESTED: _SagaEventType.ValueType  # 9
     """A client asked for the saga to be cancelled."""
+    SAGA_EVENT_TYPE_RETRY_REQUESTED: _SagaEventType.ValueType  # 10
+    """An operator had a step's pending call sent again at once."""
+    SAGA_EVENT_TYPE_RESUMED: _SagaEventType.ValueType  # 11
+    """An operator resumed a saga parked on a failed compensation."""
+    SAGA_EVENT_TYPE_STEP_MARKED_COMPENSATED: _SagaEventType.ValueType  # 12
+    """An operator recorded a step as compensated by hand."""
+    SAGA_EVENT_TYPE_STEP_COMPLETED: _SagaEventType.ValueType  # 13
+    """An operator recorded a step as completed by hand."""
+    SAGA_EVENT_TYPE_DEADLINE_EXCEEDED: _SagaEventType.ValueType  # 14
+    """The saga's deadline passed."""
 
 class SagaEventType(_SagaEventType, metaclass=_SagaEventTypeEnumTypeWrapper):
     """SagaEventType names what happened to a saga."""
@@ -193,6 +239,16 @@ SAGA_EVENT_TYPE_COMPENSATION_FAILED: SagaEventType.ValueType  # 8
 """Compensate failed with a code that is not retried."""
 SAGA_EVENT_TYPE_CANCEL_REQUESTED: SagaEventType.ValueType  # 9
 """A client asked for the saga to be cancelled."""
+SAGA_EVENT_TYPE_RETRY_REQUESTED: SagaEventType.ValueType  # 10
+"""An operator had a step's pending call sent again at once."""
+SAGA_EVENT_TYPE_RESUMED: SagaEventType.ValueType  # 11
+"""An operator resumed a saga parked on a failed compensation."""
+SAGA_EVENT_TYPE_STEP_MARKED_COMPENSATED: SagaEventType.ValueType  # 12
+"""An operator recorded a step as compensated by hand."""
+SAGA_EVENT_TYPE_STEP_COMPLETED: SagaEventType.ValueType  # 13
+"""An operator recorded a step as completed by hand."""
+SAGA_EVENT_TYPE_DEADLINE_EXCEEDED: SagaEventType.ValueType  # 14
+"""The saga's deadline passed."""
 Global___SagaEventType: _TypeAlias = SagaEventType  # noqa: Y015
 
 @_typing.final
@@ -257,6 +313,8 @@ class StepDefinition(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     RETRY_FIELD_NUMBER: _builtins.int
     COMPENSATION_RETRY_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    EMITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the step, unique within its definition, e.g. "open-account"."""
     participant: _builtins.str
@@ -269,6 +327,13 @@ class StepDefinition(_message.Message):
     """
     kind: Global___StepKind.ValueType
     """Role of the step in the saga."""
+    max_attempts: _builtins.int
+    """Pivot and retriable steps only: Execute attempts after which the saga is parked in
+    NEEDS_ATTENTION (ready for an operator to retry or complete the step). Zero means no
+    limit: the step is retried until it answers definitely.
+    """
+    emits: _builtins.str
+    """Name of the event the step's success stands for, e.g. "UserCreated"; optional."""
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Deadline of each Execute and Compensate call. Zero means the default."""
@@ -294,10 +359,12 @@ class StepDefinition(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         retry: Global___RetryPolicy | None = ...,
         compensation_retry: Global___RetryPolicy | None = ...,
+        max_attempts: _builtins.int = ...,
+        emits: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compensation_retry", b"compensation_retry", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "compensation", b"compensation", "compensation_retry", b"compensation_retry", "kind", b"kind", "name", b"name", "participant", b"participant", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "compensation", b"compensation", "compensation_retry", b"compensation_retry", "emits", b"emits", "kind", b"kind", "max_attempts", b"max_attempts", "name", b"name", "participant", b"participant", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,6 +382,7 @@ class SagaDefinition(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     RETRY_FIELD_NUMBER: _builtins.int
     COMPENSATION_RETRY_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the definition, e.g. "onboard-corporate-client"."""
     version: _builtins.int
@@ -333,6 +401,12 @@ class SagaDefinition(_message.Message):
     def compensation_retry(self) -> Global___RetryPolicy:
         """Default Compensate retry policy of the steps."""
 
+    @_builtins.property
+    def deadline(self) -> _duration_pb2.Duration:
+        """Time a saga has to end from its creation; unset means no limit. Past it, a saga that has
+        not sent its pivot compensates; one that has is parked in NEEDS_ATTENTION.
+        """
+
     def __init__(
         self,
         *,
@@ -342,10 +416,11 @@ class SagaDefinition(_message.Message):
         steps: _abc.Iterable[Global___StepDefinition] | None = ...,
         retry: Global___RetryPolicy | None = ...,
         compensation_retry: Global___RetryPolicy | None = ...,
+        deadline: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["compensation_retry", b"compensation_retry", "retry", b"retry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compensation_retry", b"compensation_retry", "deadline", b"deadline", "retry", b"retry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compensation_retry", b"compensation_retry", "description", b"description", "name", b"name", "retry", b"retry", "steps", b"steps", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compensation_retry", b"compensation_retry", "deadline", b"deadline", "description", b"description", "name", b"name", "retry", b"retry", "steps", b"steps", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -406,6 +481,7 @@ class StepRun(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    BY_OPERATOR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the step, as in the definition."""
     participant: _builtins.str
@@ -420,6 +496,8 @@ class StepRun(_message.Message):
     """Compensate attempts decided so far."""
     output: _builtins.bytes
     """Output of Execute, when it answered OK."""
+    by_operator: _builtins.bool
+    """True when the step's state was recorded by an operator (compensated or completed by hand)."""
     @_builtins.property
     def failure(self) -> Global___Failure:
         """Last failure of the step, if any."""
@@ -450,10 +528,11 @@ class StepRun(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        by_operator: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_output", b"_output", "end_time", b"end_time", "failure", b"failure", "next_attempt_time", b"next_attempt_time", "output", b"output", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_output", b"_output", "compensate_attempts", b"compensate_attempts", "end_time", b"end_time", "execute_attempts", b"execute_attempts", "failure", b"failure", "kind", b"kind", "name", b"name", "next_attempt_time", b"next_attempt_time", "output", b"output", "participant", b"participant", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_output", b"_output", "by_operator", b"by_operator", "compensate_attempts", b"compensate_attempts", "end_time", b"end_time", "execute_attempts", b"execute_attempts", "failure", b"failure", "kind", b"kind", "name", b"name", "next_attempt_time", b"next_attempt_time", "output", b"output", "participant", b"participant", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__output: _TypeAlias = _typing.Literal["output"]  # noqa: Y015
     _WhichOneofArgType__output: _TypeAlias = _typing.Literal["_output", b"_output"]  # noqa: Y015
@@ -466,6 +545,26 @@ class Saga(_message.Message):
     """Saga is one run of a saga definition."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     NAME_FIELD_NUMBER: _builtins.int
     SAGA_ID_FIELD_NUMBER: _builtins.int
@@ -480,6 +579,9 @@ class Saga(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    AUDIT_FIELD_NUMBER: _builtins.int
+    DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "sagas/{saga_id}"."""
     saga_id: _builtins.str
@@ -516,6 +618,18 @@ class Saga(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When the saga reached SUCCEEDED, COMPENSATED or NEEDS_ATTENTION."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels given at creation."""
+
+    @_builtins.property
+    def audit(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
+        """Every operator action taken on the saga, oldest first."""
+
+    @_builtins.property
+    def deadline_time(self) -> _timestamp_pb2.Timestamp:
+        """When the saga's deadline passes, if its definition has one."""
+
     def __init__(
         self,
         *,
@@ -532,14 +646,61 @@ class Saga(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         version: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        audit: _abc.Iterable[Global___AuditEntry] | None = ...,
+        deadline_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "failure", b"failure", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline_time", b"deadline_time", "end_time", b"end_time", "failure", b"failure", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "create_time", b"create_time", "definition", b"definition", "definition_version", b"definition_version", "end_time", b"end_time", "failure", b"failure", "input", b"input", "name", b"name", "saga_id", b"saga_id", "state", b"state", "steps", b"steps", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "cancel_reason", b"cancel_reason", "create_time", b"create_time", "deadline_time", b"deadline_time", "definition", b"definition", "definition_version", b"definition_version", "end_time", b"end_time", "failure", b"failure", "input", b"input", "labels", b"labels", "name", b"name", "saga_id", b"saga_id", "state", b"state", "steps", b"steps", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Saga: _TypeAlias = Saga  # noqa: Y015
+
+@_typing.final
+class AuditEntry(_message.Message):
+    """AuditEntry is one operator action on a saga, as recorded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Position of the action's event in the saga's log."""
+    actor: _builtins.str
+    """Who took it."""
+    action: Global___OperatorAction.ValueType
+    """What was done."""
+    step: _builtins.str
+    """The step concerned, if any."""
+    reason: _builtins.str
+    """Why, as the operator gave it."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        action: Global___OperatorAction.ValueType = ...,
+        step: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "reason", b"reason", "sequence", b"sequence", "step", b"step", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015
 
 @_typing.final
 class SagaEvent(_message.Message):
@@ -553,6 +714,11 @@ class SagaEvent(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    EMITS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Position in the saga's log, from 1; equals the saga's version after the event."""
     type: Global___SagaEventType.ValueType
@@ -561,6 +727,16 @@ class SagaEvent(_message.Message):
     """Step concerned, if any."""
     attempt: _builtins.int
     """Attempt concerned, if any."""
+    actor: _builtins.str
+    """Who asked, for cancellations and operator actions."""
+    reason: _builtins.str
+    """The reason given, for cancellations and operator actions."""
+    operation: _builtins.str
+    """The operation concerned, if any: "execute" or "compensate"."""
+    action: _builtins.str
+    """The action or compensation the event concerns, e.g. "OpenAccount" or "CloseAccount"."""
+    emits: _builtins.str
+    """The named event the step's success stands for (the definition's emits), if any."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the event was recorded."""
@@ -578,10 +754,15 @@ class SagaEvent(_message.Message):
         attempt: _builtins.int = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         failure: Global___Failure | None = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        action: _builtins.str = ...,
+        emits: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "failure", b"failure", "sequence", b"sequence", "step", b"step", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "attempt", b"attempt", "emits", b"emits", "failure", b"failure", "operation", b"operation", "reason", b"reason", "sequence", b"sequence", "step", b"step", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
