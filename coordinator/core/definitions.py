@@ -15,6 +15,8 @@ NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter o
 MAX_STEPS = 100
 MAX_BACKOFF = timedelta(hours=24)
 MAX_TIMEOUT = timedelta(hours=1)
+MAX_DEADLINE = timedelta(days=366)
+EVENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 
 
 def is_valid_name(name: str) -> bool:
@@ -35,6 +37,8 @@ def definition_violations(
         bad("name", "must be 1 to 128 letters, digits, '.', '_' or '-', starting alphanumeric")
     if definition.version < 1:
         bad("version", "must be at least 1")
+    if definition.deadline is not None and not (timedelta(0) < definition.deadline <= MAX_DEADLINE):
+        bad("deadline", f"must be positive and at most {MAX_DEADLINE.days} days")
     if not definition.steps:
         bad("steps", "a saga needs at least one step")
     if len(definition.steps) > MAX_STEPS:
@@ -75,16 +79,27 @@ def definition_violations(
             pivot_at = index if pivot_at is None else pivot_at
         if step.kind is StepKind.RETRIABLE and pivot_at is None:
             bad(f"{path}.kind", "a retriable step must come after a pivot step")
+        if step.max_attempts < 0:
+            bad(f"{path}.max_attempts", "must not be negative")
+        elif step.max_attempts and step.kind is StepKind.COMPENSATABLE:
+            bad(
+                f"{path}.max_attempts",
+                "only pivot and retriable steps take max_attempts; a compensatable step's "
+                "budget is retry.max_attempts",
+            )
+        if step.emits and not EVENT_NAME.match(step.emits):
+            bad(f"{path}.emits", "an event name: a letter, then letters, digits, '_', '.', '-'")
         if step.timeout.total_seconds() <= 0:
             bad(f"{path}.timeout", "must be positive")
         elif step.timeout > MAX_TIMEOUT:
             bad(f"{path}.timeout", f"at most {MAX_TIMEOUT}")
-        problems.extend(_retry_violations(f"{path}.retry", step.retry))
-        problems.extend(_retry_violations(f"{path}.compensation_retry", step.compensation_retry))
+        problems.extend(retry_violations(f"{path}.retry", step.retry))
+        problems.extend(retry_violations(f"{path}.compensation_retry", step.compensation_retry))
     return problems
 
 
-def _retry_violations(path: str, policy: RetryPolicy) -> Iterable[FieldViolation]:
+def retry_violations(path: str, policy: RetryPolicy) -> Iterable[FieldViolation]:
+    """Everything wrong with a retry policy, each with its path under ``path``."""
     if policy.max_attempts < 1:
         yield FieldViolation(f"{path}.max_attempts", "must be at least 1")
     if policy.initial_backoff.total_seconds() < 0:

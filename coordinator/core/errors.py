@@ -7,7 +7,10 @@
     ├── DefinitionNotFound         DEFINITION_NOT_FOUND
     ├── SagaAlreadyExists          SAGA_ALREADY_EXISTS
     ├── SagaNotCancellable         SAGA_ENDED / SAGA_PAST_PIVOT / SAGA_NEEDS_ATTENTION
+    ├── ActionNotAllowed           ACTION_NOT_ALLOWED (the action does not fit the saga's state)
+    ├── DefinitionConflict         DEFINITION_VERSION_EXISTS
     ├── ConcurrentUpdate           CONCURRENT_UPDATE
+    │   └── StaleVersion           SAGA_VERSION_MISMATCH
     ├── StorageUnavailable         STORAGE_UNAVAILABLE
     ├── StorageFailure             STORAGE_FAILURE (fatal: the coordinator stops)
     ├── WatcherTooSlow             WATCHER_TOO_SLOW
@@ -81,10 +84,28 @@ class SagaNotCancellable(SagaError):
         self.reason = reason
 
 
+class ActionNotAllowed(SagaError):
+    """An operator action does not fit the saga's state; the message names what would."""
+
+    reason = "ACTION_NOT_ALLOWED"
+
+
+class DefinitionConflict(SagaError):
+    """A definition version is registered already with other content."""
+
+    reason = "DEFINITION_VERSION_EXISTS"
+
+
 class ConcurrentUpdate(SagaError):
     """The saga changed in storage since it was read (another writer, or a stale owner)."""
 
     reason = "CONCURRENT_UPDATE"
+
+
+class StaleVersion(ConcurrentUpdate):
+    """An action named the saga version it expected, and the saga has moved on since."""
+
+    reason = "SAGA_VERSION_MISMATCH"
 
 
 class StorageUnavailable(SagaError):

@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
 
-from coordinator.core.model import Operation, Saga, SagaDefinition, SagaState, StepState, request_id
+from coordinator.core.model import (
+    Operation,
+    RetryPolicy,
+    Saga,
+    SagaDefinition,
+    SagaState,
+    StepState,
+    request_id,
+)
 
 
 def _no_headers() -> Mapping[str, str]:
@@ -22,6 +30,7 @@ class SagaCreated:
     definition: SagaDefinition
     input: bytes
     trace_context: Mapping[str, str] = field(default_factory=_no_headers)
+    labels: Mapping[str, str] = field(default_factory=_no_headers)
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,64 @@ class CancelRequested:
     """Whether the saga's pending Execute was on its way to the participant when the cancel
     came. If so its answer comes first (and its output goes to the compensation); if not, the
     step is compensated at once and never sent again."""
+    actor: str = ""
+    """Who asked, for the audit trail."""
 
 
-Event = SagaCreated | CallAnswered | CancelRequested
+@dataclass(frozen=True)
+class RetryRequested:
+    """An operator asked for a step's pending call to be sent now: one waiting out its backoff,
+    or the forward step a saga is parked on (with a fresh attempt budget)."""
+
+    step: int
+    actor: str
+    reason: str
+    call_in_flight: bool = False
+    """Whether the step's call was on its way when the action came (then it does not fit)."""
+
+
+@dataclass(frozen=True)
+class ResumeRequested:
+    """An operator asked a saga parked on a failed compensation to compensate again."""
+
+    actor: str
+    reason: str
+    compensation_retry: RetryPolicy | None = None
+    """The compensation's retry policy from now on (None: the definition's)."""
+
+
+@dataclass(frozen=True)
+class MarkCompensated:
+    """An operator undid the step by hand, outside the system."""
+
+    step: int
+    actor: str
+    reason: str
+    call_in_flight: bool = False
+
+
+@dataclass(frozen=True)
+class CompleteRequested:
+    """An operator records a stuck pivot or retriable step as succeeded with this output."""
+
+    step: int
+    output: bytes
+    actor: str
+    reason: str
+    call_in_flight: bool = False
+
+
+@dataclass(frozen=True)
+class DeadlineExceeded:
+    """The definition's deadline for the saga passed."""
+
+    call_in_flight: bool = False
+
+
+OperatorEvent = (
+    CancelRequested | RetryRequested | ResumeRequested | MarkCompensated | CompleteRequested
+)
+Event = SagaCreated | CallAnswered | OperatorEvent | DeadlineExceeded
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,11 @@ class StepDefinition:
     timeout: timedelta = DEFAULT_TIMEOUT
     retry: RetryPolicy = DEFAULT_RETRY
     compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY
+    max_attempts: int = 0
+    """Pivot and retriable steps: Execute attempts after which the saga is parked for an
+    operator (0: no limit, the step is retried until it answers definitely)."""
+    emits: str = ""
+    """The named event the step's success stands for (e.g. ``UserCreated``), if any."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ class SagaDefinition:
     version: int
     steps: tuple[StepDefinition, ...]
     description: str = ""
+    deadline: timedelta | None = None
+    """Time a saga has to end from its creation (None: no limit)."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,36 @@ class StepRun:
     next_attempt_at: datetime | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
+    by_operator: bool = False
+    """The step's state was recorded by an operator (compensated or completed by hand)."""
+    budget_start: int = 0
+    """Attempts of the step's current operation made before its current retry budget began
+    (an operator's retry or resume gives a fresh budget; attempt numbers keep growing)."""
+    retry_override: RetryPolicy | None = None
+    """The retry policy an operator gave the step's compensation when resuming it."""
+
+
+class OperatorAction(enum.StrEnum):
+    """What an operator (or a client cancelling) did to a saga."""
+
+    CANCEL = "CANCEL"
+    RETRY = "RETRY"
+    RESUME = "RESUME"
+    MARK_COMPENSATED = "MARK_COMPENSATED"
+    COMPLETE = "COMPLETE"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One operator action on a saga, as recorded in its log."""
+
+    sequence: int
+    """Position of the action's event in the saga's log."""
+    at: datetime
+    actor: str
+    action: OperatorAction
+    step: str
+    reason: str
 
 
 def _frozen_mapping() -> Mapping[str, str]:
@@ -149,11 +186,23 @@ class Saga:
     cancel_reason: str | None = None
     trace_context: Mapping[str, str] = field(default_factory=_frozen_mapping)
     """Propagation headers (W3C traceparent) of the saga's trace, kept across restarts."""
+    labels: Mapping[str, str] = field(default_factory=_frozen_mapping)
+    """Labels given at creation, to find the saga by (a business key, a tenant)."""
+    audit: tuple[AuditEntry, ...] = ()
+    """Every operator action taken on the saga, oldest first."""
+    deadline_exceeded: bool = False
+    """The definition's deadline passed and was acted on (it is acted on once)."""
 
     @property
     def name(self) -> str:
         """The saga's resource name."""
         return f"sagas/{self.saga_id}"
+
+    @property
+    def deadline_at(self) -> datetime | None:
+        """When the saga's deadline passes, if its definition gives one."""
+        deadline = self.definition.deadline
+        return None if deadline is None else self.created_at + deadline
 
     def step_definition(self, index: int) -> StepDefinition:
         """The definition of step ``index``."""
