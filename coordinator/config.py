@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+AGE_PATTERN = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 ADDRESS_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+|unix):[0-9A-Za-z/._-]+$")
 
 
@@ -80,6 +83,18 @@ class Settings:
     event_loop: str = "asyncio"
     """The event loop: ``asyncio`` (the standard library's) or ``uvloop`` (faster, where the
     ``uvloop`` package is installed; ``saga bench`` measures both)."""
+    retention: timedelta | None = None
+    """Sagas that ended SUCCEEDED or COMPENSATED longer ago than this are pruned, with their
+    events, in the background (``30d``, ``12h``); unset: kept for ever. Parked and running
+    sagas are never pruned."""
+
+
+def parse_age(text: str) -> timedelta:
+    """``90s``, ``15m``, ``12h`` or ``30d`` as a duration; ValueError otherwise."""
+    match = AGE_PATTERN.match(text)
+    if match is None:
+        raise ValueError(f"expected a duration like 90s, 15m, 12h or 30d, got {text!r}")
+    return timedelta(seconds=int(match.group(1)) * _AGE_UNITS[match.group(2)])
 
 
 _TOP_LEVEL = set(Settings.__dataclass_fields__)
@@ -197,4 +212,14 @@ def _checked(settings: Settings, source: str) -> Settings:
         raise ConfigError(f"{source}: max_calls_per_participant: must be at least 1")
     if settings.shutdown_grace < 0:
         raise ConfigError(f"{source}: shutdown_grace: must not be negative")
-    return replace(settings, definitions=Path(settings.definitions))
+    retention: object = settings.retention  # a string when read from YAML
+    if isinstance(retention, str):
+        try:
+            retention = parse_age(retention)
+        except ValueError as error:
+            raise ConfigError(f"{source}: retention: {error}") from None
+    if retention is not None and (
+        not isinstance(retention, timedelta) or retention < timedelta(minutes=1)
+    ):
+        raise ConfigError(f"{source}: retention: at least 1m, e.g. 30d")
+    return replace(settings, definitions=Path(settings.definitions), retention=retention or None)

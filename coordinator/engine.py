@@ -6,35 +6,64 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
+from types import MappingProxyType
 
 from coordinator.core.calls import ParticipantCall, build_call
-from coordinator.core.definitions import NAME_RULE, DefinitionCatalog, is_valid_name
+from coordinator.core.definitions import (
+    NAME_RULE,
+    DefinitionCatalog,
+    is_valid_name,
+    validate_definition,
+)
 from coordinator.core.errors import (
+    ActionNotAllowed,
     ConcurrentUpdate,
+    DefinitionConflict,
+    DefinitionNotFound,
     FieldViolation,
     InvalidArgument,
     SagaNotFound,
     ShuttingDown,
+    StaleVersion,
     StorageFailure,
     StorageUnavailable,
 )
 from coordinator.core.events import (
     CallAnswered,
     CancelRequested,
+    DeadlineExceeded,
     Event,
+    OperatorEvent,
     RecordedEvent,
     SagaCreated,
     pending_call,
 )
-from coordinator.core.machine import changed_steps, check_cancellable, decide, start
-from coordinator.core.model import Operation, Saga, SagaState
+from coordinator.core.machine import (
+    changed_steps,
+    check_action,
+    check_cancellable,
+    decide,
+    pivot_sent,
+    start,
+)
+from coordinator.core.model import Operation, Saga, SagaDefinition, SagaState
 from coordinator.crashpoints import NO_CRASH_POINTS, CrashPoint, CrashPoints
 from coordinator.observer import SagaObserver
-from coordinator.ports import Clock, ListCursor, ParticipantGateway, SagaFilter, SagaPage, SagaStore
+from coordinator.ports import (
+    Clock,
+    ListCursor,
+    ParticipantGateway,
+    PruneResult,
+    RegisteredDefinition,
+    SagaFilter,
+    SagaPage,
+    SagaStore,
+)
 from coordinator.telemetry import SagaTelemetry
 from coordinator.watchers import SagaChange, SagaWatchers
 
@@ -51,6 +80,15 @@ class EngineSettings:
     """First delay, in seconds, before retrying a write the store could not take."""
     storage_retry_max: float = 2.0
     """Longest delay, in seconds, between retries of a write the store could not take."""
+    retention: timedelta | None = None
+    """Ended sagas older than this are pruned in the background (None: kept for ever)."""
+    retention_every: float = 600.0
+    """Seconds between two background prunes."""
+    prune_batch: int = 500
+    """Sagas removed per transaction when pruning: small, so running sagas never wait long."""
+    summary_every: float = 15.0
+    """Seconds between two reads of the store's summary for the metrics (oldest unfinished
+    saga, parked sagas by step)."""
 
 
 @dataclass
@@ -63,12 +101,19 @@ class _Active:
     runner: asyncio.Task[None] | None = None
     in_flight: bool = False
     """The runner has decided to send the pending call and has not applied its answer yet."""
+    holders: int = 0
+    """Operator actions using this entry right now (a parked saga has no runner to keep it)."""
 
 
-def fingerprint(definition: str, version: int, payload: bytes) -> str:
+def fingerprint(
+    definition: str, version: int, payload: bytes, labels: Mapping[str, str] | None = None
+) -> str:
     """What makes two CreateSaga requests "the same request" for idempotency."""
     digest = hashlib.sha256()
-    for part in (definition.encode(), str(version).encode(), payload):
+    parts = [definition.encode(), str(version).encode(), payload]
+    for key, value in sorted((labels or {}).items()):  # none: the same as before labels existed
+        parts += [key.encode(), value.encode()]
+    for part in parts:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()
@@ -99,6 +144,9 @@ class Engine:
         self._gateway = gateway
         self._clock = clock
         self._catalog = catalog
+        self._participants: frozenset[str] = frozenset(
+            step.participant for d in catalog.all() for step in d.steps
+        )
         self._settings = settings or EngineSettings()
         self._new_id = new_id
         self._on_fatal = on_fatal
@@ -109,6 +157,10 @@ class Engine:
         self._active: dict[str, _Active] = {}
         self._stopping = False
         self._last_now: datetime | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._pruned = False
+        self._summary_due = False
+        self._summary_read = 0.0
 
     @property
     def catalog(self) -> DefinitionCatalog:
@@ -130,6 +182,13 @@ class Engine:
                 self._activate(saga)
         if unfinished:
             log.info("resumed %d unfinished sagas", len(unfinished))
+        await self._refresh_summary()
+        self._every(1.0, self._refresh_summary_when_due, "store summary")
+        retention = self._settings.retention
+        if retention is not None:
+            self._every(
+                self._settings.retention_every, lambda: self._prune_quietly(retention), "retention"
+            )
         return len(unfinished)
 
     async def create_saga(
@@ -139,6 +198,7 @@ class Engine:
         version: int,
         payload: bytes,
         client_headers: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> tuple[Saga, bool]:
         """Store a new saga and start it; idempotent on ``saga_id``. Returns (saga, created).
 
@@ -147,7 +207,7 @@ class Engine:
         store may have taken the saga, the saga is also published and started.
         """
         return await asyncio.shield(
-            self._create(saga_id, definition, version, payload, client_headers or {})
+            self._create(saga_id, definition, version, payload, client_headers or {}, labels or {})
         )
 
     async def _create(
@@ -157,6 +217,7 @@ class Engine:
         version: int,
         payload: bytes,
         client_headers: Mapping[str, str],
+        labels: Mapping[str, str],
     ) -> tuple[Saga, bool]:
         if self._stopping:
             raise ShuttingDown("the coordinator is shutting down; retry on another instance")
@@ -168,12 +229,14 @@ class Engine:
         saga_id = saga_id or self._new_id()
         now = self._now()
         trace_context = self._telemetry.new_trace(client_headers)
-        created = SagaCreated(saga_id, resolved, payload, trace_context)
+        created = SagaCreated(
+            saga_id, resolved, payload, trace_context, MappingProxyType(dict(labels))
+        )
         decision = start(created, now)
         record = RecordedEvent(saga_id, decision.saga.version, now, created)
         try:
             saga, is_new = await self._store.create(
-                decision.saga, record, fingerprint(definition, version, payload)
+                decision.saga, record, fingerprint(definition, version, payload, labels)
             )
         except StorageFailure as error:
             self._fail(error)
@@ -198,22 +261,31 @@ class Engine:
             return active.saga
         saga = await self._store.get(saga_id)
         if saga is None:
-            raise SagaNotFound(f"no saga with id {saga_id!r}")
+            raise SagaNotFound(self._not_found(saga_id))
         return saga
+
+    def _not_found(self, saga_id: str) -> str:
+        message = f"no saga with id {saga_id!r}"
+        retention = self._settings.retention
+        if retention is not None:
+            message += f" (ended sagas are pruned {_days(retention)} after they end)"
+        elif self._pruned:
+            message += " (it may have ended and been pruned)"
+        return message
 
     async def list_sagas(self, where: SagaFilter, limit: int, after: ListCursor | None) -> SagaPage:
         """One page of sagas, oldest first."""
         return await self._store.list(where, limit, after)
 
-    async def cancel_saga(self, saga_id: str, reason: str) -> Saga:
+    async def cancel_saga(self, saga_id: str, reason: str, actor: str = "") -> Saga:
         """Cancel a running saga: it compensates every step that had been sent.
 
         Shielded from the caller's cancellation, like creation: a stored cancellation is always
         applied here too.
         """
-        return await asyncio.shield(self._cancel(saga_id, reason))
+        return await asyncio.shield(self._cancel(saga_id, reason, actor))
 
-    async def _cancel(self, saga_id: str, reason: str) -> Saga:
+    async def _cancel(self, saga_id: str, reason: str, actor: str) -> Saga:
         if self._stopping:
             raise ShuttingDown("the coordinator is shutting down; retry on another instance")
         active = self._active.get(saga_id)
@@ -226,8 +298,196 @@ class Engine:
             return saga
         async with active.lock:
             check_cancellable(active.saga)
-            await self._apply_locked(active, CancelRequested(reason, active.in_flight))
+            await self._apply_locked(active, CancelRequested(reason, active.in_flight, actor))
             return active.saga
+
+    async def act(
+        self,
+        saga_id: str,
+        action: Callable[[Saga, bool], OperatorEvent],
+        expected_version: int = 0,
+    ) -> Saga:
+        """Apply an operator action to a saga; return the saga once the action is stored.
+
+        ``action`` builds the event from the saga as it stands and whether its pending call is
+        in flight. The core decides it like any other event; an action that does not fit raises
+        ``ActionNotAllowed`` naming the state and what would fit, and stores nothing. Actions on
+        one saga are serialised by its lock: of two concurrent ones, the second is decided on
+        the saga the first left, and refused if it no longer fits.
+        """
+        return await asyncio.shield(self._act(saga_id, action, expected_version))
+
+    async def _act(
+        self,
+        saga_id: str,
+        action: Callable[[Saga, bool], OperatorEvent],
+        expected_version: int,
+    ) -> Saga:
+        if self._stopping:
+            raise ShuttingDown("the coordinator is shutting down; retry on another instance")
+        active = self._active.get(saga_id)
+        if active is None:
+            stored = await self._store.get(saga_id)
+            if stored is None:
+                raise SagaNotFound(self._not_found(saga_id))
+            active = self._active.get(saga_id)  # a concurrent action may have taken it up
+            if active is None:
+                if not stored.state.is_settled:
+                    raise ShuttingDown(f"saga {saga_id} is not running here; retry")
+                # A parked (or ended) saga has no runner: hold it here while the action runs.
+                active = _Active(stored)
+                self._active[saga_id] = active
+        active.holders += 1
+        try:
+            async with active.lock:
+                saga = active.saga
+                if expected_version and saga.version != expected_version:
+                    raise StaleVersion(
+                        f"saga {saga_id} is at version {saga.version}, not {expected_version}: "
+                        "it moved on since it was read; read it again and decide again"
+                    )
+                event = action(saga, active.in_flight)
+                check_action(saga, event)
+                if not await self._apply_locked(active, event):
+                    raise ActionNotAllowed(f"saga {saga_id} moved on; the action was not applied")
+                saga = active.saga
+                if not saga.state.is_settled and (active.runner is None or active.runner.done()):
+                    self._active[saga_id] = active
+                    active.runner = asyncio.create_task(self._run(active), name=f"saga {saga_id}")
+                return saga
+        finally:
+            active.holders -= 1
+            self._release(active)
+
+    def _release(self, active: _Active) -> None:
+        """Forget a saga nothing moves any more: no runner and no action holding it."""
+        saga_id = active.saga.saga_id
+        idle = active.runner is None or active.runner.done()
+        if idle and active.holders == 0 and self._active.get(saga_id) is active:
+            del self._active[saga_id]
+
+    async def saga_events(
+        self, saga_id: str, after_sequence: int, limit: int
+    ) -> tuple[Saga, Sequence[RecordedEvent]]:
+        """The saga and up to ``limit`` events of its log after ``after_sequence``."""
+        saga = await self.get_saga(saga_id)
+        return saga, await self._store.events_page(saga_id, after_sequence, limit)
+
+    async def count_sagas(self, where: SagaFilter) -> Mapping[SagaState, int]:
+        """How many sagas match ``where`` in each state (every state present, zero included)."""
+        counts = await self._store.count_by_state(where)
+        return {state: counts.get(state, 0) for state in SagaState}
+
+    # -- definitions ------------------------------------------------------------------------
+
+    async def load_definitions(
+        self, files: Sequence[SagaDefinition], participants: Collection[str]
+    ) -> None:
+        """Register the definition files (unchanged ones are no-ops; a changed one under a
+        registered version refuses the start), then run every registered definition."""
+        for definition in files:
+            try:
+                await self._store.register_definition(definition, self._now())
+            except DefinitionConflict as error:
+                raise DefinitionConflict(
+                    f"{error.message}: the file of {definition.name!r} version "
+                    f"{definition.version} changed since that version was registered; give the "
+                    "new content a new version (sagas keep the version they started with)"
+                ) from None
+        registered = await self._store.definitions()
+        self._catalog = DefinitionCatalog.of(r.definition for r in registered)
+        self._participants = frozenset(participants)
+
+    async def register_definition(
+        self, definition: SagaDefinition, source: str
+    ) -> tuple[RegisteredDefinition, bool]:
+        """Validate and register a new definition version; see ``SagaStore.register_definition``.
+
+        Sagas already running keep the version they started with; new ones that name no
+        version run the newest.
+        """
+        if self._stopping:
+            raise ShuttingDown("the coordinator is shutting down; retry on another instance")
+        validate_definition(definition, self._participants, source)
+        registered, created = await self._store.register_definition(definition, self._now())
+        if created:
+            self._catalog = DefinitionCatalog.of([*self._catalog.all(), registered.definition])
+            log.info("definition %s v%d registered", definition.name, definition.version)
+        return registered, created
+
+    async def definitions(self, name: str | None = None) -> Sequence[RegisteredDefinition]:
+        """The registered definitions (of ``name``), with their unfinished sagas counted."""
+        found = await self._store.definitions(name)
+        if name is not None and not found:
+            self._catalog.resolve(name)  # raises DefinitionNotFound naming the known ones
+        return found
+
+    async def definition(self, name: str, version: int = 0) -> RegisteredDefinition:
+        """One registered version of a definition (0: the newest)."""
+        wanted = self._catalog.resolve(name, version)
+        for registered in await self._store.definitions(name):
+            if registered.definition.version == wanted.version:
+                return registered
+        raise DefinitionNotFound(f"saga definition {name!r} has no version {wanted.version}")
+
+    # -- retention --------------------------------------------------------------------------
+
+    async def prune(
+        self, older_than: timedelta, *, dry_run: bool = False
+    ) -> tuple[datetime, PruneResult]:
+        """Remove sagas that ended SUCCEEDED or COMPENSATED more than ``older_than`` ago, with
+        their events, a small batch per transaction; running and parked sagas are never
+        pruned. Returns the cutoff and what was (with ``dry_run``: would be) removed."""
+        cutoff = self._now() - older_than
+        if dry_run:
+            return cutoff, await self._store.count_prunable(cutoff)
+        sagas = events = 0
+        batch = self._settings.prune_batch
+        while not self._stopping:
+            done = await self._store.prune(cutoff, batch)
+            sagas += done.sagas
+            events += done.events
+            if done.sagas < batch:
+                break
+            await asyncio.sleep(0.01)  # let sagas' own writes through between batches
+        if sagas:
+            self._pruned = True
+            log.info("pruned %d sagas that ended before %s", sagas, cutoff.isoformat())
+        return cutoff, PruneResult(sagas, events)
+
+    async def _prune_quietly(self, older_than: timedelta) -> None:
+        await self.prune(older_than)
+
+    async def _refresh_summary(self) -> None:
+        self._summary_due = False
+        self._summary_read = time.monotonic()
+        oldest = await self._store.oldest_unfinished()
+        parked = await self._store.parked_by_step()
+        self._telemetry.set_store_summary(oldest, parked)
+
+    async def _refresh_summary_when_due(self) -> None:
+        """Read the summary again when a saga parked or left parking, else now and then."""
+        stale = time.monotonic() - self._summary_read >= self._settings.summary_every
+        if self._summary_due or stale:
+            await self._refresh_summary()
+
+    def _every(self, seconds: float, job: Callable[[], Awaitable[None]], name: str) -> None:
+        async def loop() -> None:
+            while not self._stopping:
+                await asyncio.sleep(seconds)  # cancelled by stop()
+                try:
+                    await job()
+                except StorageUnavailable as error:
+                    log.warning("%s skipped: %s", name, error.message)
+                except StorageFailure as error:
+                    self._fail(error)
+                    return
+                except Exception:
+                    log.exception("%s failed", name)
+
+        task = asyncio.create_task(loop(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def watch(self, saga_id: str, *, ending_only: bool = False) -> AsyncIterator[SagaChange]:
         """The saga's current state, then every change in order, until it settles.
@@ -247,6 +507,8 @@ class Engine:
         re-sent, with the same request_id, by the next start.
         """
         self._stopping = True
+        for task in list(self._background):
+            task.cancel()
         self._watchers.close()
         for active in self._active.values():
             active.wake.set()
@@ -283,7 +545,7 @@ class Engine:
             log.exception("saga runner failed", extra={"saga_id": saga_id})
             self._fail(error)
         finally:
-            if self._active.get(saga_id) is active:
+            if self._active.get(saga_id) is active and active.holders == 0:
                 del self._active[saga_id]
 
     async def _drive(self, active: _Active) -> None:
@@ -293,16 +555,17 @@ class Engine:
         together, so no cancellation can slip in between.
         """
         async with active.lock:
-            call, delay = self._next_call(active)
+            call, delay = await self._next_locked(active)
         while not self._stopping:
             if call is None:
                 if delay is None:
                     return
-                # Waiting out a backoff; a cancellation or a stop wakes us early.
+                # Waiting out a backoff (or until the deadline); a cancellation, an operator's
+                # action or a stop wakes us early.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(active.wake.wait(), timeout=delay)
                 async with active.lock:
-                    call, delay = self._next_call(active)
+                    call, delay = await self._next_locked(active)
                 continue
             if call.operation is Operation.COMPENSATE:
                 self._crash.reach(CrashPoint.INSIDE_COMPENSATION)
@@ -311,9 +574,36 @@ class Engine:
             self._crash.reach(CrashPoint.AFTER_ANSWER)
             answered = CallAnswered(call.operation, call.step_index, call.attempt, outcome, sent_at)
             async with active.lock:
+                if self._deadline_passed(active.saga) and not pivot_sent(active.saga):
+                    # Past the deadline before the pivot: turn back first, so that this answer
+                    # is taken as the last one going forward (its step is then undone).
+                    await self._apply_locked(active, DeadlineExceeded(call_in_flight=True))
                 active.in_flight = False
                 await self._apply_locked(active, answered)
-                call, delay = self._next_call(active)
+                call, delay = await self._next_locked(active)
+
+    async def _next_locked(self, active: _Active) -> tuple[ParticipantCall | None, float | None]:
+        """Apply the saga's deadline if it has passed, then choose the next call (or how long
+        to wait: never past the deadline). The caller holds the saga's lock."""
+        deadline = active.saga.deadline_at
+        if deadline is None or active.saga.deadline_exceeded:
+            return self._next_call(active)
+        if self._deadline_passed(active.saga):
+            await self._apply_locked(active, DeadlineExceeded(active.in_flight))
+        call, delay = self._next_call(active)
+        if call is None and delay is not None and active.saga.state is SagaState.RUNNING:
+            delay = max(0.0, min(delay, (deadline - self._now()).total_seconds()))
+        return call, delay
+
+    def _deadline_passed(self, saga: Saga) -> bool:
+        """Whether the saga runs past its deadline, not acted on yet."""
+        deadline = saga.deadline_at
+        return (
+            deadline is not None
+            and not saga.deadline_exceeded
+            and saga.state is SagaState.RUNNING
+            and self._now() >= deadline
+        )
 
     def _next_call(self, active: _Active) -> tuple[ParticipantCall | None, float | None]:
         """The call to send now (marked in flight), or how long until one is due (None: none
@@ -334,15 +624,16 @@ class Engine:
             call = replace(call, headers=headers)
         return call, None
 
-    async def _apply_locked(self, active: _Active, event: Event) -> None:
-        """Decide, commit, then publish; the caller holds the saga's lock."""
+    async def _apply_locked(self, active: _Active, event: Event) -> bool:
+        """Decide, commit, then publish; the caller holds the saga's lock. False when the event
+        did not apply (the saga is unchanged)."""
         delay = self._settings.storage_retry_initial
         while True:
             now = self._now()
             previous = active.saga
             decision = decide(previous, event, now)
             if not decision.changed:
-                return
+                return False
             saga = decision.saga
             record = RecordedEvent(saga.saga_id, saga.version, now, event)
             if saga.state.is_terminal:
@@ -381,13 +672,17 @@ class Engine:
                 self._crash.reach(CrashPoint.AFTER_DISPATCH_COMMIT)
             active.saga = saga
             active.wake.set()
+            if (saga.state is SagaState.NEEDS_ATTENTION) is not (
+                previous.state is SagaState.NEEDS_ATTENTION
+            ):
+                self._summary_due = True
             self._watchers.publish(SagaChange(saga, record))
             retried = isinstance(event, CallAnswered) and any(
                 command.step == event.step and command.operation is event.operation
                 for command in decision.commands
             )
             self._observer.moved(previous, saga, event, retried=retried)
-            return
+            return True
 
     def _now(self) -> datetime:
         """The clock's time, never earlier than a time already given out.
@@ -405,3 +700,12 @@ class Engine:
         """The coordinator can no longer keep its promises: ask the process to stop."""
         if self._on_fatal is not None:
             self._on_fatal(error)
+
+
+def _days(value: timedelta) -> str:
+    """A retention period for people: ``30d``, ``12h``, ``90s``."""
+    seconds = int(value.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0 and seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

@@ -6,7 +6,18 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from coordinator.core.events import CallAnswered, Event, Succeeded
+from coordinator.core.events import (
+    CallAnswered,
+    CancelRequested,
+    CompleteRequested,
+    DeadlineExceeded,
+    Event,
+    MarkCompensated,
+    ResumeRequested,
+    RetryRequested,
+    Succeeded,
+)
+from coordinator.core.machine import action_of
 from coordinator.core.model import Saga, SagaState
 from coordinator.ports import SagaStore
 from coordinator.telemetry import TRACEPARENT, SagaTelemetry
@@ -83,6 +94,34 @@ class SagaObserver:
             elif self._log_payloads and outcome.output and log.isEnabledFor(logging.INFO):
                 step = saga.steps[event.step].name
                 log.info("%s output: %r", step, outcome.output[:4096], extra=about(saga, step))
+        elif isinstance(
+            event,
+            CancelRequested
+            | RetryRequested
+            | ResumeRequested
+            | MarkCompensated
+            | CompleteRequested,
+        ):
+            action = action_of(event)
+            self._telemetry.operator_action(saga, action.value)
+            if previous.state is SagaState.NEEDS_ATTENTION:
+                self._telemetry.left_attention()
+            entry = saga.audit[-1] if saga.audit else None
+            log.warning(
+                "operator action %s%s by %s: %s",
+                action.value,
+                f" on step {entry.step}" if entry and entry.step else "",
+                event.actor or "unknown",
+                event.reason,
+                extra=about(saga, entry.step if entry and entry.step else None),
+            )
+        elif isinstance(event, DeadlineExceeded):
+            log.warning(
+                "deadline of %s exceeded: %s",
+                saga.definition.deadline,
+                "parked" if saga.state is SagaState.NEEDS_ATTENTION else "compensating",
+                extra=about(saga),
+            )
         if saga.state is not previous.state and log.isEnabledFor(logging.INFO):
             log.info("saga %s -> %s", previous.state.value, saga.state.value, extra=about(saga))
         if saga.state.is_settled and not previous.state.is_settled:

@@ -2,24 +2,57 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from coordinator.core.calls import ParticipantCall
 from coordinator.core.events import Outcome, RecordedEvent
-from coordinator.core.model import Saga, SagaState
+from coordinator.core.model import Saga, SagaDefinition, SagaState
 
 
 @dataclass(frozen=True)
 class SagaFilter:
-    """Which sagas to list."""
+    """Which sagas to list or count; every condition given must hold."""
 
     states: frozenset[SagaState] = frozenset()
     """Only these states; empty means all."""
     definition: str | None = None
     """Only this definition name."""
+    definition_version: int | None = None
+    """Only this version of the definition (with ``definition``)."""
+    labels: tuple[tuple[str, str], ...] = ()
+    """Only sagas carrying every one of these (key, value) labels."""
+    created_after: datetime | None = None
+    """Only sagas created at or after this time."""
+    created_before: datetime | None = None
+    """Only sagas created before this time."""
+    stuck_on_participant: str | None = None
+    """Only unfinished or parked sagas whose waiting step (``waiting_step``) calls this
+    participant."""
+    stuck_on_step: str | None = None
+    """Only unfinished or parked sagas whose waiting step has this name."""
+
+
+@dataclass(frozen=True)
+class RegisteredDefinition:
+    """One version of a definition in the registry."""
+
+    definition: SagaDefinition
+    registered_at: datetime
+    digest: str
+    """SHA-256 of the definition's stored content, hexadecimal."""
+    unfinished: int = 0
+    """Sagas of this version that have not ended (running, compensating or parked)."""
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What a prune removed (or, counted for a dry run, would remove)."""
+
+    sagas: int
+    events: int
 
 
 @dataclass(frozen=True)
@@ -85,6 +118,48 @@ class SagaStore(Protocol):
 
     async def unfinished(self) -> Sequence[Saga]:
         """Every saga that is RUNNING or COMPENSATING: what recovery resumes."""
+        ...
+
+    async def events_page(
+        self, saga_id: str, after_sequence: int, limit: int
+    ) -> Sequence[RecordedEvent]:
+        """Up to ``limit`` events of the saga's log with sequence above ``after_sequence``."""
+        ...
+
+    async def count_by_state(self, where: SagaFilter) -> Mapping[SagaState, int]:
+        """How many sagas match ``where`` in each state (states with none may be left out;
+        ``where.states`` is ignored)."""
+        ...
+
+    async def oldest_unfinished(self) -> datetime | None:
+        """When the oldest saga that has not ended (running, compensating, parked) was created."""
+        ...
+
+    async def parked_by_step(self) -> Mapping[tuple[str, str], int]:
+        """NEEDS_ATTENTION sagas counted by (definition name, step they are stuck on)."""
+        ...
+
+    async def register_definition(
+        self, definition: SagaDefinition, at: datetime
+    ) -> tuple[RegisteredDefinition, bool]:
+        """Register a definition version; return it and True.
+
+        The same content under a registered name and version returns the registered one and
+        False; other content under it raises ``DefinitionConflict`` and stores nothing.
+        """
+        ...
+
+    async def definitions(self, name: str | None = None) -> Sequence[RegisteredDefinition]:
+        """Registered definitions (of ``name``, or all), by name then version, with counts."""
+        ...
+
+    async def count_prunable(self, ended_before: datetime) -> PruneResult:
+        """What ``prune`` would remove for this cutoff, counted; nothing is removed."""
+        ...
+
+    async def prune(self, ended_before: datetime, limit: int) -> PruneResult:
+        """Remove up to ``limit`` sagas that ended SUCCEEDED or COMPENSATED before the cutoff,
+        with their events, in one short transaction. Never a running or parked saga."""
         ...
 
     async def close(self) -> None:

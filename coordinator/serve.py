@@ -11,7 +11,7 @@ from typing import Any
 from coordinator.clock import SystemClock
 from coordinator.config import Settings
 from coordinator.crashpoints import CrashPoints
-from coordinator.engine import Engine
+from coordinator.engine import Engine, EngineSettings
 from coordinator.observability import Observability, configure_observability, observe_store
 from coordinator.ports import SagaStore
 from coordinator.store import open_store
@@ -79,12 +79,16 @@ async def start_coordinator(settings: Settings) -> Coordinator:
         gateway,
         SystemClock(),
         catalog,
+        EngineSettings(retention=settings.retention),
         on_fatal=on_fatal,
         crash_points=CrashPoints.from_environment(),
         telemetry=observability.telemetry,
         log_payloads=settings.log_payloads,
     )
     try:
+        # The files are registered (unchanged ones are no-ops); the store's registry, which
+        # also holds versions registered over gRPC, is what the engine runs.
+        await engine.load_definitions(catalog.all(), settings.participants.keys())
         resumed = await engine.start()
         server = await start_server(engine, settings, telemetry=observability.telemetry)
     except BaseException:
@@ -97,7 +101,7 @@ async def start_coordinator(settings: Settings) -> Coordinator:
         "coordinator serving on port %d (store %s, %d definitions, %d sagas resumed)",
         server.port,
         settings.database,
-        len(catalog.all()),
+        len(engine.catalog.all()),
         resumed,
     )
     if observability.endpoint:

@@ -33,9 +33,14 @@ from coordinator.core.calls import ParticipantCall
 from coordinator.core.events import (
     CallAnswered,
     CancelRequested,
+    CompleteRequested,
+    DeadlineExceeded,
     Failed,
+    MarkCompensated,
     RecordedEvent,
     Rejected,
+    ResumeRequested,
+    RetryRequested,
     SagaCreated,
     Succeeded,
     Transient,
@@ -193,6 +198,27 @@ class SagaTelemetry:
             callbacks=[self._observe_needs_attention],
             unit="{saga}",
             description="Sagas parked in NEEDS_ATTENTION",
+        )
+        self._operator_actions = meter.create_counter(
+            "saga.operator_actions",
+            unit="{action}",
+            description="Operator actions taken on sagas, by kind",
+        )
+        self._parked: Mapping[tuple[str, str], int] = {}
+        meter.create_observable_gauge(
+            "saga.parked",
+            callbacks=[self._observe_parked],
+            unit="{saga}",
+            description="Sagas parked in NEEDS_ATTENTION, by definition and the step they are "
+            "stuck on (refreshed from the store)",
+        )
+        self._oldest_unfinished: datetime | None = None
+        meter.create_observable_gauge(
+            "saga.oldest_unfinished.age",
+            callbacks=[self._observe_oldest_unfinished],
+            unit="s",
+            description="Age of the oldest saga that has not ended (running, compensating or "
+            "parked); 0 when there is none",
         )
 
     # -- traces -----------------------------------------------------------------------------
@@ -376,6 +402,35 @@ class SagaTelemetry:
         """The number of parked sagas, as read from the store at start."""
         self._needs_attention = count
 
+    def left_attention(self) -> None:
+        """An operator moved a parked saga on."""
+        self._needs_attention = max(0, self._needs_attention - 1)
+
+    def operator_action(self, saga: Saga, action: str) -> None:
+        """Count an operator action that was applied."""
+        self._operator_actions.add(
+            1, {SAGA_DEFINITION: saga.definition.name, "saga.action": action}
+        )
+
+    def set_store_summary(
+        self, oldest_unfinished: datetime | None, parked: Mapping[tuple[str, str], int]
+    ) -> None:
+        """What the store says about unfinished and parked sagas (read periodically)."""
+        self._oldest_unfinished = oldest_unfinished
+        self._parked = dict(parked)
+        self._needs_attention = sum(parked.values())
+
+    def _observe_parked(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        for (definition, step), count in sorted(self._parked.items()):
+            yield metrics.Observation(count, {SAGA_DEFINITION: definition, SAGA_STEP: step})
+
+    def _observe_oldest_unfinished(
+        self, options: metrics.CallbackOptions
+    ) -> Iterable[metrics.Observation]:
+        oldest = self._oldest_unfinished
+        age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
+        yield metrics.Observation(max(age, 0.0))
+
     def _observe_needs_attention(
         self, options: metrics.CallbackOptions
     ) -> Iterable[metrics.Observation]:
@@ -414,6 +469,16 @@ def _event_name(record: RecordedEvent) -> str:
             return "cancel requested"
         case CallAnswered(operation=operation):
             return f"{operation.value} {_outcome_name(event)}"
+        case RetryRequested():
+            return "operator retry"
+        case ResumeRequested():
+            return "operator resume"
+        case MarkCompensated():
+            return "operator marked compensated"
+        case CompleteRequested():
+            return "operator completed step"
+        case DeadlineExceeded():
+            return "deadline exceeded"
 
 
 def _event_attributes(
@@ -426,6 +491,9 @@ def _event_attributes(
         attributes[SAGA_ATTEMPT] = event.attempt
         if not isinstance(event.outcome, Succeeded):
             attributes[SAGA_REASON] = event.outcome.reason or event.outcome.code
-    elif isinstance(event, CancelRequested):
+    elif isinstance(event, CancelRequested | ResumeRequested):
+        attributes[SAGA_REASON] = event.reason
+    elif isinstance(event, RetryRequested | MarkCompensated | CompleteRequested):
+        attributes[SAGA_STEP] = names[event.step]
         attributes[SAGA_REASON] = event.reason
     return attributes

@@ -13,9 +13,14 @@ from saga.v1 import saga_pb2
 from coordinator.core.events import (
     CallAnswered,
     CancelRequested,
+    CompleteRequested,
+    DeadlineExceeded,
     Failed,
+    MarkCompensated,
     RecordedEvent,
     Rejected,
+    ResumeRequested,
+    RetryRequested,
     SagaCreated,
     Succeeded,
     Transient,
@@ -24,8 +29,10 @@ from coordinator.core.model import (
     DEFAULT_COMPENSATION_RETRY,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT,
+    AuditEntry,
     Failure,
     Operation,
+    OperatorAction,
     RetryPolicy,
     Saga,
     SagaDefinition,
@@ -43,6 +50,10 @@ _MICROSECOND = timedelta(microseconds=1)
 _SAGA_STATES = {state: saga_pb2.SagaState.Value(f"SAGA_STATE_{state.value}") for state in SagaState}
 _STEP_STATES = {state: saga_pb2.StepState.Value(f"STEP_STATE_{state.value}") for state in StepState}
 _STEP_KINDS = {kind: saga_pb2.StepKind.Value(f"STEP_KIND_{kind.value}") for kind in StepKind}
+_ACTIONS = {
+    action: saga_pb2.OperatorAction.Value(f"OPERATOR_ACTION_{action.value}")
+    for action in OperatorAction
+}
 
 
 def saga_state_to_proto(state: SagaState) -> saga_pb2.SagaState.ValueType:
@@ -94,6 +105,7 @@ def step_to_proto(step: StepRun, definition: StepDefinition) -> saga_pb2.StepRun
         start_time=_timestamp(step.started_at),
         end_time=_timestamp(step.ended_at),
         next_attempt_time=_timestamp(step.next_attempt_at),
+        by_operator=step.by_operator,
     )
     if step.output is not None:
         message.output = step.output
@@ -119,6 +131,21 @@ def saga_to_proto(saga: Saga) -> saga_pb2.Saga:
         update_time=_timestamp(saga.updated_at),
         end_time=_timestamp(saga.ended_at),
         version=saga.version,
+        labels=saga.labels,
+        audit=[audit_to_proto(entry) for entry in saga.audit],
+        deadline_time=_timestamp(saga.deadline_at),
+    )
+
+
+def audit_to_proto(entry: AuditEntry) -> saga_pb2.AuditEntry:
+    """The proto form of one operator action on a saga."""
+    return saga_pb2.AuditEntry(
+        sequence=entry.sequence,
+        time=_timestamp(entry.at),
+        actor=entry.actor,
+        action=_ACTIONS[entry.action],
+        step=entry.step,
+        reason=entry.reason,
     )
 
 
@@ -162,32 +189,80 @@ _ANSWER_TYPES = {
 
 
 def event_to_proto(record: RecordedEvent, saga: Saga) -> saga_pb2.SagaEvent:
-    """The proto form of one entry of a saga's event log."""
+    """The proto form of one entry of a saga's event log.
+
+    Steps are named by the definition's step names, and a call's event names the action or
+    compensation that was sent (``OpenAccount``, ``CloseAccount``) and the named event a
+    step's success stands for.
+    """
     message = saga_pb2.SagaEvent(sequence=record.sequence, time=_timestamp(record.recorded_at))
     event = record.event
+
+    def about(index: int, operation: Operation | None = None) -> None:
+        definition = saga.definition.steps[index]
+        message.step = definition.name
+        if operation is not None:
+            message.operation = operation.value
+            execute = operation is Operation.EXECUTE
+            message.action = definition.action if execute else definition.compensation
+
     match event:
         case SagaCreated():
             message.type = saga_pb2.SAGA_EVENT_TYPE_CREATED
-        case CancelRequested(reason=reason):
+        case CancelRequested(reason=reason, actor=actor):
             message.type = saga_pb2.SAGA_EVENT_TYPE_CANCEL_REQUESTED
+            message.actor = actor
+            message.reason = reason
             message.failure.CopyFrom(
                 saga_pb2.Failure(operation="cancel", reason="SAGA_CANCELLED", message=reason)
             )
         case CallAnswered(operation=operation, step=index, attempt=attempt, outcome=outcome):
-            step = saga.steps[index].name
+            about(index, operation)
             message.type = _ANSWER_TYPES[(operation, type(outcome))]
-            message.step = step
             message.attempt = attempt
-            if not isinstance(outcome, Succeeded):
+            if isinstance(outcome, Succeeded):
+                if operation is Operation.EXECUTE:
+                    message.emits = saga.definition.steps[index].emits
+            else:
                 message.failure.CopyFrom(
                     saga_pb2.Failure(
-                        step=step,
+                        step=message.step,
                         operation=operation.value,
                         code=outcome.code,
                         reason=outcome.reason,
                         message=outcome.message,
                     )
                 )
+        case RetryRequested(step=index, actor=actor, reason=reason):
+            message.type = saga_pb2.SAGA_EVENT_TYPE_RETRY_REQUESTED
+            message.actor, message.reason = actor, reason
+            about(index)
+        case ResumeRequested(actor=actor, reason=reason):
+            message.type = saga_pb2.SAGA_EVENT_TYPE_RESUMED
+            message.actor, message.reason = actor, reason
+            for entry in saga.audit:
+                if entry.sequence == record.sequence:
+                    message.step = entry.step
+        case MarkCompensated(step=index, actor=actor, reason=reason):
+            message.type = saga_pb2.SAGA_EVENT_TYPE_STEP_MARKED_COMPENSATED
+            message.actor, message.reason = actor, reason
+            about(index, Operation.COMPENSATE)
+        case CompleteRequested(step=index, actor=actor, reason=reason):
+            message.type = saga_pb2.SAGA_EVENT_TYPE_STEP_COMPLETED
+            message.actor, message.reason = actor, reason
+            about(index, Operation.EXECUTE)
+            message.emits = saga.definition.steps[index].emits
+        case DeadlineExceeded():
+            message.type = saga_pb2.SAGA_EVENT_TYPE_DEADLINE_EXCEEDED
+            deadline = saga.definition.deadline
+            message.failure.CopyFrom(
+                saga_pb2.Failure(
+                    operation="deadline",
+                    code="DEADLINE_EXCEEDED",
+                    reason="SAGA_DEADLINE_EXCEEDED",
+                    message=f"the saga's deadline of {deadline} passed",
+                )
+            )
     return message
 
 
@@ -233,6 +308,8 @@ def definition_from_proto(message: saga_pb2.SagaDefinition) -> SagaDefinition:
                     step.HasField("compensation_retry"),
                     compensation_retry,
                 ),
+                max_attempts=step.max_attempts,
+                emits=step.emits,
             )
         )
     return SagaDefinition(
@@ -240,4 +317,53 @@ def definition_from_proto(message: saga_pb2.SagaDefinition) -> SagaDefinition:
         version=message.version,
         steps=tuple(steps),
         description=message.description,
+        deadline=message.deadline.ToTimedelta() if message.HasField("deadline") else None,
     )
+
+
+def retry_policy_from_proto(message: saga_pb2.RetryPolicy) -> RetryPolicy:
+    """A retry policy from its proto form; unset fields take the compensation defaults."""
+    return _retry(message, True, DEFAULT_COMPENSATION_RETRY)
+
+
+def _duration_to_proto(value: timedelta) -> duration_pb2.Duration:
+    message = duration_pb2.Duration()
+    message.FromTimedelta(value)
+    return message
+
+
+def _retry_to_proto(policy: RetryPolicy) -> saga_pb2.RetryPolicy:
+    return saga_pb2.RetryPolicy(
+        max_attempts=policy.max_attempts,
+        initial_backoff=_duration_to_proto(policy.initial_backoff),
+        max_backoff=_duration_to_proto(policy.max_backoff),
+        backoff_multiplier=policy.multiplier,
+        jitter=policy.jitter,
+    )
+
+
+def definition_to_proto(definition: SagaDefinition) -> saga_pb2.SagaDefinition:
+    """The proto form of a definition, every default written out per step."""
+    message = saga_pb2.SagaDefinition(
+        name=definition.name,
+        version=definition.version,
+        description=definition.description,
+        steps=[
+            saga_pb2.StepDefinition(
+                name=step.name,
+                participant=step.participant,
+                action=step.action,
+                compensation=step.compensation,
+                kind=_STEP_KINDS[step.kind],
+                timeout=_duration_to_proto(step.timeout),
+                retry=_retry_to_proto(step.retry),
+                compensation_retry=_retry_to_proto(step.compensation_retry),
+                max_attempts=step.max_attempts,
+                emits=step.emits,
+            )
+            for step in definition.steps
+        ],
+    )
+    if definition.deadline is not None:
+        message.deadline.CopyFrom(_duration_to_proto(definition.deadline))
+    return message

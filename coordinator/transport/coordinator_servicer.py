@@ -7,23 +7,38 @@ import binascii
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
-from datetime import datetime
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import grpc
+from google.protobuf import timestamp_pb2
 from saga.v1 import coordinator_service_pb2 as pb
 from saga.v1 import coordinator_service_pb2_grpc as pb_grpc
 
-from coordinator.core.definitions import NAME_RULE, is_valid_name
-from coordinator.core.errors import FieldViolation, InvalidArgument
+from coordinator.core.definitions import NAME_RULE, is_valid_name, retry_violations
+from coordinator.core.errors import ActionNotAllowed, FieldViolation, InvalidArgument
+from coordinator.core.events import (
+    CompleteRequested,
+    MarkCompensated,
+    OperatorEvent,
+    ResumeRequested,
+    RetryRequested,
+)
+from coordinator.core.machine import waiting_step
+from coordinator.core.model import Saga, SagaState
 from coordinator.engine import Engine
-from coordinator.ports import ListCursor, SagaFilter
+from coordinator.ports import ListCursor, RegisteredDefinition, SagaFilter
 from coordinator.telemetry import SagaTelemetry, headers_of, now_ns
 from coordinator.transport.convert import (
     Renderings,
+    definition_from_proto,
+    definition_to_proto,
     event_to_proto,
+    retry_policy_from_proto,
     saga_state_from_proto,
+    saga_state_to_proto,
     saga_to_proto,
 )
 from coordinator.watchers import SagaChange
@@ -32,9 +47,23 @@ log = logging.getLogger("coordinator.transport")
 
 MAX_PAGE_SIZE = 1000
 MAX_REASON = 1024
+MAX_ACTOR = 256
 DEFAULT_PAGE_SIZE = 100
+MAX_LABELS = 16
+MAX_LABEL_VALUE = 256
+LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+MIN_PRUNE_AGE = timedelta(minutes=1)
+# Counts are listed with the states that need people first.
+COUNT_ORDER = (
+    SagaState.NEEDS_ATTENTION,
+    SagaState.RUNNING,
+    SagaState.COMPENSATING,
+    SagaState.SUCCEEDED,
+    SagaState.COMPENSATED,
+)
 
 T = TypeVar("T")
+_Build = Callable[[Saga, bool], OperatorEvent]
 
 
 def saga_id_of(name: str, field: str = "name") -> str:
@@ -49,8 +78,121 @@ def saga_id_of(name: str, field: str = "name") -> str:
 
 
 def _filter_key(where: SagaFilter) -> str:
-    text = json.dumps([sorted(s.value for s in where.states), where.definition])
+    text = json.dumps(
+        [
+            sorted(s.value for s in where.states),
+            where.definition,
+            where.definition_version,
+            sorted(where.labels),
+            where.created_after.isoformat() if where.created_after else None,
+            where.created_before.isoformat() if where.created_before else None,
+            where.stuck_on_participant,
+            where.stuck_on_step,
+        ]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def label_violations(labels: Mapping[str, str], field: str) -> list[FieldViolation]:
+    """Everything wrong with a set of labels."""
+    problems = []
+    if len(labels) > MAX_LABELS:
+        problems.append(FieldViolation(field, f"at most {MAX_LABELS} labels"))
+    for key, value in sorted(labels.items()):
+        if not LABEL_KEY.match(key):
+            problems.append(
+                FieldViolation(
+                    f"{field}[{key[:64]!r}]",
+                    "a key is 1 to 63 letters, digits, '.', '_', '-' or '/', "
+                    "starting with a letter or digit",
+                )
+            )
+        if len(value) > MAX_LABEL_VALUE:
+            problems.append(
+                FieldViolation(f"{field}[{key[:64]!r}]", f"at most {MAX_LABEL_VALUE} characters")
+            )
+    return problems
+
+
+def _time(value: timestamp_pb2.Timestamp) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(
+        seconds=value.seconds, microseconds=value.nanos // 1000
+    )
+
+
+def saga_filter(
+    request: pb.ListSagasRequest | pb.CountSagasRequest,
+    states: frozenset[SagaState],
+    violations: list[FieldViolation],
+) -> SagaFilter:
+    """The filter a listing or count request asks for; problems go to ``violations``."""
+    if request.definition and not is_valid_name(request.definition):
+        violations.append(FieldViolation("definition", f"must be {NAME_RULE}"))
+    if request.definition_version and not request.definition:
+        violations.append(
+            FieldViolation("definition_version", "a version needs the definition's name")
+        )
+    violations.extend(label_violations(request.labels, "labels"))
+    for field in ("stuck_on_participant", "stuck_on_step"):
+        value = getattr(request, field)
+        if value and not is_valid_name(value):
+            violations.append(FieldViolation(field, f"must be {NAME_RULE}"))
+    after = _time(request.created_after) if request.HasField("created_after") else None
+    before = _time(request.created_before) if request.HasField("created_before") else None
+    if after is not None and before is not None and before <= after:
+        violations.append(FieldViolation("created_before", "must be later than created_after"))
+    return SagaFilter(
+        states=states,
+        definition=request.definition or None,
+        definition_version=request.definition_version or None,
+        labels=tuple(sorted(request.labels.items())),
+        created_after=after,
+        created_before=before,
+        stuck_on_participant=request.stuck_on_participant or None,
+        stuck_on_step=request.stuck_on_step or None,
+    )
+
+
+def _action_violations(reason: str, actor: str) -> list[FieldViolation]:
+    problems = []
+    if not reason.strip():
+        problems.append(FieldViolation("reason", "is required: say why, for the audit trail"))
+    elif len(reason) > MAX_REASON:
+        problems.append(FieldViolation("reason", f"at most {MAX_REASON} characters"))
+    if len(actor) > MAX_ACTOR:
+        problems.append(FieldViolation("actor", f"at most {MAX_ACTOR} characters"))
+    return problems
+
+
+def step_index(saga: Saga, name: str, verb: str) -> int:
+    """The index of the step ``name`` (empty: the step the saga waits on or is parked on)."""
+    if not name:
+        index = waiting_step(saga)
+        if index is None:
+            raise ActionNotAllowed(
+                f"{verb} does not fit saga {saga.saga_id}: it has ended {saga.state}; "
+                "what fits now: none"
+            )
+        return index
+    for index, step in enumerate(saga.steps):
+        if step.name == name:
+            return index
+    names = ", ".join(step.name for step in saga.steps)
+    raise InvalidArgument(
+        f"saga {saga.saga_id} has no step {name[:200]!r}",
+        (FieldViolation("step", f"one of the saga's steps: {names}"),),
+    )
+
+
+def _version_info(registered: RegisteredDefinition) -> pb.DefinitionVersion:
+    info = pb.DefinitionVersion(
+        version=registered.definition.version,
+        digest=registered.digest,
+        unfinished_sagas=registered.unfinished,
+        step_count=len(registered.definition.steps),
+    )
+    info.register_time.FromDatetime(registered.registered_at)
+    return info
 
 
 def encode_page_token(cursor: ListCursor, where: SagaFilter) -> str:
@@ -88,7 +230,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ``coordinator.transport.server`` turns into rich statuses for every method alike."""
 
     def __init__(
-        self, engine: Engine, *, max_payload_bytes: int, telemetry: SagaTelemetry | None = None
+        self,
+        engine: Engine,
+        *,
+        max_payload_bytes: int,
+        telemetry: SagaTelemetry | None = None,
     ) -> None:
         self._engine = engine
         self._max_payload_bytes = max_payload_bytes
@@ -112,6 +258,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             violations.append(FieldViolation("definition", f"must be {NAME_RULE}"))
         if len(request.input) > self._max_payload_bytes:
             violations.append(FieldViolation("input", f"at most {self._max_payload_bytes} bytes"))
+        violations.extend(label_violations(request.labels, "labels"))
         if violations:
             raise InvalidArgument("invalid CreateSaga request", tuple(violations))
         began = now_ns()
@@ -122,6 +269,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             request.definition_version,
             request.input,
             client_headers,
+            labels=dict(request.labels),
         )
         self._telemetry.record_create(client_headers, saga, created, began)
         return pb.CreateSagaResponse(saga=self._saga(saga), created=created)
@@ -152,9 +300,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 violations.append(FieldViolation(f"states[{i}]", str(error)))
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             violations.append(FieldViolation("page_size", f"must be from 0 to {MAX_PAGE_SIZE}"))
+        where = saga_filter(request, frozenset(states), violations)
         if violations:
             raise InvalidArgument("invalid ListSagas request", tuple(violations))
-        where = SagaFilter(frozenset(states), request.definition or None)
         after = decode_page_token(request.page_token, where) if request.page_token else None
         page = await self._engine.list_sagas(where, request.page_size or DEFAULT_PAGE_SIZE, after)
         token = encode_page_token(page.next_cursor, where) if page.next_cursor else ""
@@ -190,5 +338,247 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             raise InvalidArgument(
                 "reason is too long", (FieldViolation("reason", "at most 1024 characters"),)
             )
-        saga = await self._engine.cancel_saga(saga_id_of(request.name), request.reason)
+        if len(request.actor) > MAX_ACTOR:
+            raise InvalidArgument(
+                "actor is too long", (FieldViolation("actor", f"at most {MAX_ACTOR} characters"),)
+            )
+        saga = await self._engine.cancel_saga(
+            saga_id_of(request.name), request.reason, request.actor
+        )
         return pb.CancelSagaResponse(saga=self._saga(saga))
+
+    async def ListSagaEvents(
+        self,
+        request: pb.ListSagaEventsRequest,
+        context: grpc.aio.ServicerContext[pb.ListSagaEventsRequest, pb.ListSagaEventsResponse],
+    ) -> pb.ListSagaEventsResponse:
+        """Return one page of a saga's event log."""
+        saga_id = saga_id_of(request.name)
+        violations = []
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            violations.append(FieldViolation("page_size", f"must be from 0 to {MAX_PAGE_SIZE}"))
+        after = 0
+        if request.page_token:
+            try:
+                after = int(base64.urlsafe_b64decode(request.page_token + "==").decode())
+                if after < 0:
+                    raise ValueError(after)
+            except (ValueError, binascii.Error, UnicodeDecodeError):
+                violations.append(
+                    FieldViolation("page_token", "not a token returned by ListSagaEvents")
+                )
+        if violations:
+            raise InvalidArgument("invalid ListSagaEvents request", tuple(violations))
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        saga, events = await self._engine.saga_events(saga_id, after, size + 1)
+        page = events[:size]
+        token = ""
+        if len(events) > size:
+            token = base64.urlsafe_b64encode(str(page[-1].sequence).encode()).decode().rstrip("=")
+        return pb.ListSagaEventsResponse(
+            events=[event_to_proto(record, saga) for record in page], next_page_token=token
+        )
+
+    async def CountSagas(
+        self,
+        request: pb.CountSagasRequest,
+        context: grpc.aio.ServicerContext[pb.CountSagasRequest, pb.CountSagasResponse],
+    ) -> pb.CountSagasResponse:
+        """Count the sagas in each state."""
+        violations: list[FieldViolation] = []
+        where = saga_filter(request, frozenset(), violations)
+        if violations:
+            raise InvalidArgument("invalid CountSagas request", tuple(violations))
+        counts = await self._engine.count_sagas(where)
+        return pb.CountSagasResponse(
+            counts=[
+                pb.StateCount(state=saga_state_to_proto(state), count=counts[state])
+                for state in COUNT_ORDER
+            ],
+            total=sum(counts.values()),
+        )
+
+    async def _act(
+        self,
+        name: str,
+        reason: str,
+        actor: str,
+        expected_version: int,
+        build: _Build,
+        *,
+        step: str = "",
+    ) -> Saga:
+        violations = _action_violations(reason, actor)
+        if step and not is_valid_name(step):
+            violations.append(FieldViolation("step", f"must be {NAME_RULE}"))
+        saga_id = saga_id_of(name)
+        if violations:
+            raise InvalidArgument("invalid operator action", tuple(violations))
+        return await self._engine.act(saga_id, build, expected_version)
+
+    async def RetrySagaStep(
+        self,
+        request: pb.RetrySagaStepRequest,
+        context: grpc.aio.ServicerContext[pb.RetrySagaStepRequest, pb.RetrySagaStepResponse],
+    ) -> pb.RetrySagaStepResponse:
+        """Send a step's pending call again now."""
+
+        def build(saga: Saga, in_flight: bool) -> OperatorEvent:
+            index = step_index(saga, request.step, "retry")
+            return RetryRequested(index, request.actor, request.reason, in_flight)
+
+        saga = await self._act(
+            request.name,
+            request.reason,
+            request.actor,
+            request.expected_version,
+            build,
+            step=request.step,
+        )
+        return pb.RetrySagaStepResponse(saga=self._saga(saga))
+
+    async def ResumeSaga(
+        self,
+        request: pb.ResumeSagaRequest,
+        context: grpc.aio.ServicerContext[pb.ResumeSagaRequest, pb.ResumeSagaResponse],
+    ) -> pb.ResumeSagaResponse:
+        """Take a saga parked on a failed compensation back to compensating."""
+        policy = None
+        if request.HasField("compensation_retry"):
+            policy = retry_policy_from_proto(request.compensation_retry)
+            problems = list(retry_violations("compensation_retry", policy))
+            if problems:
+                raise InvalidArgument("invalid compensation_retry", tuple(problems))
+
+        def build(saga: Saga, in_flight: bool) -> OperatorEvent:
+            return ResumeRequested(request.actor, request.reason, policy)
+
+        saga = await self._act(
+            request.name, request.reason, request.actor, request.expected_version, build
+        )
+        return pb.ResumeSagaResponse(saga=self._saga(saga))
+
+    async def MarkStepCompensated(
+        self,
+        request: pb.MarkStepCompensatedRequest,
+        context: grpc.aio.ServicerContext[
+            pb.MarkStepCompensatedRequest, pb.MarkStepCompensatedResponse
+        ],
+    ) -> pb.MarkStepCompensatedResponse:
+        """Record a step as compensated by hand."""
+
+        def build(saga: Saga, in_flight: bool) -> OperatorEvent:
+            index = step_index(saga, request.step, "mark-compensated")
+            return MarkCompensated(index, request.actor, request.reason, in_flight)
+
+        saga = await self._act(
+            request.name,
+            request.reason,
+            request.actor,
+            request.expected_version,
+            build,
+            step=request.step,
+        )
+        return pb.MarkStepCompensatedResponse(saga=self._saga(saga))
+
+    async def CompleteStep(
+        self,
+        request: pb.CompleteStepRequest,
+        context: grpc.aio.ServicerContext[pb.CompleteStepRequest, pb.CompleteStepResponse],
+    ) -> pb.CompleteStepResponse:
+        """Record a stuck pivot or retriable step as succeeded."""
+        if len(request.output) > self._max_payload_bytes:
+            raise InvalidArgument(
+                "output is too large",
+                (FieldViolation("output", f"at most {self._max_payload_bytes} bytes"),),
+            )
+
+        def build(saga: Saga, in_flight: bool) -> OperatorEvent:
+            index = step_index(saga, request.step, "complete")
+            return CompleteRequested(
+                index, request.output, request.actor, request.reason, in_flight
+            )
+
+        saga = await self._act(
+            request.name,
+            request.reason,
+            request.actor,
+            request.expected_version,
+            build,
+            step=request.step,
+        )
+        return pb.CompleteStepResponse(saga=self._saga(saga))
+
+    async def ListDefinitions(
+        self,
+        request: pb.ListDefinitionsRequest,
+        context: grpc.aio.ServicerContext[pb.ListDefinitionsRequest, pb.ListDefinitionsResponse],
+    ) -> pb.ListDefinitionsResponse:
+        """List the registered definitions and their versions."""
+        if request.name and not is_valid_name(request.name):
+            raise InvalidArgument(
+                "invalid definition name", (FieldViolation("name", f"must be {NAME_RULE}"),)
+            )
+        registered = await self._engine.definitions(request.name or None)
+        summaries: dict[str, pb.DefinitionSummary] = {}
+        for entry in registered:
+            summary = summaries.setdefault(
+                entry.definition.name, pb.DefinitionSummary(name=entry.definition.name)
+            )
+            summary.versions.append(_version_info(entry))
+            summary.description = entry.definition.description
+        return pb.ListDefinitionsResponse(definitions=list(summaries.values()))
+
+    async def GetDefinition(
+        self,
+        request: pb.GetDefinitionRequest,
+        context: grpc.aio.ServicerContext[pb.GetDefinitionRequest, pb.GetDefinitionResponse],
+    ) -> pb.GetDefinitionResponse:
+        """Return one version of a definition."""
+        if not is_valid_name(request.name):
+            raise InvalidArgument(
+                "invalid definition name", (FieldViolation("name", f"must be {NAME_RULE}"),)
+            )
+        registered = await self._engine.definition(request.name, request.version)
+        return pb.GetDefinitionResponse(
+            definition=definition_to_proto(registered.definition), info=_version_info(registered)
+        )
+
+    async def RegisterDefinition(
+        self,
+        request: pb.RegisterDefinitionRequest,
+        context: grpc.aio.ServicerContext[
+            pb.RegisterDefinitionRequest, pb.RegisterDefinitionResponse
+        ],
+    ) -> pb.RegisterDefinitionResponse:
+        """Register a new version of a definition."""
+        if not request.HasField("definition"):
+            raise InvalidArgument(
+                "a definition is required", (FieldViolation("definition", "is required"),)
+            )
+        definition = definition_from_proto(request.definition)
+        registered, created = await self._engine.register_definition(
+            definition, "RegisterDefinition"
+        )
+        return pb.RegisterDefinitionResponse(
+            definition=definition_to_proto(registered.definition),
+            created=created,
+            info=_version_info(registered),
+        )
+
+    async def PruneSagas(
+        self,
+        request: pb.PruneSagasRequest,
+        context: grpc.aio.ServicerContext[pb.PruneSagasRequest, pb.PruneSagasResponse],
+    ) -> pb.PruneSagasResponse:
+        """Remove the sagas that ended before a cutoff, with their events."""
+        older_than = request.older_than.ToTimedelta()
+        if older_than < MIN_PRUNE_AGE:
+            raise InvalidArgument(
+                "older_than is too short",
+                (FieldViolation("older_than", "at least one minute"),),
+            )
+        cutoff, result = await self._engine.prune(older_than, dry_run=request.dry_run)
+        response = pb.PruneSagasResponse(sagas=result.sagas, events=result.events)
+        response.cutoff.FromDatetime(cutoff)
+        return response

@@ -8,7 +8,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from coordinator.core.errors import (
+    ActionNotAllowed,
     ConcurrentUpdate,
+    DefinitionConflict,
     DefinitionNotFound,
     FieldViolation,
     InvalidArgument,
@@ -31,6 +33,8 @@ STATUS_OF: tuple[tuple[type[SagaError], grpc.StatusCode], ...] = (
     (DefinitionNotFound, grpc.StatusCode.NOT_FOUND),
     (SagaAlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (SagaNotCancellable, grpc.StatusCode.FAILED_PRECONDITION),
+    (ActionNotAllowed, grpc.StatusCode.FAILED_PRECONDITION),
+    (DefinitionConflict, grpc.StatusCode.ALREADY_EXISTS),
     (ConcurrentUpdate, grpc.StatusCode.ABORTED),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (StorageFailure, grpc.StatusCode.UNAVAILABLE),

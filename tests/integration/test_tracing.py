@@ -16,6 +16,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from saga.v1 import coordinator_service_pb2 as cpb
 from saga.v1 import saga_pb2
 
 from saga_sdk import AsyncSagaClient, SagaState
@@ -272,6 +273,19 @@ async def test_metrics_count_sagas_by_outcome_on_prometheus_and_otlp(
                 await harness.create("onboard", payload, saga_id=saga_id)
             for saga_id in inputs:
                 await harness.wait(saga_id)
+            await asyncio.sleep(1.5)  # the store's summary is read again within a second
+            parked_scrape = await asyncio.to_thread(
+                lambda: (
+                    urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics")
+                    .read()
+                    .decode()
+                )
+            )
+            await harness.stub.MarkStepCompensated(
+                cpb.MarkStepCompensatedRequest(name="sagas/d", reason="closed by hand")
+            )
+            await harness.wait("d")
+            await asyncio.sleep(1.5)
             scraped = await asyncio.to_thread(
                 lambda: (
                     urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics")
@@ -285,18 +299,39 @@ async def test_metrics_count_sagas_by_outcome_on_prometheus_and_otlp(
             await participant.stop()
 
     samples = parse_prometheus(scraped)
+    parked = parse_prometheus(parked_scrape)
     ended = {
         labels["saga_outcome"]: value
         for (name, labels), value in samples.items()
         if name == "saga_ended_total" and labels.get("saga_definition") == "onboard"
     }
-    assert ended == {"SUCCEEDED": 2.0, "COMPENSATED": 1.0, "NEEDS_ATTENTION": 1.0}
+    # d settled twice: parked, then (once an operator marked its step) compensated.
+    assert ended == {"SUCCEEDED": 2.0, "COMPENSATED": 2.0, "NEEDS_ATTENTION": 1.0}
     assert sum(v for (n, _), v in samples.items() if n == "saga_started_total") == 4.0
-    assert sum(v for (n, _), v in samples.items() if n == "saga_needs_attention") == 1.0
+    assert sum(v for (n, _), v in parked.items() if n == "saga_needs_attention") == 1.0
+    assert sum(v for (n, _), v in samples.items() if n == "saga_needs_attention") == 0.0
     assert sum(v for (n, _), v in samples.items() if n == "saga_retries_total") == 2.0
-    # c: issue-card, open-account, create-user; d: issue-card, then open-account is stuck.
-    assert sum(v for (n, _), v in samples.items() if n == "saga_compensations_total") == 4.0
+    # c: issue-card, open-account, create-user; d: issue-card, open-account is stuck and
+    # marked compensated by hand, then create-user.
+    assert sum(v for (n, _), v in samples.items() if n == "saga_compensations_total") == 5.0
     assert {"saga.started", "saga.ended", "saga.step.duration"} <= receiver.metric_names()
+
+    by_step = {
+        (labels["saga_definition"], labels["saga_step"]): value
+        for (name, labels), value in parked.items()
+        if name == "saga_parked"
+    }
+    assert by_step == {("onboard", "open-account"): 1.0}
+    oldest = "saga_oldest_unfinished_age_seconds"
+    assert sum(v for (n, _), v in parked.items() if n == oldest) > 1.0
+    actions = {
+        labels["saga_action"]: value
+        for (name, labels), value in samples.items()
+        if name == "saga_operator_actions_total"
+    }
+    assert actions == {"MARK_COMPENSATED": 1.0}
+    assert sum(v for (n, _), v in samples.items() if n == "saga_parked") == 0.0
+    assert [v for (n, _), v in samples.items() if n == oldest] == [0.0]
 
 
 def parse_prometheus(text: str) -> dict[tuple[str, Any], float]:
