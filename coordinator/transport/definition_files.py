@@ -18,9 +18,16 @@ from coordinator.core.model import SagaDefinition
 from coordinator.transport.convert import definition_from_proto
 
 SUFFIXES = (".yaml", ".yml", ".json")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_DURATION_FIELDS = ("timeout", "initial_backoff", "initialBackoff", "max_backoff", "maxBackoff")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_DURATION_FIELDS = (
+    "timeout",
+    "initial_backoff",
+    "initialBackoff",
+    "max_backoff",
+    "maxBackoff",
+    "deadline",
+)
 
 
 def _normalise_duration(value: Any, path: str) -> Any:

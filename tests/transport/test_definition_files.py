@@ -167,3 +167,59 @@ def test_the_same_name_and_version_twice_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidDefinition, match="defined twice"):
         load_definitions(tmp_path, PARTICIPANTS)
+
+
+def test_budgets_and_named_events_load_from_a_file(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "pay.yaml",
+        """
+name: pay
+version: 1
+deadline: 2d
+steps:
+  - {name: hold, participant: billing, action: Hold, compensation: Release, emits: FundsHeld}
+  - {name: charge, participant: billing, action: Charge, kind: pivot, max_attempts: 5}
+  - {name: ship, participant: cards, action: Ship, kind: retriable, max_attempts: 7}
+""",
+    )
+
+    definition = load_definitions(tmp_path, PARTICIPANTS).resolve("pay")
+
+    assert definition.deadline == timedelta(days=2)
+    assert [s.max_attempts for s in definition.steps] == [0, 5, 7]
+    assert definition.steps[0].emits == "FundsHeld"
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "problem"),
+    [
+        ("deadline: 500ms\n", "deadline", "from 1s to 366 days"),
+        ("deadline: 400d\n", "deadline", "from 1s to 366 days"),
+    ],
+)
+def test_a_bad_deadline_is_refused(tmp_path: Path, line: str, field: str, problem: str) -> None:
+    write(tmp_path, "pay.yaml", line + VALID)
+    with pytest.raises(InvalidDefinition) as refused:
+        load_definitions(tmp_path, PARTICIPANTS)
+    assert any(v.field == field and problem in v.description for v in refused.value.violations)
+
+
+def test_max_attempts_on_a_compensatable_step_and_a_bad_event_name_are_refused(
+    tmp_path: Path,
+) -> None:
+    write(
+        tmp_path,
+        "pay.yaml",
+        """
+name: pay
+version: 1
+steps:
+  - {name: hold, participant: billing, action: Hold, compensation: Release, max_attempts: 3,
+     emits: "funds held!"}
+""",
+    )
+    with pytest.raises(InvalidDefinition) as refused:
+        load_definitions(tmp_path, PARTICIPANTS)
+    fields = {v.field for v in refused.value.violations}
+    assert fields == {"steps[0].max_attempts", "steps[0].emits"}
