@@ -37,8 +37,9 @@ def definition_violations(
         bad("name", "must be 1 to 128 letters, digits, '.', '_' or '-', starting alphanumeric")
     if definition.version < 1:
         bad("version", "must be at least 1")
-    if definition.deadline is not None and not (timedelta(0) < definition.deadline <= MAX_DEADLINE):
-        bad("deadline", f"must be positive and at most {MAX_DEADLINE.days} days")
+    deadline = definition.deadline
+    if deadline is not None and not timedelta(seconds=1) <= deadline <= MAX_DEADLINE:
+        bad("deadline", f"must be from 1s to {MAX_DEADLINE.days} days")
     if not definition.steps:
         bad("steps", "a saga needs at least one step")
     if len(definition.steps) > MAX_STEPS:
