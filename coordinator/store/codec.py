@@ -11,6 +11,9 @@ never silently changes stored data:
 - a definition is stored in full, defaults included: a saga keeps the definition it started
   with even when the code's defaults change later.
 
+Schema 1 knew nothing of labels, audit trails, deadlines, budgets or operator actions: sagas
+are written without them and read back with none, and operator events are refused.
+
 Decoding anything this module did not write raises ``StoreCorrupt``.
 """
 
@@ -179,7 +182,8 @@ def definition_from_json(data: JSONObject) -> SagaDefinition:
 
 
 def event_to_json(event: Event) -> JSONObject:
-    """An event as a JSON object with a ``"type"`` tag."""
+    """An event as a JSON object with a ``"type"`` tag; ValueError for an event type schema 1
+    never had (operator actions, deadlines)."""
     match event:
         case SagaCreated():
             return {"definition": definition_to_json(event.definition), **_created_fields(event)}
@@ -199,7 +203,11 @@ def event_to_json(event: Event) -> JSONObject:
                 "call_in_flight": event.call_in_flight,
             }
         case _:
-            assert_never(event)
+            # Operator actions and deadlines came after schema 1: no schema-1 store holds one.
+            raise ValueError(
+                f"schema 1 has no {type(event).__name__} events: the JSON codec only reads "
+                "and writes what schema-1 stores held"
+            )
 
 
 def _created_fields(event: SagaCreated) -> JSONObject:

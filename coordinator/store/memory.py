@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from coordinator.core.events import RecordedEvent
-from coordinator.core.model import Saga
-from coordinator.ports import ListCursor, SagaFilter, SagaPage
+from coordinator.core.model import Saga, SagaDefinition, SagaState
+from coordinator.ports import (
+    ListCursor,
+    PruneResult,
+    RegisteredDefinition,
+    SagaFilter,
+    SagaPage,
+)
 from coordinator.store.errors import StoreClosed
+from coordinator.store.packing import digest, pack_definition
 from coordinator.store.rules import (
+    NOT_ENDED,
+    PRUNABLE,
     UNFINISHED,
     already_exists,
     check_commit,
     check_creation,
     check_limit,
+    check_prune_limit,
+    definition_conflict,
+    matches,
     page_of,
+    parked_key,
     stale,
 )
 
@@ -27,6 +42,13 @@ class _Row:
     log: list[RecordedEvent]
 
 
+@dataclass(frozen=True)
+class _Registered:
+    definition: SagaDefinition
+    registered_at: datetime
+    digest: str
+
+
 class MemoryStore:
     """Sagas and their event logs in dictionaries; nothing survives the process.
 
@@ -36,10 +58,15 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._rows: dict[str, _Row] = {}
+        self._registry: dict[tuple[str, int], _Registered] = {}
         self._closed = False
 
     async def create(self, saga: Saga, event: RecordedEvent, fingerprint: str) -> tuple[Saga, bool]:
-        """Store a new saga with its first event; see ``SagaStore.create``."""
+        """Store a new saga with its first event; see ``SagaStore.create``.
+
+        A definition version no saga ran before is registered with it, at the saga's creation
+        time (a registered version keeps its registered content).
+        """
         self._check_open()
         check_creation(saga, event)
         row = self._rows.get(saga.saga_id)
@@ -48,6 +75,9 @@ class MemoryStore:
                 return row.saga, False
             raise already_exists(saga.saga_id)
         self._rows[saga.saga_id] = _Row(saga, fingerprint, [event])
+        key = (saga.definition.name, saga.definition.version)
+        if key not in self._registry:
+            self._registry[key] = _registration(saga.definition, saga.created_at)
         return saga, True
 
     async def commit(
@@ -88,11 +118,24 @@ class MemoryStore:
         self._check_open()
         return sum(1 for _ in self._matching(where))
 
+    async def count_by_state(self, where: SagaFilter) -> Mapping[SagaState, int]:
+        """How many sagas match ``where`` in each state (``where.states`` ignored; states with
+        none are left out)."""
+        self._check_open()
+        every_state = SagaFilter(
+            definition=where.definition,
+            definition_version=where.definition_version,
+            labels=where.labels,
+            created_after=where.created_after,
+            created_before=where.created_before,
+            stuck_on_participant=where.stuck_on_participant,
+            stuck_on_step=where.stuck_on_step,
+        )
+        return dict(Counter(saga.state for saga in self._matching(every_state)))
+
     def _matching(self, where: SagaFilter) -> Iterator[Saga]:
         for row in self._rows.values():
-            if (not where.states or row.saga.state in where.states) and (
-                where.definition is None or row.saga.definition.name == where.definition
-            ):
+            if matches(row.saga, where):
                 yield row.saga
 
     async def events(self, saga_id: str) -> Sequence[RecordedEvent]:
@@ -100,6 +143,17 @@ class MemoryStore:
         self._check_open()
         row = self._rows.get(saga_id)
         return () if row is None else tuple(row.log)
+
+    async def events_page(
+        self, saga_id: str, after_sequence: int, limit: int
+    ) -> Sequence[RecordedEvent]:
+        """Up to ``limit`` events of the saga's log with sequence above ``after_sequence``."""
+        self._check_open()
+        check_limit(limit, "event")
+        row = self._rows.get(saga_id)
+        if row is None:
+            return ()
+        return tuple(event for event in row.log if event.sequence > after_sequence)[:limit]
 
     async def unfinished(self) -> Sequence[Saga]:
         """Every saga that is RUNNING or COMPENSATING, oldest first."""
@@ -111,6 +165,84 @@ class MemoryStore:
             )
         )
 
+    async def oldest_unfinished(self) -> datetime | None:
+        """When the oldest saga that has not ended (running, compensating, parked) was created."""
+        self._check_open()
+        return min(
+            (row.saga.created_at for row in self._rows.values() if row.saga.state in NOT_ENDED),
+            default=None,
+        )
+
+    async def parked_by_step(self) -> Mapping[tuple[str, str], int]:
+        """NEEDS_ATTENTION sagas counted by (definition name, step they are stuck on)."""
+        self._check_open()
+        return dict(
+            Counter(
+                parked_key(row.saga)
+                for row in self._rows.values()
+                if row.saga.state is SagaState.NEEDS_ATTENTION
+            )
+        )
+
+    # --- the definitions registry ------------------------------------------------------------
+
+    async def register_definition(
+        self, definition: SagaDefinition, at: datetime
+    ) -> tuple[RegisteredDefinition, bool]:
+        """Register a definition version; see ``SagaStore.register_definition``."""
+        self._check_open()
+        key = (definition.name, definition.version)
+        new = _registration(definition, at)
+        registered = self._registry.get(key)
+        if registered is not None:
+            if registered.digest != new.digest:
+                raise definition_conflict(definition, registered.digest)
+            return self._described(registered), False
+        self._registry[key] = new
+        return self._described(new), True
+
+    async def definitions(self, name: str | None = None) -> Sequence[RegisteredDefinition]:
+        """Registered definitions (of ``name``, or all), by name then version, with counts."""
+        self._check_open()
+        return tuple(
+            self._described(self._registry[key])
+            for key in sorted(self._registry)
+            if name is None or key[0] == name
+        )
+
+    def _described(self, registered: _Registered) -> RegisteredDefinition:
+        definition = registered.definition
+        unfinished = sum(
+            1
+            for row in self._rows.values()
+            if row.saga.state in NOT_ENDED
+            and row.saga.definition.name == definition.name
+            and row.saga.definition.version == definition.version
+        )
+        return RegisteredDefinition(
+            definition, registered.registered_at, registered.digest, unfinished
+        )
+
+    # --- retention ---------------------------------------------------------------------------
+
+    async def count_prunable(self, ended_before: datetime) -> PruneResult:
+        """What ``prune`` would remove for this cutoff, counted; nothing is removed."""
+        self._check_open()
+        rows = _prunable(self._rows.values(), ended_before)
+        return PruneResult(len(rows), sum(len(row.log) for row in rows))
+
+    async def prune(self, ended_before: datetime, limit: int) -> PruneResult:
+        """Remove up to ``limit`` sagas that ended SUCCEEDED or COMPENSATED before the cutoff,
+        oldest ending first, with their events."""
+        self._check_open()
+        check_prune_limit(limit)
+        rows = _prunable(self._rows.values(), ended_before)[:limit]
+        for row in rows:
+            del self._rows[row.saga.saga_id]
+        return PruneResult(len(rows), sum(len(row.log) for row in rows))
+
+    # --- life cycle --------------------------------------------------------------------------
+
     async def close(self) -> None:
         """Refuse further use; the data is dropped with the object. Idempotent."""
         self._closed = True
@@ -118,3 +250,21 @@ class MemoryStore:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed("the saga store is closed")
+
+
+def _prunable(rows: Iterable[_Row], ended_before: datetime) -> list[_Row]:
+    """The rows retention may remove at this cutoff, oldest ending first."""
+    ended = [
+        (row.saga.ended_at, row.saga.saga_id, row)
+        for row in rows
+        if row.saga.state in PRUNABLE
+        and row.saga.ended_at is not None
+        and row.saga.ended_at < ended_before
+    ]
+    ended.sort(key=lambda entry: entry[:2])
+    return [row for _, _, row in ended]
+
+
+def _registration(definition: SagaDefinition, at: datetime) -> _Registered:
+    # The digest of the stored form, as the durable stores compute it.
+    return _Registered(definition, at, digest(pack_definition(definition)).hex())

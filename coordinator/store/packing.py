@@ -8,7 +8,13 @@ renaming a Python field never silently changes stored data:
 - bytes stay bytes; enums are their values; ``None`` stays nil;
 - an outcome is an array whose first element is its kind (``succeeded``, ``rejected``...);
 - a definition is stored in full, defaults included, once per distinct content: a saga keeps
-  the definition it started with even when the code's defaults change later.
+  the definition it started with even when the code's defaults change later. Fields added
+  since schema 2 (a step's ``max_attempts`` and ``emits``, the saga's ``deadline``) are written
+  only when they say something (a limit, a name): a definition without them packs to the very
+  bytes schema 2 wrote, so its digest, and the row it is stored under, stay the same. Reading
+  a body without them gives the values that mean "none" (0, "", no deadline), spelled out
+  here rather than taken from the dataclasses' defaults;
+- labels, audit trails and retry overrides are nil when there are none.
 
 Decoding anything this module did not write raises ``StoreCorrupt``.
 """
@@ -16,7 +22,7 @@ Decoding anything this module did not write raises ``StoreCorrupt``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, TypeVar, assert_never
@@ -26,17 +32,24 @@ import msgpack
 from coordinator.core.events import (
     CallAnswered,
     CancelRequested,
+    CompleteRequested,
+    DeadlineExceeded,
     Event,
     Failed,
+    MarkCompensated,
     Outcome,
     Rejected,
+    ResumeRequested,
+    RetryRequested,
     SagaCreated,
     Succeeded,
     Transient,
 )
 from coordinator.core.model import (
+    AuditEntry,
     Failure,
     Operation,
+    OperatorAction,
     RetryPolicy,
     SagaDefinition,
     StepDefinition,
@@ -51,6 +64,11 @@ _MICROSECOND = timedelta(microseconds=1)
 SAGA_CREATED = "saga_created"
 CALL_ANSWERED = "call_answered"
 CANCEL_REQUESTED = "cancel_requested"
+RETRY_REQUESTED = "retry_requested"
+RESUME_REQUESTED = "resume_requested"
+MARK_COMPENSATED = "mark_compensated"
+COMPLETE_REQUESTED = "complete_requested"
+DEADLINE_EXCEEDED = "deadline_exceeded"
 _SUCCEEDED = "succeeded"
 _REJECTED = "rejected"
 _TRANSIENT = "transient"
@@ -121,27 +139,39 @@ def _from_duration(value: int) -> timedelta:
 
 
 def pack_definition(definition: SagaDefinition) -> bytes:
-    """A saga definition, every field written out."""
-    return pack(
-        {
-            "name": definition.name,
-            "version": definition.version,
-            "description": definition.description,
-            "steps": [
-                [
-                    step.name,
-                    step.participant,
-                    step.action,
-                    step.compensation,
-                    step.kind.value,
-                    _duration(step.timeout),
-                    _policy(step.retry),
-                    _policy(step.compensation_retry),
-                ]
-                for step in definition.steps
-            ],
-        }
-    )
+    """A saga definition, every field written out (see the module docstring for the newer
+    fields, written only when set)."""
+    body: dict[str, Any] = {
+        "name": definition.name,
+        "version": definition.version,
+        "description": definition.description,
+        "steps": [_step_definition(step) for step in definition.steps],
+    }
+    if definition.deadline is not None:
+        body["deadline"] = _duration(definition.deadline)
+    return pack(body)
+
+
+def _step_definition(step: StepDefinition) -> list[Any]:
+    fields = [
+        step.name,
+        step.participant,
+        step.action,
+        step.compensation,
+        step.kind.value,
+        _duration(step.timeout),
+        _policy(step.retry),
+        _policy(step.compensation_retry),
+    ]
+    if step.max_attempts != _NO_MAX_ATTEMPTS or step.emits != _NO_EMITS:
+        fields += [step.max_attempts, step.emits]
+    return fields
+
+
+# What a definition packed before schema 3 means by the fields it lacks.
+_NO_MAX_ATTEMPTS = 0
+_NO_EMITS = ""
+_SCHEMA_2_STEP_FIELDS = 8
 
 
 def digest(packed_definition: bytes) -> bytes:
@@ -150,37 +180,47 @@ def digest(packed_definition: bytes) -> bytes:
 
 
 def unpack_definition(data: bytes) -> SagaDefinition:
-    """The saga definition of ``pack_definition``."""
+    """The saga definition of ``pack_definition`` (or of schema 2, which lacked newer fields)."""
     return decoding("definition", data, _definition)
 
 
 def _definition(value: Any) -> SagaDefinition:
+    deadline = value.get("deadline")
     return SagaDefinition(
         name=_str(value["name"]),
         version=_int(value["version"]),
         description=_str(value["description"]),
-        steps=tuple(
-            StepDefinition(
-                name=_str(name),
-                participant=_str(participant),
-                action=_str(action),
-                compensation=_str(compensation),
-                kind=StepKind(kind),
-                timeout=_from_duration(timeout),
-                retry=_from_policy(retry),
-                compensation_retry=_from_policy(compensation_retry),
-            )
-            for (
-                name,
-                participant,
-                action,
-                compensation,
-                kind,
-                timeout,
-                retry,
-                compensation_retry,
-            ) in value["steps"]
-        ),
+        steps=tuple(_from_step_definition(step) for step in value["steps"]),
+        deadline=None if deadline is None else _from_duration(deadline),
+    )
+
+
+def _from_step_definition(value: Any) -> StepDefinition:
+    if len(value) == _SCHEMA_2_STEP_FIELDS:
+        value = [*value, _NO_MAX_ATTEMPTS, _NO_EMITS]
+    (
+        name,
+        participant,
+        action,
+        compensation,
+        kind,
+        timeout,
+        retry,
+        compensation_retry,
+        max_attempts,
+        emits,
+    ) = value
+    return StepDefinition(
+        name=_str(name),
+        participant=_str(participant),
+        action=_str(action),
+        compensation=_str(compensation),
+        kind=StepKind(kind),
+        timeout=_from_duration(timeout),
+        retry=_from_policy(retry),
+        compensation_retry=_from_policy(compensation_retry),
+        max_attempts=_int(max_attempts),
+        emits=_str(emits),
     )
 
 
@@ -205,7 +245,17 @@ def _from_policy(value: Any) -> RetryPolicy:
     )
 
 
-# --- failures and headers --------------------------------------------------------------------
+def pack_policy(policy: RetryPolicy | None) -> bytes | None:
+    """A retry policy on its own (an operator's override); None stays None."""
+    return None if policy is None else pack(_policy(policy))
+
+
+def unpack_policy(data: bytes | None) -> RetryPolicy | None:
+    """The retry policy of ``pack_policy``."""
+    return None if data is None else decoding("retry policy", data, _from_policy)
+
+
+# --- failures, headers, labels and audit trails ----------------------------------------------
 
 
 def pack_failure(failure: Failure | None) -> bytes | None:
@@ -229,13 +279,63 @@ def pack_headers(headers: Mapping[str, str]) -> bytes:
 
 def unpack_headers(data: bytes) -> Mapping[str, str]:
     """The headers of ``pack_headers``, read-only."""
+    return decoding("trace context", data, _headers)
 
-    def build(value: Any) -> Mapping[str, str]:
-        if not value:
-            return _EMPTY_HEADERS
-        return MappingProxyType({_str(key): _str(item) for key, item in value.items()})
 
-    return decoding("trace context", data, build)
+def pack_labels(labels: Mapping[str, str]) -> bytes | None:
+    """A saga's labels; None when it has none."""
+    return pack(dict(labels)) if labels else None
+
+
+def unpack_labels(data: bytes | None) -> Mapping[str, str]:
+    """The labels of ``pack_labels``, read-only."""
+    return _EMPTY_HEADERS if data is None else decoding("labels", data, _headers)
+
+
+def _headers(value: Any) -> Mapping[str, str]:
+    if not value:
+        return _EMPTY_HEADERS
+    return MappingProxyType({_str(key): _str(item) for key, item in value.items()})
+
+
+def pack_audit(audit: Sequence[AuditEntry]) -> bytes | None:
+    """A saga's audit trail, oldest first; None when it is empty."""
+    if not audit:
+        return None
+    return pack(
+        [
+            [
+                entry.sequence,
+                to_micros(entry.at),
+                entry.actor,
+                entry.action.value,
+                entry.step,
+                entry.reason,
+            ]
+            for entry in audit
+        ]
+    )
+
+
+def unpack_audit(data: bytes | None) -> tuple[AuditEntry, ...]:
+    """The audit trail of ``pack_audit``."""
+    if data is None:
+        return ()
+
+    def build(value: Any) -> tuple[AuditEntry, ...]:
+        return tuple(
+            AuditEntry(
+                sequence=_int(sequence),
+                at=from_micros(at),
+                actor=_str(actor),
+                action=OperatorAction(action),
+                step=_str(step),
+                reason=_str(reason),
+            )
+            for sequence, at, actor, action, step, reason in value
+        )
+
+    return decoding("audit trail", data, build)
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -250,13 +350,23 @@ def event_type(event: Event) -> str:
             return CALL_ANSWERED
         case CancelRequested():
             return CANCEL_REQUESTED
+        case RetryRequested():
+            return RETRY_REQUESTED
+        case ResumeRequested():
+            return RESUME_REQUESTED
+        case MarkCompensated():
+            return MARK_COMPENSATED
+        case CompleteRequested():
+            return COMPLETE_REQUESTED
+        case DeadlineExceeded():
+            return DEADLINE_EXCEEDED
         case _:
             assert_never(event)
 
 
 def pack_event(event: Event) -> bytes:
-    """An event's body. A creation's body is empty: the saga's row holds its definition, input
-    and trace context, which never change, so they are not stored twice."""
+    """An event's body. A creation's body is empty: the saga's row holds its definition, input,
+    trace context and labels, which never change, so they are not stored twice."""
     match event:
         case SagaCreated():
             return pack({})
@@ -271,7 +381,39 @@ def pack_event(event: Event) -> bytes:
                 }
             )
         case CancelRequested():
-            return pack({"reason": event.reason, "in_flight": event.call_in_flight})
+            return pack(
+                {"reason": event.reason, "in_flight": event.call_in_flight, "actor": event.actor}
+            )
+        case RetryRequested() | MarkCompensated():
+            return pack(
+                {
+                    "step": event.step,
+                    "actor": event.actor,
+                    "reason": event.reason,
+                    "in_flight": event.call_in_flight,
+                }
+            )
+        case ResumeRequested():
+            policy = event.compensation_retry
+            return pack(
+                {
+                    "actor": event.actor,
+                    "reason": event.reason,
+                    "compensation_retry": None if policy is None else _policy(policy),
+                }
+            )
+        case CompleteRequested():
+            return pack(
+                {
+                    "step": event.step,
+                    "output": event.output,
+                    "actor": event.actor,
+                    "reason": event.reason,
+                    "in_flight": event.call_in_flight,
+                }
+            )
+        case DeadlineExceeded():
+            return pack({"in_flight": event.call_in_flight})
         case _:
             assert_never(event)
 
@@ -291,10 +433,41 @@ def unpack_event(kind: str, data: bytes, created: Callable[[], SagaCreated]) -> 
                 sent_at=from_optional_micros(value["sent_at"]),
             )
         if kind == CANCEL_REQUESTED:
-            in_flight = value["in_flight"]
-            if type(in_flight) is not bool:
-                raise TypeError(f"in_flight must be a boolean, not {in_flight!r}")
-            return CancelRequested(_str(value["reason"]), in_flight)
+            # Schema 2 recorded no actor.
+            return CancelRequested(
+                _str(value["reason"]), _bool(value["in_flight"]), _str(value.get("actor", ""))
+            )
+        if kind == RETRY_REQUESTED:
+            return RetryRequested(
+                step=_int(value["step"]),
+                actor=_str(value["actor"]),
+                reason=_str(value["reason"]),
+                call_in_flight=_bool(value["in_flight"]),
+            )
+        if kind == RESUME_REQUESTED:
+            policy = value["compensation_retry"]
+            return ResumeRequested(
+                actor=_str(value["actor"]),
+                reason=_str(value["reason"]),
+                compensation_retry=None if policy is None else _from_policy(policy),
+            )
+        if kind == MARK_COMPENSATED:
+            return MarkCompensated(
+                step=_int(value["step"]),
+                actor=_str(value["actor"]),
+                reason=_str(value["reason"]),
+                call_in_flight=_bool(value["in_flight"]),
+            )
+        if kind == COMPLETE_REQUESTED:
+            return CompleteRequested(
+                step=_int(value["step"]),
+                output=_bytes(value["output"]),
+                actor=_str(value["actor"]),
+                reason=_str(value["reason"]),
+                call_in_flight=_bool(value["in_flight"]),
+            )
+        if kind == DEADLINE_EXCEEDED:
+            return DeadlineExceeded(call_in_flight=_bool(value["in_flight"]))
         raise ValueError(f"unknown event type {kind!r}")
 
     return decoding("event", data, build)
@@ -345,6 +518,12 @@ def _str(value: Any) -> str:
 def _int(value: Any) -> int:
     if type(value) is not int:
         raise TypeError(f"expected an integer, found {value!r}"[:200])
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"expected a boolean, found {value!r}"[:200])
     return value
 
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from coordinator.core.errors import ConcurrentUpdate, SagaAlreadyExists
+from coordinator.core.errors import ConcurrentUpdate, DefinitionConflict, SagaAlreadyExists
 from coordinator.core.events import RecordedEvent
-from coordinator.core.model import Saga, SagaState
-from coordinator.ports import ListCursor, SagaPage
+from coordinator.core.machine import waiting_step
+from coordinator.core.model import Saga, SagaDefinition, SagaState
+from coordinator.ports import ListCursor, SagaFilter, SagaPage
 
 UNFINISHED = frozenset({SagaState.RUNNING, SagaState.COMPENSATING})
 """The states recovery resumes."""
+NOT_ENDED = frozenset({SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEEDS_ATTENTION})
+"""The states of sagas that have not ended: running, compensating, or parked."""
+PRUNABLE = frozenset({SagaState.SUCCEEDED, SagaState.COMPENSATED})
+"""The states of sagas that retention may remove once they are old enough."""
 
 
 def check_creation(saga: Saga, event: RecordedEvent) -> None:
@@ -34,10 +39,60 @@ def check_commit(saga: Saga, event: RecordedEvent) -> None:
         )
 
 
-def check_limit(limit: int) -> None:
+def check_limit(limit: int, what: str = "saga") -> None:
     """Refuse a page size below one (a caller's bug: the transport picks the default)."""
     if limit < 1:
-        raise ValueError(f"a page holds at least one saga, not {limit}")
+        raise ValueError(f"a page holds at least one {what}, not {limit}")
+
+
+def check_prune_limit(limit: int) -> None:
+    """Refuse a prune batch below one saga (a caller's bug)."""
+    if limit < 1:
+        raise ValueError(f"a prune removes at least one saga per batch, not {limit}")
+
+
+def matches(saga: Saga, where: SagaFilter) -> bool:
+    """Whether ``saga`` meets every condition of ``where``: the filter's meaning, which every
+    adapter's queries must agree with."""
+    if where.states and saga.state not in where.states:
+        return False
+    if where.definition is not None and saga.definition.name != where.definition:
+        return False
+    if where.definition_version is not None and (
+        saga.definition.version != where.definition_version
+    ):
+        return False
+    if any(saga.labels.get(key) != value for key, value in where.labels):
+        return False
+    if where.created_after is not None and saga.created_at < where.created_after:
+        return False
+    if where.created_before is not None and saga.created_at >= where.created_before:
+        return False
+    if where.stuck_on_participant is not None or where.stuck_on_step is not None:
+        index = waiting_step(saga)
+        if index is None:
+            return False
+        step = saga.definition.steps[index]
+        if where.stuck_on_participant not in (None, step.participant):
+            return False
+        if where.stuck_on_step not in (None, step.name):
+            return False
+    return True
+
+
+def parked_key(saga: Saga) -> tuple[str, str]:
+    """How ``parked_by_step`` groups a NEEDS_ATTENTION saga: its definition and its step."""
+    index = waiting_step(saga)
+    return saga.definition.name, "" if index is None else saga.steps[index].name
+
+
+def definition_conflict(definition: SagaDefinition, registered_digest: str) -> DefinitionConflict:
+    """The error for other content under a registered name and version."""
+    return DefinitionConflict(
+        f"definition {definition.name!r} version {definition.version} is registered already "
+        f"with other content (digest {registered_digest[:12]}); register the change as a new "
+        "version"
+    )
 
 
 def already_exists(saga_id: str) -> SagaAlreadyExists:

@@ -2,36 +2,55 @@
 
 Writes go through one writer thread that commits concurrent writes together (see
 ``sqlite_writer``); reads go through a second connection on a reader thread, which in WAL mode
-neither blocks the writer nor waits for it.
+neither blocks the writer nor waits for it. Each read runs in one read transaction: a saga's
+row and its steps, or a page and the counts it was planned with, come from one snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from coordinator.core.events import RecordedEvent
-from coordinator.core.model import Saga
-from coordinator.ports import ListCursor, SagaFilter, SagaPage
-from coordinator.store.errors import StoreClosed
-from coordinator.store.packing import to_micros
+from coordinator.core.model import Saga, SagaDefinition, SagaState
+from coordinator.ports import ListCursor, PruneResult, RegisteredDefinition, SagaFilter, SagaPage
+from coordinator.store.errors import StoreClosed, StoreCorrupt
+from coordinator.store.packing import (
+    digest,
+    from_micros,
+    pack_definition,
+    to_micros,
+)
 from coordinator.store.rules import (
     UNFINISHED,
     already_exists,
     check_commit,
     check_creation,
     check_limit,
+    check_prune_limit,
+    definition_conflict,
     page_of,
     stale,
 )
 from coordinator.store.sqlite_errors import translate
+from coordinator.store.sqlite_queries import (
+    count_by_state_query,
+    count_query,
+    counted,
+    list_query,
+    only_counted,
+    read_counts,
+)
 from coordinator.store.sqlite_rows import (
     INSERT_EVENT,
+    INSERT_LABEL,
     INSERT_SAGA,
     INSERT_STEP,
     SAGA_COLUMNS,
@@ -39,7 +58,9 @@ from coordinator.store.sqlite_rows import (
     UPDATE_STEP,
     Definitions,
     event_row,
+    label_rows,
     read_events,
+    read_events_page,
     read_saga,
     read_sagas,
     saga_row,
@@ -64,6 +85,42 @@ SELECT {SAGA_COLUMNS} FROM sagas
 WHERE state IN ({", ".join(f"'{state}'" for state in sorted(UNFINISHED))})
 ORDER BY created_at, saga_id
 """
+_SELECT_OLDEST_UNENDED = """
+SELECT min(created_at) FROM (
+    SELECT (SELECT created_at FROM sagas INDEXED BY sagas_by_state WHERE state = 'RUNNING'
+            ORDER BY created_at LIMIT 1) AS created_at
+    UNION ALL
+    SELECT (SELECT created_at FROM sagas INDEXED BY sagas_by_state WHERE state = 'COMPENSATING'
+            ORDER BY created_at LIMIT 1)
+    UNION ALL
+    SELECT (SELECT created_at FROM sagas INDEXED BY sagas_by_state
+            WHERE state = 'NEEDS_ATTENTION' ORDER BY created_at LIMIT 1)
+)
+"""
+_SELECT_PARKED = """
+SELECT definition_name, coalesce(waiting_step, ''), count(*) FROM sagas INDEXED BY sagas_by_state
+WHERE state = 'NEEDS_ATTENTION' GROUP BY 1, 2
+"""
+# The partial index's own condition, word for word: SQLite reads the index only for a query
+# that repeats it.
+_PRUNABLE = "state IN ('SUCCEEDED', 'COMPENSATED')"
+_COUNT_PRUNABLE = f"""
+SELECT count(*), coalesce(sum(version), 0) FROM sagas INDEXED BY sagas_by_ending
+WHERE {_PRUNABLE} AND ended_at < ?
+"""
+_SELECT_PRUNABLE = f"""
+SELECT saga_id FROM sagas INDEXED BY sagas_by_ending
+WHERE {_PRUNABLE} AND ended_at < ? ORDER BY ended_at, saga_id LIMIT ?
+"""
+_IDS = "SELECT value FROM json_each(?)"
+_PRUNE = (
+    # Children first: the log (which refuses deleting a saga's events unless it ended
+    # SUCCEEDED or COMPENSATED), the steps and labels, then the rows themselves.
+    f"DELETE FROM saga_events WHERE saga_id IN ({_IDS})",
+    f"DELETE FROM saga_steps WHERE saga_id IN ({_IDS})",
+    f"DELETE FROM saga_labels WHERE saga_id IN ({_IDS})",
+    f"DELETE FROM sagas WHERE saga_id IN ({_IDS})",
+)
 
 
 class SqliteStore:
@@ -152,12 +209,17 @@ class SqliteStore:
     # --- writes ------------------------------------------------------------------------------
 
     async def create(self, saga: Saga, event: RecordedEvent, fingerprint: str) -> tuple[Saga, bool]:
-        """Store a new saga with its first event; see ``SagaStore.create``."""
+        """Store a new saga with its first event; see ``SagaStore.create``.
+
+        A definition version no saga ran before is registered with it, at the saga's creation
+        time (a registered version keeps its registered content).
+        """
         self._check_open()
         check_creation(saga, event)
         definitions = self._definitions
         known_definition = definitions.known_id(saga.definition)
         steps = step_rows(saga)
+        labels = label_rows(saga)
         event_params = event_row(event)
 
         def create(connection: sqlite3.Connection) -> tuple[Saga | None, int]:
@@ -170,9 +232,15 @@ class SqliteStore:
                 raise already_exists(saga.saga_id)
             definition_id = known_definition
             if definition_id is None:
+                # Once per definition and process: the version every saga runs is registered.
                 definition_id = definitions.store(connection, saga.definition)
+                definitions.register_first(
+                    connection, saga.definition, definition_id, to_micros(saga.created_at)
+                )
             connection.execute(INSERT_SAGA, saga_row(saga, definition_id, fingerprint))
             connection.executemany(INSERT_STEP, steps)
+            if labels:
+                connection.executemany(INSERT_LABEL, labels)
             connection.execute(INSERT_EVENT, event_params)
             return None, definition_id
 
@@ -219,34 +287,47 @@ class SqliteStore:
     async def list(self, where: SagaFilter, limit: int, after: ListCursor | None) -> SagaPage:
         """Up to ``limit`` sagas matching ``where``, oldest first, after ``after``."""
         check_limit(limit)
-        clauses, params = _filter_sql(where)
-        if after is not None:
-            # Keyset pagination: resume strictly after the last row seen, however rows were
-            # added meanwhile; (created_at, saga_id) is unique, so nothing is seen twice.
-            clauses.append("(created_at, saga_id) > (?, ?)")
-            params.extend((to_micros(after.created_at), after.saga_id))
-        where_sql = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT {SAGA_COLUMNS} FROM sagas {where_sql} ORDER BY created_at, saga_id LIMIT ?"
-        params.append(limit + 1)  # one more than asked tells whether another page exists
         definitions = self._definitions
 
         def list_sagas(connection: sqlite3.Connection) -> SagaPage:
-            return page_of(read_sagas(connection, definitions, sql, params), limit)
+            query = list_query(where, read_counts(connection), limit, after)
+            if query is None:
+                return SagaPage(sagas=(), next_cursor=None)
+            return page_of(read_sagas(connection, definitions, *query), limit)
 
         return await self._read(list_sagas, "listing sagas")
 
     async def count(self, where: SagaFilter) -> int:
         """How many sagas match ``where``."""
-        clauses, params = _filter_sql(where)
-        where_sql = f"WHERE {' AND '.join(clauses)}" if clauses else ""
 
         def count(connection: sqlite3.Connection) -> int:
-            (found,) = connection.execute(
-                f"SELECT count(*) FROM sagas {where_sql}", params
-            ).fetchone()
+            counts = read_counts(connection)
+            if only_counted(where):
+                by_state = counted(counts, where)
+                return sum(n for state, n in by_state.items() if _wanted(state, where))
+            query = count_query(where, counts)
+            if query is None:
+                return 0
+            (found,) = connection.execute(*query).fetchone()
             return int(found)
 
         return await self._read(count, "counting sagas")
+
+    async def count_by_state(self, where: SagaFilter) -> Mapping[SagaState, int]:
+        """How many sagas match ``where`` in each state (``where.states`` ignored; states with
+        none are left out)."""
+
+        def count_by_state(connection: sqlite3.Connection) -> Mapping[SagaState, int]:
+            counts = read_counts(connection)
+            if only_counted(where):
+                by_state = counted(counts, where)
+            else:
+                query = count_by_state_query(where, counts)
+                rows = [] if query is None else connection.execute(*query).fetchall()
+                by_state = {SagaState(state): int(n) for state, n in rows}
+            return {state: n for state, n in by_state.items() if n}
+
+        return await self._read(count_by_state, "counting sagas by state")
 
     async def events(self, saga_id: str) -> Sequence[RecordedEvent]:
         """The saga's event log, in order (empty if the saga does not exist)."""
@@ -258,6 +339,18 @@ class SqliteStore:
 
         return await self._read(events, f"reading the events of saga {saga_id}")
 
+    async def events_page(
+        self, saga_id: str, after_sequence: int, limit: int
+    ) -> Sequence[RecordedEvent]:
+        """Up to ``limit`` events of the saga's log with sequence above ``after_sequence``."""
+        check_limit(limit, "event")
+        definitions = self._definitions
+
+        def events_page(connection: sqlite3.Connection) -> Sequence[RecordedEvent]:
+            return read_events_page(connection, definitions, saga_id, after_sequence, limit)
+
+        return await self._read(events_page, f"reading the events of saga {saga_id}")
+
     async def unfinished(self) -> Sequence[Saga]:
         """Every saga that is RUNNING or COMPENSATING, oldest first."""
         definitions = self._definitions
@@ -266,6 +359,103 @@ class SqliteStore:
             return tuple(read_sagas(connection, definitions, _SELECT_UNFINISHED, ()))
 
         return await self._read(unfinished, "reading the unfinished sagas")
+
+    async def oldest_unfinished(self) -> datetime | None:
+        """When the oldest saga that has not ended (running, compensating, parked) was created."""
+
+        def oldest(connection: sqlite3.Connection) -> datetime | None:
+            (found,) = connection.execute(_SELECT_OLDEST_UNENDED).fetchone()
+            return None if found is None else from_micros(found)
+
+        return await self._read(oldest, "finding the oldest unfinished saga")
+
+    async def parked_by_step(self) -> Mapping[tuple[str, str], int]:
+        """NEEDS_ATTENTION sagas counted by (definition name, step they are stuck on)."""
+
+        def parked(connection: sqlite3.Connection) -> Mapping[tuple[str, str], int]:
+            return {(name, step): int(n) for name, step, n in connection.execute(_SELECT_PARKED)}
+
+        return await self._read(parked, "counting the parked sagas")
+
+    # --- the definitions registry ------------------------------------------------------------
+
+    async def register_definition(
+        self, definition: SagaDefinition, at: datetime
+    ) -> tuple[RegisteredDefinition, bool]:
+        """Register a definition version; see ``SagaStore.register_definition``."""
+        self._check_open()
+        definitions = self._definitions
+        key = digest(pack_definition(definition))
+
+        def register(connection: sqlite3.Connection) -> tuple[RegisteredDefinition, int, bool]:
+            name, version = definition.name, definition.version
+            found = definitions.registered(connection, name, version)
+            if found is not None:
+                definition_id, registered_at, registered_digest = found
+                if registered_digest != key:
+                    raise definition_conflict(definition, registered_digest.hex())
+                new = False
+            else:
+                definition_id, registered_at = definitions.store(connection, definition), at_micros
+                definitions.register_first(connection, definition, definition_id, registered_at)
+                new = True
+            unfinished = definitions.unfinished(connection, name, version)
+            registered = RegisteredDefinition(
+                definition, from_micros(registered_at), key.hex(), unfinished
+            )
+            return registered, definition_id, new
+
+        at_micros = to_micros(at)
+        registered, definition_id, new = await self._writer.submit(
+            register, f"registering definition {definition.name!r} version {definition.version}"
+        )
+        # Only now is the definition's row known to be committed.
+        definitions.remember(definition, definition_id)
+        return registered, new
+
+    async def definitions(self, name: str | None = None) -> Sequence[RegisteredDefinition]:
+        """Registered definitions (of ``name``, or all), by name then version, with counts."""
+        definitions = self._definitions
+
+        def registry(connection: sqlite3.Connection) -> Sequence[RegisteredDefinition]:
+            return tuple(
+                RegisteredDefinition(definition, from_micros(at), key.hex(), unfinished)
+                for definition, at, key, unfinished in definitions.registry(connection, name)
+            )
+
+        return await self._read(registry, "reading the registered definitions")
+
+    # --- retention ---------------------------------------------------------------------------
+
+    async def count_prunable(self, ended_before: datetime) -> PruneResult:
+        """What ``prune`` would remove for this cutoff, counted; nothing is removed."""
+        cutoff = to_micros(ended_before)
+
+        def count(connection: sqlite3.Connection) -> PruneResult:
+            # A saga's version is the length of its log: events are counted without reading them.
+            sagas, events = connection.execute(_COUNT_PRUNABLE, (cutoff,)).fetchone()
+            return PruneResult(int(sagas), int(events))
+
+        return await self._read(count, "counting the prunable sagas")
+
+    async def prune(self, ended_before: datetime, limit: int) -> PruneResult:
+        """Remove up to ``limit`` sagas that ended SUCCEEDED or COMPENSATED before the cutoff,
+        oldest ending first, with their events, steps and labels, in one transaction."""
+        self._check_open()
+        check_prune_limit(limit)
+        cutoff = to_micros(ended_before)
+
+        def prune(connection: sqlite3.Connection) -> PruneResult:
+            ids = [row[0] for row in connection.execute(_SELECT_PRUNABLE, (cutoff, limit))]
+            if not ids:
+                return PruneResult(0, 0)
+            batch = (json.dumps(ids),)
+            events = connection.execute(_PRUNE[0], batch).rowcount
+            for statement in _PRUNE[1:]:
+                connection.execute(statement, batch)
+            return PruneResult(len(ids), events)
+
+        return await self._writer.submit(prune, f"pruning sagas that ended before {ended_before}")
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -294,10 +484,17 @@ class SqliteStore:
         self._check_open()
 
         def read() -> T:
+            connection = self._reader
             try:
-                return query(self._reader)
+                connection.execute("BEGIN")
+                try:
+                    return query(connection)
+                finally:
+                    connection.execute("COMMIT")
             except sqlite3.Error as error:
                 raise translate(error, f"{doing} in {self._path}") from error
+            except StoreCorrupt as error:
+                raise StoreCorrupt(f"{doing} in {self._path}: {error}") from error
 
         return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
 
@@ -306,15 +503,5 @@ class SqliteStore:
             raise StoreClosed(f"the saga store {self._path} is closed")
 
 
-def _filter_sql(where: SagaFilter) -> tuple[list[str], list[Any]]:
-    """WHERE clauses and their parameters for a listing filter."""
-    clauses: list[str] = []
-    params: list[Any] = []
-    if where.states:
-        states = sorted(state.value for state in where.states)
-        clauses.append(f"state IN ({', '.join('?' for _ in states)})")
-        params.extend(states)
-    if where.definition is not None:
-        clauses.append("definition_name = ?")
-        params.append(where.definition)
-    return clauses, params
+def _wanted(state: SagaState, where: SagaFilter) -> bool:
+    return not where.states or state in where.states

@@ -1,8 +1,10 @@
 """Sagas as SQLite rows: what a creation and a commit write, and sagas and events read back.
 
 A saga is a row of ``sagas`` (what it is and the few fields that change), one row of
-``saga_steps`` per step, and its definition, stored once in ``definitions``. A commit writes the
-saga's changing columns, the steps that changed, and one event.
+``saga_steps`` per step, a row of ``saga_labels`` per label, and its definition, stored once in
+``definitions``. A commit writes the saga's changing columns, the steps that changed, and one
+event. The saga's row also holds its labels packed, so reading a saga never needs its label
+rows (they are the index that label lookups use).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from coordinator.core.events import RecordedEvent, SagaCreated
+from coordinator.core.machine import waiting_step
 from coordinator.core.model import Saga, SagaDefinition, SagaState, StepRun, StepState
 from coordinator.store.errors import StoreCorrupt
 from coordinator.store.packing import (
@@ -21,24 +24,44 @@ from coordinator.store.packing import (
     from_micros,
     from_optional_micros,
     optional_micros,
+    pack_audit,
     pack_definition,
     pack_event,
     pack_failure,
     pack_headers,
+    pack_labels,
+    pack_policy,
     to_micros,
+    unpack_audit,
     unpack_definition,
     unpack_event,
     unpack_failure,
     unpack_headers,
+    unpack_labels,
+    unpack_policy,
 )
 
-SAGA_COLUMNS = (
-    "saga_id, definition_id, state, created_at, updated_at, ended_at, version, input, failure, "
-    "cancel_reason, trace_context"
+SAGA_FIELDS = (
+    "saga_id",
+    "definition_id",
+    "state",
+    "created_at",
+    "updated_at",
+    "ended_at",
+    "version",
+    "input",
+    "failure",
+    "cancel_reason",
+    "trace_context",
+    "labels",
+    "audit",
+    "deadline_exceeded",
 )
+"""The columns a saga is read from, in the order ``read_sagas`` expects them."""
+SAGA_COLUMNS = ", ".join(SAGA_FIELDS)
 _STEP_COLUMNS = (
     "state, execute_attempts, compensate_attempts, output, failure, next_attempt_at, started_at, "
-    "ended_at"
+    "ended_at, by_operator, budget_start, retry_override"
 )
 _INSERT_DEFINITION = """
 INSERT INTO definitions (name, version, digest, body) VALUES (?, ?, ?, ?)
@@ -46,21 +69,44 @@ ON CONFLICT (digest) DO NOTHING
 """
 _SELECT_DEFINITION_ID = "SELECT definition_id FROM definitions WHERE digest = ?"
 _SELECT_DEFINITION = "SELECT body FROM definitions WHERE definition_id = ?"
+_REGISTER_FIRST = """
+INSERT INTO definition_versions (name, version, definition_id, registered_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (name, version) DO NOTHING
+"""
+_SELECT_REGISTERED = """
+SELECT definition_versions.definition_id, registered_at, digest
+FROM definition_versions JOIN definitions USING (definition_id)
+WHERE definition_versions.name = ? AND definition_versions.version = ?
+"""
+_SELECT_REGISTRY = """
+SELECT definition_versions.definition_id, registered_at, digest
+FROM definition_versions JOIN definitions USING (definition_id)
+{where} ORDER BY definition_versions.name, definition_versions.version
+"""
+_SELECT_UNENDED_COUNTS = """
+SELECT definition_name, definition_version, sum(total) FROM saga_counts
+WHERE state IN ('RUNNING', 'COMPENSATING', 'NEEDS_ATTENTION') {where}
+GROUP BY definition_name, definition_version
+"""
 INSERT_SAGA = f"""
-INSERT INTO sagas ({SAGA_COLUMNS}, definition_name, definition_version, fingerprint)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO sagas ({SAGA_COLUMNS}, definition_name, definition_version, fingerprint,
+                   waiting_step, waiting_participant)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 INSERT_STEP = (
-    f"INSERT INTO saga_steps (saga_id, step, {_STEP_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    f"INSERT INTO saga_steps (saga_id, step, {_STEP_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+INSERT_LABEL = "INSERT INTO saga_labels (saga_id, key, value, created_at) VALUES (?, ?, ?, ?)"
 UPDATE_SAGA = """
 UPDATE sagas SET state = ?, updated_at = ?, ended_at = ?, version = ?, failure = ?,
-                 cancel_reason = ?
+                 cancel_reason = ?, audit = ?, deadline_exceeded = ?, waiting_step = ?,
+                 waiting_participant = ?
 WHERE saga_id = ? AND version = ?
 """
 UPDATE_STEP = """
 UPDATE saga_steps SET state = ?, execute_attempts = ?, compensate_attempts = ?, output = ?,
-                      failure = ?, next_attempt_at = ?, started_at = ?, ended_at = ?
+                      failure = ?, next_attempt_at = ?, started_at = ?, ended_at = ?,
+                      by_operator = ?, budget_start = ?, retry_override = ?
 WHERE saga_id = ? AND step = ?
 """
 INSERT_EVENT = """
@@ -73,6 +119,10 @@ ORDER BY saga_id, step
 """
 _SELECT_EVENTS = """
 SELECT sequence, recorded_at, type, body FROM saga_events WHERE saga_id = ? ORDER BY sequence
+"""
+_SELECT_EVENTS_PAGE = """
+SELECT sequence, recorded_at, type, body FROM saga_events WHERE saga_id = ? AND sequence > ?
+ORDER BY sequence LIMIT ?
 """
 
 
@@ -100,6 +150,57 @@ class Definitions:
         connection.execute(_INSERT_DEFINITION, (definition.name, definition.version, key, body))
         (definition_id,) = connection.execute(_SELECT_DEFINITION_ID, (key,)).fetchone()
         return int(definition_id)
+
+    def register_first(
+        self,
+        connection: sqlite3.Connection,
+        definition: SagaDefinition,
+        definition_id: int,
+        at: int,
+    ) -> None:
+        """Inside a write transaction: register ``definition`` (stored as ``definition_id``)
+        at ``at`` (microseconds) unless its name and version are registered already."""
+        connection.execute(
+            _REGISTER_FIRST, (definition.name, definition.version, definition_id, at)
+        )
+
+    def registered(
+        self, connection: sqlite3.Connection, name: str, version: int
+    ) -> tuple[int, int, bytes] | None:
+        """The registered definition id, registration time and digest of a name and version."""
+        row = connection.execute(_SELECT_REGISTERED, (name, version)).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]), bytes(row[2]))
+
+    def unfinished(self, connection: sqlite3.Connection, name: str, version: int) -> int:
+        """How many sagas of this definition version have not ended."""
+        where = "AND definition_name = ? AND definition_version = ?"
+        row = connection.execute(
+            _SELECT_UNENDED_COUNTS.format(where=where), (name, version)
+        ).fetchone()
+        return 0 if row is None else int(row[2])
+
+    def registry(
+        self, connection: sqlite3.Connection, name: str | None
+    ) -> list[tuple[SagaDefinition, int, bytes, int]]:
+        """Registered definitions (of ``name``, or all) by name then version: each with its
+        registration time, digest, and how many of its sagas have not ended."""
+        where, params = (
+            ("", ()) if name is None else ("WHERE definition_versions.name = ?", (name,))
+        )
+        rows = connection.execute(_SELECT_REGISTRY.format(where=where), params).fetchall()
+        unended_where = "" if name is None else "AND definition_name = ?"
+        unended = {
+            (found_name, found_version): int(total)
+            for found_name, found_version, total in connection.execute(
+                _SELECT_UNENDED_COUNTS.format(where=unended_where), params
+            )
+        }
+        found = []
+        for definition_id, registered_at, key in rows:
+            definition = self.definition(connection, definition_id)
+            count = unended.get((definition.name, definition.version), 0)
+            found.append((definition, int(registered_at), bytes(key), count))
+        return found
 
     def remember(self, definition: SagaDefinition, definition_id: int) -> None:
         """Cache a committed definition's id."""
@@ -137,15 +238,27 @@ def saga_row(saga: Saga, definition_id: int, fingerprint: str) -> tuple[Any, ...
         pack_failure(saga.failure),
         saga.cancel_reason,
         pack_headers(saga.trace_context),
+        pack_labels(saga.labels),
+        pack_audit(saga.audit),
+        int(saga.deadline_exceeded),
         saga.definition.name,
         saga.definition.version,
         fingerprint,
+        *waiting_on(saga),
     )
 
 
 def step_rows(saga: Saga) -> list[tuple[Any, ...]]:
     """The parameters of ``INSERT_STEP`` for every step of a new saga."""
     return [(saga.saga_id, index, *_step_fields(step)) for index, step in enumerate(saga.steps)]
+
+
+def label_rows(saga: Saga) -> list[tuple[str, str, str, int]]:
+    """The parameters of ``INSERT_LABEL`` for a new saga's labels (none for most sagas)."""
+    if not saga.labels:
+        return []
+    created_at = to_micros(saga.created_at)
+    return [(saga.saga_id, key, value, created_at) for key, value in saga.labels.items()]
 
 
 def saga_update(saga: Saga) -> tuple[Any, ...]:
@@ -157,9 +270,21 @@ def saga_update(saga: Saga) -> tuple[Any, ...]:
         saga.version,
         pack_failure(saga.failure),
         saga.cancel_reason,
+        pack_audit(saga.audit),
+        int(saga.deadline_exceeded),
+        *waiting_on(saga),
         saga.saga_id,
         saga.version - 1,
     )
+
+
+def waiting_on(saga: Saga) -> tuple[str | None, str | None]:
+    """The step an unended saga waits on and its participant; (None, None) once it ended."""
+    index = waiting_step(saga)
+    if index is None:
+        return None, None
+    step = saga.definition.steps[index]
+    return step.name, step.participant
 
 
 def step_updates(saga: Saga, steps: Iterable[int]) -> list[tuple[Any, ...]]:
@@ -188,6 +313,9 @@ def _step_fields(step: StepRun) -> tuple[Any, ...]:
         optional_micros(step.next_attempt_at),
         optional_micros(step.started_at),
         optional_micros(step.ended_at),
+        int(step.by_operator),
+        step.budget_start,
+        pack_policy(step.retry_override),
     )
 
 
@@ -230,11 +358,29 @@ def read_events(
     return events_of(saga, rows)
 
 
+def read_events_page(
+    connection: sqlite3.Connection,
+    definitions: Definitions,
+    saga_id: str,
+    after_sequence: int,
+    limit: int,
+) -> tuple[RecordedEvent, ...]:
+    """Up to ``limit`` events of the saga's log after ``after_sequence``, in order (none if the
+    saga does not exist)."""
+    rows = connection.execute(_SELECT_EVENTS_PAGE, (saga_id, after_sequence, limit)).fetchall()
+    if not rows:
+        return ()
+    saga = read_saga(connection, definitions, saga_id)
+    return () if saga is None else events_of(saga, rows)
+
+
 def events_of(saga: Saga, rows: Iterable[tuple[int, int, str, bytes]]) -> tuple[RecordedEvent, ...]:
     """Recorded events of ``saga`` from rows of (sequence, recorded_at, type, body)."""
 
     def created() -> SagaCreated:
-        return SagaCreated(saga.saga_id, saga.definition, saga.input, saga.trace_context)
+        return SagaCreated(
+            saga.saga_id, saga.definition, saga.input, saga.trace_context, saga.labels
+        )
 
     return tuple(
         RecordedEvent(saga.saga_id, sequence, from_micros(at), unpack_event(kind, body, created))
@@ -260,6 +406,9 @@ def _saga(
         failure,
         cancel_reason,
         trace_context,
+        labels,
+        audit,
+        deadline_exceeded,
     ) = row
     definition = definitions.definition(connection, definition_id)
     if len(step_rows) != len(definition.steps):
@@ -279,6 +428,9 @@ def _saga(
                 next_attempt_at=from_optional_micros(fields[5]),
                 started_at=from_optional_micros(fields[6]),
                 ended_at=from_optional_micros(fields[7]),
+                by_operator=_flag(fields[8]),
+                budget_start=fields[9],
+                retry_override=unpack_policy(fields[10]),
             )
             for step, fields in zip(definition.steps, step_rows, strict=True)
         )
@@ -295,6 +447,17 @@ def _saga(
             failure=unpack_failure(failure),
             cancel_reason=cancel_reason,
             trace_context=unpack_headers(trace_context),
+            labels=unpack_labels(labels),
+            audit=unpack_audit(audit),
+            deadline_exceeded=_flag(deadline_exceeded),
         )
     except ValueError as error:
         raise StoreCorrupt(f"saga {saga_id} cannot be read back: {error}") from error
+    except StoreCorrupt as error:
+        raise StoreCorrupt(f"saga {saga_id} cannot be read back: {error}") from error
+
+
+def _flag(value: int) -> bool:
+    if value not in (0, 1):
+        raise ValueError(f"stored flag {value!r} is neither 0 nor 1")
+    return bool(value)

@@ -28,6 +28,7 @@ _HEADER = b"SQLite format 3\x00"
 _HEADER_SIZE = 100
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _UNTOUCHED = "refusing to open it; the file was left untouched"
+_PARTIAL_INDEX = re.compile(r"\)\s+WHERE\s+(.+)$", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -135,19 +136,22 @@ def _check_roots(connection: sqlite3.Connection, path: Path) -> None:
     a cost that does not grow with the file (deeper damage is found where it is read, and by
     ``check_integrity``)."""
     objects = connection.execute(
-        "SELECT type, name, tbl_name FROM sqlite_master WHERE type IN ('table', 'index')"
+        "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE type IN ('table', 'index')"
         " AND name NOT LIKE 'sqlite_%'"
     ).fetchall()
     try:
-        for kind, name, table in objects:
+        for kind, name, table, sql in objects:
             if kind == "table":
                 connection.execute(f'SELECT * FROM "{name}" LIMIT 1').fetchall()
                 continue
             columns = connection.execute(f'PRAGMA index_info("{name}")').fetchall()
             if columns and columns[0][2] is not None:
                 first = columns[0][2]
+                # A partial index is read only by a query that repeats its condition.
+                partial = _PARTIAL_INDEX.search(sql or "")
+                where = f" WHERE {partial[1]}" if partial else ""
                 connection.execute(
-                    f'SELECT "{first}" FROM "{table}" INDEXED BY "{name}" LIMIT 1'
+                    f'SELECT "{first}" FROM "{table}" INDEXED BY "{name}"{where} LIMIT 1'
                 ).fetchall()
     except sqlite3.DatabaseError as error:
         raise StoreCorrupt(

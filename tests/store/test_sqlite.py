@@ -3,23 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import random
 import sqlite3
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from coordinator.core.errors import ConcurrentUpdate, StorageUnavailable
+from coordinator.core.errors import ConcurrentUpdate, DefinitionConflict, StorageUnavailable
+from coordinator.core.events import CancelRequested, RecordedEvent
+from coordinator.core.model import Saga, SagaDefinition, SagaState
+from coordinator.ports import ListCursor, PruneResult, SagaFilter
 from coordinator.store.codec import encode_datetime, encode_event, encode_saga
 from coordinator.store.errors import SchemaTooNew, StorageFailure, StoreCorrupt
-from coordinator.store.packing import event_type
+from coordinator.store.packing import (
+    event_type,
+    pack,
+    pack_definition,
+    pack_event,
+    pack_failure,
+    to_micros,
+)
 from coordinator.store.sqlite import SqliteStore
+from coordinator.store.sqlite_queries import (
+    count_by_state_query,
+    count_query,
+    list_query,
+    read_counts,
+)
 from coordinator.store.sqlite_schema import check_integrity, load_migrations, open_writer
 
-from .strategies import NO, OK, T0, SagaHistory, run_history
+from .strategies import BROKEN, NO, OK, T0, SagaHistory, open_account, run_history, transfer
+from .test_store_contract import FILTERS, store_population
 
 FINGERPRINT = "fp-1"
 
@@ -145,6 +164,7 @@ async def test_migrations_are_recorded_and_not_run_again_on_reopen(db: Path) -> 
     assert [(version, name) for version, name, _ in recorded] == [
         (1, "initial"),
         (2, "compact_rows"),
+        (3, "labels_registry_retention"),
     ]
     assert query(db, "SELECT version, name, applied_at FROM schema_migrations") == recorded
 
@@ -154,17 +174,21 @@ async def test_two_stores_opening_a_new_file_at_once_migrate_it_once(db: Path) -
     for store in stores:
         await store.close()
 
-    assert query(db, "SELECT version FROM schema_migrations ORDER BY version") == [(1,), (2,)]
+    assert query(db, "SELECT version FROM schema_migrations ORDER BY version") == [
+        (1,),
+        (2,),
+        (3,),
+    ]
 
 
 async def test_a_database_with_a_newer_schema_is_refused_and_left_untouched(db: Path) -> None:
     await (await SqliteStore.open(db)).close()
     with sqlite3.connect(db) as newer:
-        newer.execute("INSERT INTO schema_migrations VALUES (3, 'from_the_future', 'later')")
+        newer.execute("INSERT INTO schema_migrations VALUES (4, 'from_the_future', 'later')")
     newer.close()
     before = read(db)
 
-    with pytest.raises(SchemaTooNew, match=r"schema version 3, newer than this coordinator"):
+    with pytest.raises(SchemaTooNew, match=r"schema version 4, newer than this coordinator"):
         await SqliteStore.open(db)
 
     assert read(db) == before
@@ -509,3 +533,334 @@ async def test_a_stored_body_that_is_not_ours_reads_as_store_corrupt(
     damage("UPDATE saga_steps SET failure = x'92a178a179' WHERE step = 0")
     with pytest.raises(StoreCorrupt, match="stored failure is not in the expected form"):
         await store.get("s-1")
+
+
+# --- retention: what the database itself allows ----------------------------------------------
+
+
+async def test_the_database_lets_only_ended_sagas_lose_their_events(
+    store: SqliteStore, db: Path
+) -> None:
+    histories = {
+        "running": run_history("running", [OK]),
+        "compensating": run_history("compensating", [OK, NO]),
+        "parked": run_history("parked", [OK, NO, BROKEN]),
+        "succeeded": run_history("succeeded", [OK, OK, OK]),
+        "compensated": run_history("compensated", [OK, NO, OK, OK]),
+    }
+    for history in histories.values():
+        await store_history(store, history)
+
+    connection = sqlite3.connect(db, isolation_level=None)
+    try:
+        for saga_id in ("running", "compensating", "parked"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                connection.execute("DELETE FROM saga_events WHERE saga_id = ?", (saga_id,))
+            with pytest.raises(sqlite3.IntegrityError, match="ended SUCCEEDED or COMPENSATED"):
+                connection.execute("DELETE FROM sagas WHERE saga_id = ?", (saga_id,))
+        for saga_id in ("succeeded", "compensated"):
+            with pytest.raises(sqlite3.IntegrityError, match="cannot be updated"):
+                connection.execute(
+                    "UPDATE saga_events SET body = x'80' WHERE saga_id = ?", (saga_id,)
+                )
+            deleted = connection.execute("DELETE FROM saga_events WHERE saga_id = ?", (saga_id,))
+            assert deleted.rowcount == len(histories[saga_id].log)
+    finally:
+        connection.close()
+
+    for saga_id in ("running", "compensating", "parked"):
+        assert await store.events(saga_id) == histories[saga_id].log
+
+
+async def test_prune_deletes_every_row_of_the_sagas_it_removes(
+    store: SqliteStore, db: Path
+) -> None:
+    done = run_history("done", [OK, OK, OK], labels={"tenant": "acme", "order": "o-1"})
+    kept = run_history("kept", [OK, OK, OK], at=T0 + timedelta(days=1), labels={"tenant": "a"})
+    await store_history(store, done)
+    await store_history(store, kept)
+
+    assert await store.prune(T0 + timedelta(hours=1), 500) == PruneResult(1, len(done.log))
+
+    for table in ("sagas", "saga_steps", "saga_events", "saga_labels"):
+        assert query(db, f"SELECT DISTINCT saga_id FROM {table}") == [("kept",)], table
+    assert query(db, "SELECT state, total FROM saga_counts WHERE total > 0") == [("SUCCEEDED", 1)]
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+
+async def test_a_conflicting_registration_stores_nothing(store: SqliteStore, db: Path) -> None:
+    await store.register_definition(open_account(version=5), T0)
+    before = [query(db, f"SELECT * FROM {t}") for t in ("definitions", "definition_versions")]
+    edited = dataclasses.replace(open_account(version=5), description="edited")
+
+    with pytest.raises(DefinitionConflict, match=r"version 5 is registered already"):
+        await store.register_definition(edited, T0 + timedelta(hours=1))
+
+    after = [query(db, f"SELECT * FROM {t}") for t in ("definitions", "definition_versions")]
+    assert after == before
+
+
+async def test_a_registered_definition_survives_reopening(db: Path) -> None:
+    store = await SqliteStore.open(db)
+    registered, _ = await store.register_definition(transfer(version=4), T0)
+    await store.close()
+
+    reopened = await SqliteStore.open(db)
+    try:
+        assert list(await reopened.definitions()) == [registered]
+        assert await reopened.register_definition(transfer(version=4), T0) == (registered, False)
+    finally:
+        await reopened.close()
+
+
+# --- the hot path stays as short as schema 2's -----------------------------------------------
+
+
+async def test_creation_and_commit_run_no_more_statements_than_before(store: SqliteStore) -> None:
+    statements: list[str] = []
+    last = [""]
+
+    def trace(sql: str) -> None:
+        # A statement whose triggers run is reported again for each of them: once is enough.
+        if not sql.strip() or sql == last[0]:
+            return
+        last[0] = sql
+        if sql.split(None, 1)[0].upper() not in _TRANSACTION_CONTROL:
+            statements.append(" ".join(sql.split()[:3]).upper())
+
+    definition = open_account()  # one object, as the engine holds each loaded definition
+    warm = run_history("warm", [OK], definition=definition)
+    await store_history(store, warm)  # the definition is stored and known from here on
+    await store._on_writer(lambda connection: connection.set_trace_callback(trace))
+    history = run_history("s-1", [OK], definition=definition)
+    labelled = run_history("s-2", definition=definition, labels={"tenant": "acme", "order": "o"})
+
+    await store.create(history.first, history.log[0], FINGERPRINT)
+    created = statements[:]
+    statements.clear()
+    saga, event, changed = history.commits()[0]
+    await store.commit(saga, event, changed)
+    committed = statements[:]
+    statements.clear()
+    await store.create(labelled.first, labelled.log[0], FINGERPRINT)
+    await store._on_writer(lambda connection: connection.set_trace_callback(None))
+
+    assert created == [
+        "SELECT FINGERPRINT FROM",
+        "INSERT INTO SAGAS",
+        *["INSERT INTO SAGA_STEPS"] * 3,
+        "INSERT INTO SAGA_EVENTS",
+    ]
+    assert committed == [
+        "UPDATE SAGAS SET",
+        *["UPDATE SAGA_STEPS SET"] * 2,
+        "INSERT INTO SAGA_EVENTS",
+    ]
+    assert statements == [
+        "SELECT FINGERPRINT FROM",
+        "INSERT INTO SAGAS",
+        *["INSERT INTO SAGA_STEPS"] * 3,
+        *["INSERT INTO SAGA_LABELS"] * 2,
+        "INSERT INTO SAGA_EVENTS",
+    ]
+
+
+_TRANSACTION_CONTROL = {"BEGIN", "SAVEPOINT", "RELEASE", "COMMIT", "ROLLBACK"}
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+async def test_every_filter_reads_an_index_never_the_whole_table(
+    store: SqliteStore, name: str
+) -> None:
+    await store_population(store)
+    where = FILTERS[name]
+    after = ListCursor(T0 + timedelta(seconds=3), "m")
+
+    def plans(connection: sqlite3.Connection) -> list[str]:
+        counts = read_counts(connection)
+        found: list[str] = []
+        for made in (
+            list_query(where, counts, 50, None),
+            list_query(where, counts, 50, after),
+            count_query(where, counts),
+            count_by_state_query(where, counts),
+        ):
+            if made is not None:
+                sql, params = made
+                rows = connection.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+                found.extend(str(row[3]) for row in rows)
+        return found
+
+    for line in await store._on_writer(plans):
+        if line.startswith(("SCAN s", "SCAN l", "SEARCH s", "SEARCH l")):
+            assert "INDEX" in line, (name, line)
+
+
+# --- damaged rows ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("column", "what"),
+    [("audit", "audit trail"), ("labels", "labels"), ("deadline_exceeded", "flag")],
+)
+async def test_a_damaged_new_column_names_the_saga_and_the_file(
+    store: SqliteStore, db: Path, column: str, what: str
+) -> None:
+    await store_history(store, run_history("s-1", [OK], labels={"tenant": "acme"}))
+    value = 7 if column == "deadline_exceeded" else b"\xc1"
+    connection = sqlite3.connect(db)
+    try:
+        connection.execute("PRAGMA ignore_check_constraints = ON")
+        connection.execute(f"UPDATE sagas SET {column} = ? WHERE saga_id = 's-1'", (value,))
+        connection.commit()
+    finally:
+        connection.close()
+
+    with pytest.raises(StoreCorrupt, match=rf"saga s-1.*{what}") as raised:
+        await store.get("s-1")
+    assert str(db) in str(raised.value)
+
+
+# --- schema 2 to 3 ---------------------------------------------------------------------------
+
+
+def _schema_2_saga(saga: Saga, definition_id: int) -> tuple[Any, ...]:
+    """A saga's row as schema 2 wrote it."""
+    return (
+        saga.saga_id,
+        definition_id,
+        saga.definition.name,
+        saga.definition.version,
+        saga.state.value,
+        to_micros(saga.created_at),
+        to_micros(saga.updated_at),
+        None if saga.ended_at is None else to_micros(saga.ended_at),
+        saga.version,
+        FINGERPRINT,
+        saga.input,
+        pack_failure(saga.failure),
+        saga.cancel_reason,
+        pack({}),
+    )
+
+
+def _schema_2_step(saga: Saga, index: int) -> tuple[Any, ...]:
+    step = saga.steps[index]
+
+    def micros(value: datetime | None) -> int | None:
+        return None if value is None else to_micros(value)
+
+    return (
+        saga.saga_id,
+        index,
+        step.state.value,
+        step.execute_attempts,
+        step.compensate_attempts,
+        step.output,
+        pack_failure(step.failure),
+        micros(step.next_attempt_at),
+        micros(step.started_at),
+        micros(step.ended_at),
+    )
+
+
+def _schema_2_event(recorded: RecordedEvent) -> tuple[Any, ...]:
+    event = recorded.event
+    if isinstance(event, CancelRequested):  # schema 2 recorded no actor
+        body = pack({"reason": event.reason, "in_flight": event.call_in_flight})
+    else:
+        body = pack_event(event)
+    return (
+        recorded.saga_id,
+        recorded.sequence,
+        to_micros(recorded.recorded_at),
+        event_type(event),
+        body,
+    )
+
+
+async def test_a_schema_2_store_is_upgraded_with_its_sagas_intact_and_registry_filled(
+    db: Path,
+) -> None:
+    edited = dataclasses.replace(open_account(), description="edited, same version")
+    histories = [
+        run_history("running", [OK], at=T0),
+        run_history("cancelled", [OK, CancelRequested("stop")], at=T0 + timedelta(seconds=1)),
+        run_history(
+            "cancelled-done", [OK, CancelRequested("stop"), OK, OK, OK], at=T0 + timedelta(1)
+        ),
+        run_history("parked", [OK, NO, BROKEN], at=T0 + timedelta(seconds=3)),
+        run_history("done", [OK, OK, OK], at=T0 + timedelta(seconds=4)),
+        run_history("edited", [OK], definition=edited, at=T0 + timedelta(days=2)),
+        run_history("edited-done", [OK, OK, OK], definition=edited, at=T0 + timedelta(days=3)),
+        run_history("closing", [], definition=open_account("close-account"), at=T0),
+    ]
+    assert histories[1].last.state is SagaState.COMPENSATING
+    assert histories[2].last.state is SagaState.COMPENSATED
+    assert [entry.actor for entry in histories[2].last.audit] == [""]
+    connection = open_writer(db, load_migrations()[:2], synchronous="FULL", busy_timeout_ms=1000)
+    with connection:
+        connection.execute("BEGIN")
+        definition_ids: dict[SagaDefinition, int] = {}
+        for history in histories:
+            definition = history.first.definition
+            if definition not in definition_ids:
+                body = pack_definition(definition)
+                connection.execute(
+                    "INSERT INTO definitions (name, version, digest, body) VALUES (?, ?, ?, ?)",
+                    (definition.name, definition.version, hashlib.sha256(body).digest(), body),
+                )
+                definition_ids[definition] = len(definition_ids) + 1
+            saga = history.last
+            connection.execute(
+                "INSERT INTO sagas VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _schema_2_saga(saga, definition_ids[definition]),
+            )
+            for index in range(len(saga.steps)):
+                connection.execute(
+                    "INSERT INTO saga_steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _schema_2_step(saga, index),
+                )
+            for recorded in history.log:
+                connection.execute(
+                    "INSERT INTO saga_events VALUES (?, ?, ?, ?, ?)", _schema_2_event(recorded)
+                )
+        connection.execute("COMMIT")
+    connection.close()
+
+    store = await SqliteStore.open(db)
+    try:
+        for history in histories:
+            assert await store.get(history.saga_id) == history.last, history.saga_id
+            assert await store.events(history.saga_id) == history.log, history.saga_id
+        registry = await store.definitions()
+        stuck_on_accounts = await store.list(SagaFilter(stuck_on_participant="accounts"), 10, None)
+        by_state = await store.count_by_state(SagaFilter(definition="open-account"))
+        pruned = await store.prune(T0 + timedelta(days=10), 10)
+    finally:
+        await store.close()
+
+    assert [(d.definition, d.registered_at, d.unfinished) for d in registry] == [
+        (open_account("close-account"), T0, 1),
+        (edited, T0 + timedelta(days=2), 4),  # the newest content of the version
+    ]
+    assert [saga.saga_id for saga in stuck_on_accounts.sagas] == [
+        "running",
+        "cancelled",
+        "parked",
+        "edited",
+    ]
+    assert dict(by_state) == {
+        SagaState.RUNNING: 2,
+        SagaState.COMPENSATING: 1,
+        SagaState.COMPENSATED: 1,
+        SagaState.NEEDS_ATTENTION: 1,
+        SagaState.SUCCEEDED: 2,
+    }
+    assert pruned == PruneResult(3, len(histories[2].log) + len(histories[4].log) + 4)
+    assert query(db, "SELECT version, name FROM schema_migrations ORDER BY version")[-1] == (
+        3,
+        "labels_registry_retention",
+    )

@@ -3,27 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import itertools
-from collections.abc import AsyncIterator, Sequence
-from datetime import timedelta
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.core.errors import ConcurrentUpdate, SagaAlreadyExists
-from coordinator.core.events import CancelRequested, RecordedEvent
-from coordinator.core.machine import fold
-from coordinator.core.model import SagaState
-from coordinator.ports import ListCursor, SagaFilter, SagaPage, SagaStore
+from coordinator.core.errors import ConcurrentUpdate, DefinitionConflict, SagaAlreadyExists
+from coordinator.core.events import (
+    CancelRequested,
+    CompleteRequested,
+    DeadlineExceeded,
+    MarkCompensated,
+    RecordedEvent,
+    ResumeRequested,
+    RetryRequested,
+    SagaCreated,
+)
+from coordinator.core.machine import fold, waiting_step
+from coordinator.core.model import Saga, SagaDefinition, SagaState
+from coordinator.ports import (
+    ListCursor,
+    PruneResult,
+    RegisteredDefinition,
+    SagaFilter,
+    SagaPage,
+    SagaStore,
+)
 from coordinator.store import open_store
 from coordinator.store.errors import StoreClosed
 from coordinator.store.memory import MemoryStore
+from coordinator.store.packing import pack_definition
 from coordinator.store.sqlite import SqliteStore
 
 from .strategies import (
     ANSWERS_BY_STATE,
+    BROKEN,
     NO,
     OK,
     T0,
@@ -31,8 +53,10 @@ from .strategies import (
     Answer,
     SagaHistory,
     open_account,
+    quick_retry,
     run_history,
     saga_histories,
+    transfer,
 )
 
 FINGERPRINT = "fp-1"
@@ -45,6 +69,180 @@ SCENARIOS = {
     "retries spent then compensated": (OK, UNAVAILABLE, UNAVAILABLE, OK),
     "compensation failed": (OK, NO, UNAVAILABLE, UNAVAILABLE),
     "cancelled": (OK, CancelRequested("changed my mind"), OK, OK),
+}
+
+RUNNING, COMPENSATING, SUCCEEDED, COMPENSATED, NEEDS_ATTENTION = SagaState
+
+OPERATOR_SCENARIOS: dict[str, tuple[SagaDefinition, tuple[Answer, ...], SagaState]] = {
+    "completed by hand": (
+        transfer(),
+        (OK, OK, NO, CompleteRequested(2, b"sent", "ops", "sent by hand")),
+        SUCCEEDED,
+    ),
+    "parked pivot retried": (
+        transfer(),
+        (OK, UNAVAILABLE, UNAVAILABLE, RetryRequested(1, "ops", "cards are back"), OK, OK),
+        SUCCEEDED,
+    ),
+    "backoff cut short": (
+        transfer(),
+        (OK, UNAVAILABLE, RetryRequested(1, "ops", "now"), OK, OK),
+        SUCCEEDED,
+    ),
+    "compensation resumed": (
+        transfer(),
+        (OK, NO, UNAVAILABLE, UNAVAILABLE, ResumeRequested("ops", "again", quick_retry(5)), OK),
+        COMPENSATED,
+    ),
+    "marked compensated": (
+        transfer(),
+        (OK, NO, BROKEN, MarkCompensated(0, "ops", "refunded by hand")),
+        COMPENSATED,
+    ),
+    "compensation marked during its backoff": (
+        transfer(),
+        (OK, NO, UNAVAILABLE, MarkCompensated(0, "ops", "refunded by hand")),
+        COMPENSATED,
+    ),
+    "deadline before the pivot": (transfer(), (DeadlineExceeded(), OK), COMPENSATED),
+    "deadline after the pivot, then completed": (
+        transfer(),
+        (OK, OK, DeadlineExceeded(), CompleteRequested(2, b"{}", "ops", "sent late")),
+        SUCCEEDED,
+    ),
+    "retriable parked": (transfer(), (OK, OK, NO), NEEDS_ATTENTION),
+    "cancelled by a named operator": (
+        open_account(),
+        (OK, CancelRequested("changed my mind", actor="alice"), OK, OK, OK),
+        COMPENSATED,
+    ),
+}
+"""Histories through every operator action, budget and deadline, and the state each ends in."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One saga of the filter tests' population, and what the filters should know of it."""
+
+    saga_id: str
+    definition: str
+    version: int
+    state: SagaState
+    labels: dict[str, str]
+    created_at: datetime
+    waiting: tuple[str, str] | None
+    """(step, participant) the saga waits on, None once ended."""
+
+    def matches(self, where: SagaFilter) -> bool:
+        """The filter's meaning, spelled out independently of any store."""
+        waiting_step, waiting_participant = self.waiting or (None, None)
+        return (
+            (not where.states or self.state in where.states)
+            and where.definition in (None, self.definition)
+            and where.definition_version in (None, self.version)
+            and all(self.labels.get(key) == value for key, value in where.labels)
+            and (where.created_after is None or self.created_at >= where.created_after)
+            and (where.created_before is None or self.created_at < where.created_before)
+            and (where.stuck_on_step is None or waiting_step == where.stuck_on_step)
+            and (
+                where.stuck_on_participant is None
+                or waiting_participant == where.stuck_on_participant
+            )
+        )
+
+
+_KINDS: tuple[tuple[str, tuple[Answer, ...], SagaState, tuple[str, str] | None], ...] = (
+    ("running-identity", (), RUNNING, ("identity", "identity")),
+    ("running-account", (OK,), RUNNING, ("account", "accounts")),
+    ("running-card", (OK, OK), RUNNING, ("card", "cards")),
+    ("compensating", (OK, NO), COMPENSATING, ("account", "accounts")),
+    ("succeeded", (OK, OK, OK), SUCCEEDED, None),
+    ("compensated", (OK, NO, OK, OK), COMPENSATED, None),
+    ("parked", (OK, NO, BROKEN), NEEDS_ATTENTION, ("account", "accounts")),
+    ("parked-first", (NO, BROKEN), NEEDS_ATTENTION, ("identity", "identity")),
+)
+_VERSIONS = (("open-account", 1), ("open-account", 2), ("close-account", 1))
+
+
+async def store_population(store: SagaStore) -> list[Member]:
+    """24 sagas: every kind above for each definition version, created two per second (the id
+    breaks ties), with labels on two thirds; in listing order."""
+    members = []
+    for i, ((name, version), (kind, answers, state, waiting)) in enumerate(
+        itertools.product(_VERSIONS, _KINDS)
+    ):
+        labels = [{"tenant": "acme"}, {"tenant": "globex", "order": f"o-{i}"}, {}][i % 3]
+        created_at = T0 + timedelta(seconds=(23 - i) // 2)  # stored newest first
+        saga_id = f"{name}-{version}-{kind}"
+        history = run_history(
+            saga_id,
+            answers,
+            definition=open_account(name, version),
+            at=created_at,
+            labels=labels,
+        )
+        await store_history(store, history)
+        members.append(Member(saga_id, name, version, state, labels, created_at, waiting))
+    return sorted(members, key=lambda member: (member.created_at, member.saga_id))
+
+
+def _t(seconds: int) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+FILTERS: dict[str, SagaFilter] = {
+    "everything": SagaFilter(),
+    "running": SagaFilter(states=frozenset({RUNNING})),
+    "ended": SagaFilter(states=frozenset({SUCCEEDED, COMPENSATED})),
+    "unended": SagaFilter(states=frozenset({RUNNING, COMPENSATING, NEEDS_ATTENTION})),
+    "definition": SagaFilter(definition="open-account"),
+    "definition and version": SagaFilter(definition="open-account", definition_version=2),
+    "version alone": SagaFilter(definition_version=2),
+    "a label": SagaFilter(labels=(("tenant", "acme"),)),
+    "two labels": SagaFilter(labels=(("tenant", "globex"), ("order", "o-4"))),
+    "two values of one key: nothing": SagaFilter(labels=(("tenant", "acme"), ("tenant", "globex"))),
+    "no such label: nothing": SagaFilter(labels=(("tenant", "initech"),)),
+    "created from": SagaFilter(created_after=_t(5)),
+    "created before": SagaFilter(created_before=_t(5)),
+    "created between": SagaFilter(created_after=_t(3), created_before=_t(7)),
+    "stuck on a participant": SagaFilter(stuck_on_participant="accounts"),
+    "stuck on a step": SagaFilter(stuck_on_step="identity"),
+    "stuck on a step and its participant": SagaFilter(
+        stuck_on_step="account", stuck_on_participant="accounts"
+    ),
+    "stuck on a step of another participant: nothing": SagaFilter(
+        stuck_on_step="card", stuck_on_participant="accounts"
+    ),
+    "states and definition": SagaFilter(
+        states=frozenset({RUNNING, NEEDS_ATTENTION}), definition="close-account"
+    ),
+    "parked of a definition": SagaFilter(
+        states=frozenset({NEEDS_ATTENTION}), definition="open-account"
+    ),
+    "states, definition, version and label": SagaFilter(
+        states=frozenset({RUNNING}),
+        definition="open-account",
+        definition_version=1,
+        labels=(("tenant", "acme"),),
+    ),
+    "label and states": SagaFilter(
+        labels=(("tenant", "globex"),), states=frozenset({SUCCEEDED, NEEDS_ATTENTION})
+    ),
+    "label and created range": SagaFilter(
+        labels=(("tenant", "acme"),), created_after=_t(2), created_before=_t(9)
+    ),
+    "stuck, definition and label": SagaFilter(
+        stuck_on_participant="accounts", definition="open-account", labels=(("tenant", "acme"),)
+    ),
+    "stuck and states": SagaFilter(
+        stuck_on_participant="accounts", states=frozenset({NEEDS_ATTENTION})
+    ),
+    "stuck and created range": SagaFilter(stuck_on_step="identity", created_before=_t(6)),
+    "states and created range": SagaFilter(states=frozenset({SUCCEEDED}), created_after=_t(2)),
+    "definition, version and created range": SagaFilter(
+        definition="open-account", definition_version=1, created_after=_t(6)
+    ),
+    "no such definition: nothing": SagaFilter(definition="no-such-saga"),
 }
 
 
@@ -396,6 +594,360 @@ class StoreContract:
     async def test_list_with_a_limit_below_one_is_refused(self, store: SagaStore) -> None:
         with pytest.raises(ValueError, match="at least one"):
             await store.list(SagaFilter(), 0, None)
+
+    # --- operator actions, budgets, deadlines and labels round trip --------------------------
+
+    @pytest.mark.parametrize(
+        ("definition", "answers", "state"),
+        OPERATOR_SCENARIOS.values(),
+        ids=OPERATOR_SCENARIOS.keys(),
+    )
+    async def test_operator_actions_and_budgets_come_back_and_replay(
+        self,
+        store: SagaStore,
+        definition: SagaDefinition,
+        answers: tuple[Answer, ...],
+        state: SagaState,
+    ) -> None:
+        history = run_history("s-1", answers, definition=definition, labels={"tenant": "acme"})
+        assert len(history.log) == len(answers) + 1, "every answer and action applied"
+        assert history.last.state is state
+        await store_history(store, history)
+
+        stored = await store.get("s-1")
+        log = await store.events("s-1")
+
+        assert stored == history.last
+        assert log == history.log
+        assert replay(log) == stored
+        assert stored.definition == definition, "max_attempts, emits and deadline kept"
+
+    async def test_each_new_field_is_kept_as_the_core_set_it(self, store: SagaStore) -> None:
+        cases: dict[str, tuple[str, Callable[[Saga], bool]]] = {
+            "by-hand": ("completed by hand", lambda s: s.steps[2].by_operator),
+            "retried": ("parked pivot retried", lambda s: s.steps[1].budget_start == 2),
+            "resumed": ("compensation resumed", lambda s: s.steps[0].retry_override is not None),
+            "deadline": ("deadline before the pivot", lambda s: s.deadline_exceeded),
+            "audited": ("cancelled by a named operator", lambda s: s.audit[0].actor == "alice"),
+        }
+        for saga_id, (scenario, holds) in cases.items():
+            definition, answers, _ = OPERATOR_SCENARIOS[scenario]
+            history = run_history(saga_id, answers, definition=definition)
+            assert holds(history.last), f"{scenario}: the core no longer sets the field"
+            await store_history(store, history)
+
+            stored = await store.get(saga_id)
+
+            assert stored is not None
+            assert holds(stored), scenario
+            assert stored == history.last
+
+    async def test_labels_come_back_with_the_saga_and_its_creation_event(
+        self, store: SagaStore
+    ) -> None:
+        labels = {"tenant": "acme", "order": "o-17", "": "empty key", "ünï": "cödé"}
+        history = run_history("s-1", [OK], labels=labels)
+        await store_history(store, history)
+
+        stored = await store.get("s-1")
+        log = await store.events("s-1")
+
+        assert stored is not None
+        assert dict(stored.labels) == labels
+        first = log[0].event
+        assert isinstance(first, SagaCreated)
+        assert dict(first.labels) == labels
+        assert log == history.log
+
+    # --- filters -----------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("where", FILTERS.values(), ids=FILTERS.keys())
+    async def test_list_count_and_count_by_state_agree_with_each_filter(
+        self, store: SagaStore, where: SagaFilter
+    ) -> None:
+        population = await store_population(store)
+        expected = [p for p in population if p.matches(where)]
+        every_state = [
+            p for p in population if p.matches(dataclasses.replace(where, states=frozenset()))
+        ]
+
+        for limit in (2, 100):
+            pages = await all_pages(store, where, limit)
+            assert [saga_id for page in pages for saga_id in page] == [p.saga_id for p in expected]
+        assert await store.count(where) == len(expected)
+        assert dict(await store.count_by_state(where)) == dict(
+            Counter(p.state for p in every_state)
+        )
+
+    async def test_the_population_reaches_the_states_and_steps_it_claims(
+        self, store: SagaStore
+    ) -> None:
+        population = await store_population(store)
+
+        for member in population:
+            saga = await store.get(member.saga_id)
+            assert saga is not None
+            assert saga.state is member.state
+            index = waiting_step(saga)
+            step = None if index is None else saga.definition.steps[index]
+            assert (None if step is None else (step.name, step.participant)) == member.waiting
+        assert len(FILTERS) >= 20
+        assert all(
+            any(p.matches(where) for p in population)
+            for name, where in FILTERS.items()
+            if "nothing" not in name
+        ), "a filter that matches nothing proves little"
+
+    async def test_count_by_state_leaves_out_states_without_sagas_and_ignores_states(
+        self, store: SagaStore
+    ) -> None:
+        await store_history(store, run_history("a", [OK, OK, OK]))
+        await store_history(store, run_history("b", [OK]))
+
+        counts = await store.count_by_state(SagaFilter(states=frozenset({SagaState.RUNNING})))
+
+        assert dict(counts) == {SagaState.SUCCEEDED: 1, SagaState.RUNNING: 1}
+        assert dict(await store.count_by_state(SagaFilter(definition="nothing"))) == {}
+
+    async def test_counts_follow_sagas_as_they_move(self, store: SagaStore) -> None:
+        history = run_history("s-1", [OK, NO, OK, OK])
+        await store.create(history.first, history.log[0], FINGERPRINT)
+        seen = [dict(await store.count_by_state(SagaFilter(definition="open-account")))]
+        for saga, event, changed in history.commits():
+            await store.commit(saga, event, changed)
+            seen.append(dict(await store.count_by_state(SagaFilter(definition="open-account"))))
+
+        assert seen == [{saga.state: 1} for saga in history.sagas]
+        assert await store.count(SagaFilter(states=frozenset({SagaState.RUNNING}))) == 0
+
+    async def test_listing_stays_in_order_without_duplicates_while_sagas_change(
+        self, store: SagaStore
+    ) -> None:
+        histories = [
+            run_history(f"s-{i:02d}", [OK, NO, OK, OK], at=T0 + timedelta(seconds=i // 2))
+            for i in range(20)
+        ]
+        for history in histories:
+            await store_history(store, history, upto=0)
+        later = itertools.count(100)
+
+        listed: list[Saga] = []
+        cursor: ListCursor | None = None
+        while True:
+            page = await store.list(SagaFilter(), 3, cursor)
+            listed.extend(page.sagas)
+            # Between pages: every saga moves on, and new sagas arrive (created later).
+            for history in histories:
+                saga = await store.get(history.saga_id)
+                if saga is not None and saga.version < len(history.log):
+                    await store.commit(*history.commits()[saga.version - 1])
+            extra = run_history(f"new-{next(later)}", at=T0 + timedelta(hours=1))
+            await store_history(store, extra)
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+
+        keys = [(saga.created_at, saga.saga_id) for saga in listed]
+        assert keys == sorted(set(keys)), "in order, each saga once"
+        assert {h.saga_id for h in histories} <= {saga.saga_id for saga in listed}
+
+    # --- the log in pages --------------------------------------------------------------------
+
+    async def test_events_page_returns_the_log_in_slices(self, store: SagaStore) -> None:
+        history = run_history("s-1", [OK, NO, OK, OK], labels={"tenant": "acme"})
+        await store_history(store, history)
+        assert len(history.log) == 5
+
+        assert await store.events_page("s-1", 0, 2) == history.log[:2]
+        assert await store.events_page("s-1", 2, 2) == history.log[2:4]
+        assert await store.events_page("s-1", 4, 2) == history.log[4:]
+        assert await store.events_page("s-1", 5, 2) == ()
+        assert await store.events_page("s-1", -3, 100) == history.log
+        assert await store.events_page("s-2", 0, 10) == ()
+        with pytest.raises(ValueError, match="at least one"):
+            await store.events_page("s-1", 0, 0)
+
+    # --- what operators watch ----------------------------------------------------------------
+
+    async def test_oldest_unfinished_is_the_oldest_running_compensating_or_parked_saga(
+        self, store: SagaStore
+    ) -> None:
+        assert await store.oldest_unfinished() is None
+        await store_history(store, run_history("done", [OK, OK, OK], at=T0))
+        assert await store.oldest_unfinished() is None, "an ended saga is not unfinished"
+        for i, answers in enumerate([(OK,), (OK, NO), (OK, NO, BROKEN)]):
+            await store_history(
+                store, run_history(f"s-{i}", answers, at=T0 + timedelta(hours=3 - i))
+            )
+
+        assert await store.oldest_unfinished() == T0 + timedelta(hours=1)  # the parked one
+        await store_history(store, run_history("older", [OK], at=T0 - timedelta(days=1)))
+        assert await store.oldest_unfinished() == T0 - timedelta(days=1)
+
+    async def test_parked_by_step_counts_parked_sagas_by_definition_and_step(
+        self, store: SagaStore
+    ) -> None:
+        parked = {
+            "a": ("open-account", (OK, NO, BROKEN)),  # compensating 'account' failed
+            "b": ("open-account", (OK, NO, BROKEN)),
+            "c": ("close-account", (OK, NO, BROKEN)),
+            "d": ("open-account", (NO, BROKEN)),  # compensating 'identity' failed
+        }
+        for saga_id, (name, answers) in parked.items():
+            await store_history(store, run_history(saga_id, answers, definition=open_account(name)))
+        transfer_parked = run_history("e", (OK, OK, NO), definition=transfer())
+        await store_history(store, transfer_parked)
+        await store_history(store, run_history("running", (OK, NO)))
+
+        assert dict(await store.parked_by_step()) == {
+            ("open-account", "account"): 2,
+            ("open-account", "identity"): 1,
+            ("close-account", "account"): 1,
+            ("transfer", "notify"): 1,
+        }
+
+    # --- the definitions registry ------------------------------------------------------------
+
+    async def test_registering_a_new_version_stores_it(self, store: SagaStore) -> None:
+        definition = transfer(version=3)
+
+        registered, new = await store.register_definition(definition, T0)
+
+        assert new is True
+        assert registered == RegisteredDefinition(
+            definition, T0, hashlib.sha256(pack_definition(definition)).hexdigest(), 0
+        )
+        assert list(await store.definitions()) == [registered]
+
+    async def test_registering_the_same_content_again_changes_nothing(
+        self, store: SagaStore
+    ) -> None:
+        first, _ = await store.register_definition(transfer(version=3), T0)
+
+        again, new = await store.register_definition(transfer(version=3), T0 + timedelta(days=1))
+
+        assert new is False
+        assert again == first, "registered when first registered"
+        assert list(await store.definitions()) == [first]
+
+    async def test_other_content_under_a_registered_version_is_refused_and_not_stored(
+        self, store: SagaStore
+    ) -> None:
+        first, _ = await store.register_definition(transfer(version=3), T0)
+        changed = dataclasses.replace(transfer(version=3), description="edited in place")
+
+        with pytest.raises(DefinitionConflict, match=r"'transfer' version 3 is registered"):
+            await store.register_definition(changed, T0 + timedelta(days=1))
+
+        assert list(await store.definitions()) == [first]
+        assert list(await store.definitions("transfer")) == [first]
+
+    async def test_definitions_are_listed_by_name_then_version_with_unfinished_counts(
+        self, store: SagaStore
+    ) -> None:
+        for i, definition in enumerate(
+            [transfer(version=2), open_account(version=1), transfer(version=1), transfer("zeta")]
+        ):
+            await store.register_definition(definition, T0 + timedelta(minutes=i))
+        for i, answers in enumerate([(), (OK,), (OK, NO), (OK, NO, BROKEN), (OK, OK, OK)]):
+            # running, running, compensating, parked: 4 unfinished; succeeded: not
+            history = run_history(f"t1-{i}", answers, definition=transfer(version=1))
+            await store_history(store, history)
+        await store_history(store, run_history("oa", (OK, OK, OK), definition=open_account()))
+
+        listed = await store.definitions()
+
+        assert [(d.definition.name, d.definition.version, d.unfinished) for d in listed] == [
+            ("open-account", 1, 0),
+            ("transfer", 1, 4),
+            ("transfer", 2, 0),
+            ("zeta", 1, 0),
+        ]
+        assert [d.registered_at for d in listed] == [
+            T0 + timedelta(minutes=m) for m in (1, 2, 0, 3)
+        ]
+        assert [d.definition.version for d in await store.definitions("transfer")] == [1, 2]
+        assert await store.definitions("nothing") == ()
+
+    async def test_a_version_first_run_by_a_saga_is_registered_at_its_creation(
+        self, store: SagaStore
+    ) -> None:
+        history = run_history("s-1", [OK], definition=transfer(version=7), at=T0)
+        await store_history(store, history)
+        later = run_history("s-2", definition=transfer(version=7), at=T0 + timedelta(hours=1))
+        await store_history(store, later)
+
+        (registered,) = await store.definitions("transfer")
+
+        assert registered.definition == transfer(version=7)
+        assert registered.registered_at == T0
+        assert registered.unfinished == 2
+        again, new = await store.register_definition(transfer(version=7), T0 + timedelta(days=1))
+        assert (again, new) == (registered, False)
+
+    # --- retention ---------------------------------------------------------------------------
+
+    async def test_prune_removes_only_terminal_sagas_ended_before_the_cutoff_oldest_first(
+        self, store: SagaStore
+    ) -> None:
+        histories = {
+            # saga id: (answers, created at); each answer comes 10 ms after the last
+            "succeeded-old": ((OK, OK, OK), T0),
+            "compensated-old": ((OK, NO, OK, OK), T0 + timedelta(minutes=1)),
+            "succeeded-older": ((OK, OK, OK), T0 - timedelta(minutes=5)),
+            "parked-old": ((OK, NO, BROKEN), T0 - timedelta(days=1)),
+            "running-old": ((OK,), T0 - timedelta(days=1)),
+            "compensating-old": ((OK, NO), T0 - timedelta(days=1)),
+            "succeeded-new": ((OK, OK, OK), T0 + timedelta(days=1)),
+        }
+        stored = {}
+        for saga_id, (answers, at) in histories.items():
+            history = run_history(saga_id, answers, at=at, labels={"tenant": "acme"})
+            await store_history(store, history)
+            stored[saga_id] = history
+        cutoff = T0 + timedelta(hours=1)
+        prunable = ["succeeded-older", "succeeded-old", "compensated-old"]
+        kept = [saga_id for saga_id in histories if saga_id not in prunable]
+        expected_events = sum(len(stored[saga_id].log) for saga_id in prunable)
+
+        assert await store.count_prunable(cutoff) == PruneResult(3, expected_events)
+        assert await store.prune(T0 - timedelta(days=2), 100) == PruneResult(0, 0)
+        first = await store.prune(cutoff, 2)
+
+        assert first == PruneResult(2, sum(len(stored[s].log) for s in prunable[:2]))
+        assert [await store.get(saga_id) for saga_id in prunable[:2]] == [None, None]
+        assert await store.get("compensated-old") == stored["compensated-old"].last
+        second = await store.prune(cutoff, 2)
+        assert second == PruneResult(1, len(stored["compensated-old"].log))
+        assert await store.prune(cutoff, 2) == PruneResult(0, 0)
+        assert await store.count_prunable(cutoff) == PruneResult(0, 0)
+
+        for saga_id in prunable:
+            assert await store.get(saga_id) is None
+            assert await store.events(saga_id) == ()
+            assert await store.events_page(saga_id, 0, 10) == ()
+        for saga_id in kept:
+            assert await store.get(saga_id) == stored[saga_id].last
+            assert await store.events(saga_id) == stored[saga_id].log
+        acme = SagaFilter(labels=(("tenant", "acme"),))
+        assert sorted(p for page in await all_pages(store, acme, 2) for p in page) == sorted(kept)
+        assert await store.count(SagaFilter()) == len(kept)
+        assert dict(await store.count_by_state(SagaFilter())) == dict(
+            Counter(stored[saga_id].last.state for saga_id in kept)
+        )
+
+    async def test_a_pruned_id_can_be_created_afresh(self, store: SagaStore) -> None:
+        old = run_history("s-1", [OK, OK, OK], at=T0)
+        await store_history(store, old)
+        await store.prune(T0 + timedelta(hours=1), 10)
+        new = run_history("s-1", [OK], at=T0 + timedelta(days=1))
+
+        assert await store.create(new.first, new.log[0], "fp-new") == (new.first, True)
+        assert await store.events("s-1") == new.log[:1]
+
+    async def test_prune_with_a_batch_below_one_is_refused(self, store: SagaStore) -> None:
+        with pytest.raises(ValueError, match="at least one saga"):
+            await store.prune(T0, 0)
 
     # --- concurrency and life cycle ----------------------------------------------------------
 
