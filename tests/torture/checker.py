@@ -19,7 +19,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from coordinator.core.events import Event, SagaCreated
+from coordinator.core.events import (
+    CompleteRequested,
+    Event,
+    MarkCompensated,
+    ResumeRequested,
+    RetryRequested,
+    SagaCreated,
+)
 from coordinator.core.machine import decide, start
 from coordinator.core.model import Saga, SagaState, StepKind, StepState
 from coordinator.store.errors import StoreCorrupt
@@ -68,6 +75,23 @@ _STEP_MOVES = {
     StepState.FAILED: {StepState.COMPENSATING},
     StepState.COMPENSATING: {StepState.COMPENSATED},
 }
+# What only an operator's action may do: take a parked saga out of NEEDS_ATTENTION (retry a
+# stuck step, resume or mark a stuck compensation, complete a step by hand), and the step moves
+# that go with it.
+_OPERATOR_SAGA_MOVES = {
+    SagaState.NEEDS_ATTENTION: {
+        SagaState.RUNNING,
+        SagaState.COMPENSATING,
+        SagaState.COMPENSATED,
+        SagaState.SUCCEEDED,
+    },
+}
+_OPERATOR_STEP_MOVES = {
+    StepState.RUNNING: {StepState.SUCCEEDED},  # completed by hand during a backoff
+    StepState.REJECTED: {StepState.RUNNING, StepState.SUCCEEDED},
+    StepState.FAILED: {StepState.RUNNING, StepState.SUCCEEDED},
+}
+_OPERATOR_EVENTS = (RetryRequested, ResumeRequested, MarkCompensated, CompleteRequested)
 _EXECUTED = (StepState.SUCCEEDED, StepState.REJECTED, StepState.FAILED)
 _COMPENSATION_DONE = ("OK", "UNAVAILABLE:after")
 """Ledger answers after which the barrier holds the compensation (applied or null)."""
@@ -241,7 +265,8 @@ def _check_replay(report: CheckReport, stored: Saga, log: Sequence[RecordedRow])
         return
     saga = start(first, log[0][1]).saga
     for sequence, at, event in log[1:]:
-        if saga.state.is_settled:
+        # A parked saga still takes an operator's action; only a terminal one never moves.
+        if saga.state.is_terminal:
             report.violation(
                 "illegal_state_transitions", f"{name}#{sequence}: event after {saga.state}"
             )
@@ -253,7 +278,7 @@ def _check_replay(report: CheckReport, stored: Saga, log: Sequence[RecordedRow])
                 f"{name}#{sequence}: the stored event does not apply ({type(event).__name__})",
             )
             return
-        for figure, problem in _move_problems(saga, decision.saga):
+        for figure, problem in _move_problems(saga, decision.saga, event):
             report.violation(figure, f"{name}#{sequence}: {problem}")
         saga = decision.saga
     if saga != stored:
@@ -264,20 +289,26 @@ def _check_replay(report: CheckReport, stored: Saga, log: Sequence[RecordedRow])
         )
 
 
-def _move_problems(old: Saga, new: Saga) -> Iterable[tuple[str, str]]:
+def _move_problems(old: Saga, new: Saga, event: Event) -> Iterable[tuple[str, str]]:
+    by_operator = isinstance(event, _OPERATOR_EVENTS)
     if new.state is not old.state:
         allowed = set(_SAGA_MOVES.get(old.state, set()))
+        if by_operator:
+            allowed |= _OPERATOR_SAGA_MOVES.get(old.state, set())
         failure = new.failure
         if old.state is SagaState.RUNNING and failure is not None:
-            index = STEP_INDEX.get(failure.step)
-            if index is not None and new.step_definition(index).kind is StepKind.RETRIABLE:
+            # A pivot or retriable step that cannot go on (a "no" from a retriable step, an
+            # attempt budget spent, the deadline past the pivot) parks the saga.
+            index = _step_index(new, failure.step)
+            if index is not None and new.step_definition(index).kind is not StepKind.COMPENSATABLE:
                 allowed.add(SagaState.NEEDS_ATTENTION)
         if new.state not in allowed:
             yield "illegal_state_transitions", f"saga {old.state} -> {new.state}"
     for index, (before, after) in enumerate(zip(old.steps, new.steps, strict=True)):
-        if after.state is not before.state and after.state not in _STEP_MOVES.get(
-            before.state, set()
-        ):
+        allowed_steps = set(_STEP_MOVES.get(before.state, set()))
+        if by_operator:
+            allowed_steps |= _OPERATOR_STEP_MOVES.get(before.state, set())
+        if after.state is not before.state and after.state not in allowed_steps:
             yield "illegal_state_transitions", f"step {before.name} {before.state} -> {after.state}"
         if before.state is not StepState.COMPENSATING and after.state is StepState.COMPENSATING:
             later = [
@@ -310,6 +341,10 @@ def _move_problems(old: Saga, new: Saga) -> Iterable[tuple[str, str]]:
 
 
 STEP_INDEX = {name: index for index, name in enumerate(STEP_NAMES)}
+
+
+def _step_index(saga: Saga, name: str) -> int | None:
+    return next((i for i, step in enumerate(saga.steps) if step.name == name), None)
 
 
 # --- the client's log ----------------------------------------------------------------------------
@@ -431,9 +466,13 @@ def _check_effects(
 
     for saga_id, saga in sagas.items():
         reject, stuck = plan_of_input(saga.input)
+        # A step an operator completed or undid by hand was settled outside the system: its
+        # participant's effects say nothing about the saga's promises.
+        by_hand = {step.name for step in saga.steps if step.by_operator}
         steps = {
             name: by_step.get((saga_id, name), {"execute": [], "compensate": []})
             for name in STEP_NAMES
+            if name not in by_hand
         }
         if saga.state is SagaState.SUCCEEDED:
             if reject is not None:
@@ -467,6 +506,8 @@ def _check_effects(
                 )
             at = STEP_INDEX[stuck]
             for index, name in enumerate(STEP_NAMES):
+                if name not in steps:
+                    continue
                 ops = steps[name]
                 net = len(ops["execute"]) - len(ops["compensate"])
                 expected = 0 if index > at else 1
@@ -488,10 +529,13 @@ def _check_answers(
     answered = {(d.saga_id, d.step, d.operation) for d in deliveries if d.answer == "OK"}
     for saga_id, saga in sagas.items():
         for step in saga.steps:
+            # What an operator recorded by hand (an output, an undoing) no participant said.
             needed = []
-            if step.output is not None:
+            if step.output is not None and not (
+                step.by_operator and step.state is StepState.SUCCEEDED
+            ):
                 needed.append("execute")
-            if step.state is StepState.COMPENSATED:
+            if step.state is StepState.COMPENSATED and not step.by_operator:
                 needed.append("compensate")
             for operation in needed:
                 if (saga_id, step.name, operation) not in answered:

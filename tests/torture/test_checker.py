@@ -15,15 +15,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from coordinator.core.events import (
     CallAnswered,
+    CancelRequested,
+    Event,
+    MarkCompensated,
     Outcome,
     RecordedEvent,
     Rejected,
+    ResumeRequested,
+    RetryRequested,
     SagaCreated,
     Succeeded,
+    Transient,
 )
 from coordinator.core.machine import decide, pending_call, start
 from coordinator.core.model import Operation, Saga, SagaState
@@ -35,6 +42,7 @@ from tests.torture.scenario import PARTICIPANTS, STEPS, definition, encode_input
 
 OK = Succeeded(b"{}")
 NO = Rejected("TORTURE_REJECTED", "no")
+UNAVAILABLE = Transient("UNAVAILABLE", "try later")
 PARTICIPANT_OF = dict(STEPS)
 
 
@@ -125,39 +133,51 @@ class _Writer:
             )
 
     async def saga(
-        self, saga_id: str, plan: dict[str, Any], answers: list[tuple[str, Outcome]]
+        self,
+        saga_id: str,
+        plan: dict[str, Any],
+        answers: list[tuple[str, Outcome] | Event],
     ) -> Saga:
+        """Create a saga and feed it ``answers``: a participant's answer to the pending call of
+        the named step (recorded in its ledger, with its effect), or an event (an operator's
+        action), decided and committed as the engine would."""
         payload = encode_input({"n": 0, "pad": "", **plan})
         created = SagaCreated(saga_id, self.definition, payload)
         self.tick()
         saga = start(created, self.now).saga
         await self.store.create(saga, RecordedEvent(saga_id, 1, self.now, created), "fp")
         self.world.acknowledge(saga_id, payload)
-        for step, outcome in answers:
-            pending = pending_call(saga)
-            assert pending is not None
-            assert saga.steps[pending.step].name == step
-            operation = pending.operation
-            if isinstance(outcome, Succeeded) and (
-                operation is Operation.EXECUTE or (saga_id, step) in self.executed
-            ):  # a Compensate whose Execute never took effect is a null compensation
-                self.effect(saga_id, step, operation.value)
-                self.executed.add((saga_id, step))
-            answer = "OK" if isinstance(outcome, Succeeded) else "FAILED_PRECONDITION"
-            self.delivery(saga_id, step, operation.value, answer)
-            event = CallAnswered(pending.operation, pending.step, pending.attempt, outcome)
+        for answer in answers:
+            event = self.answer(saga, *answer) if isinstance(answer, tuple) else answer
             self.tick()
             decision = decide(saga, event, self.now)
+            assert decision.changed, (saga_id, event)
             await self.store.commit(
                 decision.saga, RecordedEvent(saga_id, decision.saga.version, self.now, event)
             )
             saga = decision.saga
         return saga
 
+    def answer(self, saga: Saga, step: str, outcome: Outcome) -> CallAnswered:
+        """The participant of ``step`` answers the saga's pending call to it."""
+        pending = pending_call(saga)
+        assert pending is not None
+        assert saga.steps[pending.step].name == step
+        operation = pending.operation
+        if isinstance(outcome, Succeeded) and (
+            operation is Operation.EXECUTE or (saga.saga_id, step) in self.executed
+        ):  # a Compensate whose Execute never took effect is a null compensation
+            self.effect(saga.saga_id, step, operation.value)
+            self.executed.add((saga.saga_id, step))
+        answer = {Succeeded: "OK", Transient: "UNAVAILABLE:before"}.get(
+            type(outcome), "FAILED_PRECONDITION"
+        )
+        self.delivery(saga.saga_id, step, operation.value, answer)
+        return CallAnswered(pending.operation, pending.step, pending.attempt, outcome)
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> World:
-    world = World(tmp_path_factory.mktemp("pristine"))
+
+def _new_world(root: Path) -> World:
+    world = World(root)
     world.database.parent.mkdir(parents=True)
     for name in PARTICIPANTS:
         directory = world.participant_dir(name)
@@ -166,6 +186,12 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> World:
             db.execute(EFFECTS_SCHEMA)
         with contextlib.closing(sqlite3.connect(directory / "ledger.db")) as db:
             db.executescript(LEDGER_SCHEMA)
+    return world
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> World:
+    world = _new_world(tmp_path_factory.mktemp("pristine"))
 
     async def write() -> None:
         store = await SqliteStore.open(world.database)
@@ -365,3 +391,121 @@ def test_a_damaged_database_fails_its_integrity_check(world: World) -> None:
     report = world.check()
 
     assert report.figures["integrity_check_failures"] >= 1, nonzero(report)
+
+
+# --- logs with operators' actions ----------------------------------------------------------------
+
+Step = tuple[str, Outcome] | Event
+"""A participant's answer to the named step's pending call, or an event (an operator's)."""
+
+UNDO_FROM_S2: list[Step] = [("s0", OK), ("s1", OK), ("s2", NO), ("s2", OK), ("s1", OK)]
+"""s2 refuses: s2 (a null compensation) and s1 are undone; s0 is next."""
+
+OPERATED: dict[str, tuple[dict[str, Any], list[Step], SagaState]] = {
+    "retried-now": (
+        {},
+        [
+            ("s0", OK),
+            ("s1", UNAVAILABLE),
+            RetryRequested(1, "ops", "s1 is back"),
+            ("s1", OK),
+            ("s2", OK),
+            ("s3", OK),
+        ],
+        SagaState.SUCCEEDED,
+    ),
+    "resumed": (
+        {"reject": "s2"},
+        [*UNDO_FROM_S2, ("s0", NO), ResumeRequested("ops", "the refund works again"), ("s0", OK)],
+        SagaState.COMPENSATED,
+    ),
+    "marked": (
+        {"reject": "s2"},
+        [*UNDO_FROM_S2, ("s0", NO), MarkCompensated(0, "ops", "refunded by hand")],
+        SagaState.COMPENSATED,
+    ),
+    "cancelled": (
+        {},
+        [
+            ("s0", OK),
+            CancelRequested("changed my mind", call_in_flight=False, actor="alice"),
+            ("s1", OK),  # s1 was never sent: a null compensation
+            ("s0", OK),
+        ],
+        SagaState.COMPENSATED,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def operated(tmp_path_factory: pytest.TempPathFactory) -> World:
+    world = _new_world(tmp_path_factory.mktemp("operated"))
+
+    async def write() -> None:
+        store = await SqliteStore.open(world.database)
+        writer = _Writer(world, store)
+        try:
+            for saga_id, (plan, answers, state) in OPERATED.items():
+                saga = await writer.saga(saga_id, plan, answers)
+                assert saga.state is state, saga_id
+                assert saga.audit, f"{saga_id}: an operator's action is in its audit trail"
+        finally:
+            await store.close()
+
+    asyncio.run(write())
+    return world
+
+
+@pytest.fixture
+def operated_world(operated: World, tmp_path: Path) -> World:
+    shutil.copytree(operated.root, tmp_path / "world")
+    return World(tmp_path / "world")
+
+
+def test_logs_with_operators_actions_keep_every_figure_at_zero(operated_world: World) -> None:
+    report = operated_world.check()
+
+    assert nonzero(report) == {}, dict(report.examples)
+    assert report.info["sagas_by_state"] == {"COMPENSATED": 3, "SUCCEEDED": 1}
+
+
+def test_a_tampered_operators_action_in_a_log_is_a_replay_mismatch(
+    operated_world: World,
+) -> None:
+    with contextlib.closing(operated_world.coordinator_db()) as db:
+        db.execute("DROP TRIGGER saga_events_no_update")
+        (sequence, body) = db.execute(
+            "SELECT sequence, body FROM saga_events "
+            "WHERE saga_id = 'retried-now' AND type = 'retry_requested'"
+        ).fetchone()
+        tampered = msgpack.unpackb(body)
+        tampered["actor"] = "mallory"
+        db.execute(
+            "UPDATE saga_events SET body = ? WHERE saga_id = 'retried-now' AND sequence = ?",
+            (msgpack.packb(tampered), sequence),
+        )
+
+    report = operated_world.check()
+
+    assert report.figures["replay_mismatches"] == 1, nonzero(report)
+    assert "retried-now" in report.examples["replay_mismatches"][0]
+
+
+def test_an_operators_action_the_saga_could_not_take_is_counted(operated_world: World) -> None:
+    # The stored action now names a step that was not stuck: replaying the log refuses it.
+    with contextlib.closing(operated_world.coordinator_db()) as db:
+        db.execute("DROP TRIGGER saga_events_no_update")
+        (body,) = db.execute(
+            "SELECT body FROM saga_events WHERE saga_id = 'marked' AND type = 'mark_compensated'"
+        ).fetchone()
+        tampered = msgpack.unpackb(body)
+        tampered["step"] = 3
+        db.execute(
+            "UPDATE saga_events SET body = ? "
+            "WHERE saga_id = 'marked' AND type = 'mark_compensated'",
+            (msgpack.packb(tampered),),
+        )
+
+    report = operated_world.check()
+
+    assert report.figures["replay_mismatches"] >= 1, nonzero(report)
