@@ -216,23 +216,19 @@ def _parser() -> argparse.ArgumentParser:
         "--event-loop", choices=("asyncio", "uvloop"), help="the event loop (default asyncio)"
     )
 
-    def formats(sub: argparse.ArgumentParser, *, output_flag: bool = True) -> None:
-        if output_flag:
-            sub.add_argument(
-                "--output",
-                "-o",
-                choices=("table", "json"),
-                default="table",
-                help="print tables for people (default) or JSON",
-            )
-        sub.set_defaults(output="table")
+    def formats(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--output",
+            "-o",
+            choices=("table", "json"),
+            default="table",
+            help="print tables for people (default) or JSON",
+        )
         sub.add_argument(
             "--json", dest="output", action="store_const", const="json", help="--output json"
         )
 
-    def client(
-        parent: Any, name: str, help: str, *, output_flag: bool = True, **extra: Any
-    ) -> argparse.ArgumentParser:
+    def client(parent: Any, name: str, help: str, **extra: Any) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = parent.add_parser(
             name,
             help=help,
@@ -246,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
             default=os.environ.get(TARGET_VARIABLE) or DEFAULT_TARGET,
             help=f"coordinator address (default: ${TARGET_VARIABLE}, else {DEFAULT_TARGET})",
         )
-        formats(sub, output_flag=output_flag)
+        formats(sub)
         return sub
 
     def filters(sub: argparse.ArgumentParser) -> None:
@@ -357,7 +353,6 @@ def _parser() -> argparse.ArgumentParser:
         commands,
         "complete",
         "record a stuck pivot or retriable step as succeeded; the saga goes on",
-        output_flag=False,
     )
     complete.add_argument("saga_id", metavar="ID")
     complete.add_argument(
@@ -373,13 +368,11 @@ def _parser() -> argparse.ArgumentParser:
         help="act only if the saga is still at this version (else refused, exit 1)",
     )
     complete.add_argument(
-        "--output",
+        "--result",
         dest="step_output",
-        action="append",
-        default=[],
         metavar="JSON",
-        help="the step's output as JSON, as its participant would have answered (default: "
-        "none); `--output json` or `--output table` choose how the answer is printed instead",
+        help="the step's output as JSON, as its participant would have answered; later steps "
+        "receive it (default: none)",
     )
 
     watch = client(commands, "watch", "follow a saga's changes until it ends")
@@ -833,22 +826,12 @@ def _mark_compensated(client: SagaClient, args: argparse.Namespace, out: Console
 
 
 def _complete(client: SagaClient, args: argparse.Namespace, out: Console) -> int:
-    # `--output json|table` picks the rendering, as on every command; any other value is the
-    # step's output (neither word is valid JSON, so nothing is ambiguous).
-    payloads = []
-    for value in args.step_output:
-        if value in ("json", "table"):
-            args.output = value
-        else:
-            payloads.append(value)
-    if len(payloads) > 1:
-        raise UsageError("give the step's --output once")
     output = None
-    if payloads:
+    if args.step_output is not None:
         try:
-            output = json.loads(payloads[0])
+            output = json.loads(args.step_output)
         except json.JSONDecodeError as error:
-            raise UsageError(f"--output is not valid JSON: {error}") from None
+            raise UsageError(f"--result is not valid JSON: {error}") from None
         if output is None:
             output = b"null"  # an explicit JSON null, not "no output"
     saga = client.complete(

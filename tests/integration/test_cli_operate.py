@@ -358,9 +358,9 @@ async def test_complete_and_retry_a_parked_retriable_step(
     assert len(await saga.json("list", "--stuck-on-step", "notify")) == 2
     assert await saga.json("list", "--stuck-on-step", "reserve") == []
 
-    bad_output = await saga("complete", "by-phone", "notify", "--reason", "x", "--output", "{no")
+    bad_output = await saga("complete", "by-phone", "notify", "--reason", "x", "--result", "{no")
     assert bad_output.returncode == 2
-    assert "--output is not valid JSON" in bad_output.stderr
+    assert "--result is not valid JSON" in bad_output.stderr
     wrong_step = await saga("complete", "by-phone", "reserve", "--reason", "x")
     assert wrong_step.returncode == 1
     assert "complete step 'notify'" in wrong_step.stderr
@@ -371,7 +371,7 @@ async def test_complete_and_retry_a_parked_retriable_step(
         "notify",
         "--reason",
         "told the customer by phone",
-        "--output",
+        "--result",
         '{"sent": "by phone"}',
         "--actor",
         ACTOR,
