@@ -215,6 +215,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--event-loop", choices=("asyncio", "uvloop"), help="the event loop (default asyncio)"
     )
+    serve.add_argument(
+        "--retention",
+        metavar="AGE",
+        help="prune sagas that ended SUCCEEDED or COMPENSATED longer ago than this (30d, 12h); "
+        "default: keep them",
+    )
 
     def formats(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
@@ -478,6 +484,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "otlp_endpoint": args.otlp_endpoint,
                 "metrics_listen": args.metrics_listen,
                 "event_loop": args.event_loop,
+                "retention": args.retention,
             },
         )
     except ConfigError as error:

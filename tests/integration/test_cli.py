@@ -222,3 +222,23 @@ def test_check_store_scans_on_demand_and_names_the_damage(tmp_path: Path) -> Non
     missing = saga("check-store", f"sqlite:///{tmp_path / 'none.db'}")
     assert missing.returncode == 2
     assert "no saga store" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "problem"),
+    [
+        (("--retention", "3x"), "flags: retention: expected a duration like 90s"),
+        (("--retention", "30s"), "flags: retention: at least 1m"),
+        ((), "saga.yaml: retention: expected a duration like 90s"),
+    ],
+)
+def test_serve_refuses_a_bad_retention(
+    tmp_path: Path, where: tuple[str, ...], problem: str
+) -> None:
+    config = tmp_path / "saga.yaml"
+    config.write_text("listen: 127.0.0.1:0\n" + ("" if where else "retention: soon\n"))
+
+    result = saga("serve", "--config", str(config), *where)
+
+    assert result.returncode == 2
+    assert problem in result.stderr
