@@ -117,6 +117,12 @@ def service_command(name: str, port: int, database: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="where files go")
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the services and the coordinator running after the two sagas, to try the "
+        "saga command on them (SAGA_TARGET is printed); Ctrl-C stops them",
+    )
     args = parser.parse_args()
     out = console()
     workdir: Path = args.workdir.resolve()
@@ -175,6 +181,11 @@ def main() -> int:
             )
             + f" in {time.monotonic() - started_at:.1f}s. Logs and databases in {workdir}"
         )
+        if args.keep_running:
+            out.print(f"Still running: export SAGA_TARGET={target}   (Ctrl-C stops everything)")
+            stop = {signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # taken by sigwait, not by handlers
+            signal.sigwait(stop)
         return 0 if outcomes == expected else 1
     finally:
         processes.stop_all()

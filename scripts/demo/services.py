@@ -7,6 +7,9 @@ never applies its effect twice. With OTEL_EXPORTER_OTLP_ENDPOINT set, each expor
 which continue the saga's trace.
 
     python scripts/demo/services.py accounts --port 50062 --database accounts.db
+
+With ACCOUNTS_LEDGER_LOCK naming a file, Accounts refuses to close an account while that file
+exists: what the README's "Operating sagas" uses to park a saga and repair it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from saga_sdk.errors import Rejected
 from saga_sdk.participant import CompensateContext, ExecuteContext, Participant
 from saga_sdk.sqlite_barrier import SqliteBarrier
 
@@ -60,6 +64,10 @@ def accounts(participant: Participant) -> str:
 
     @participant.compensation("CloseAccount")
     def close_account(ctx: CompensateContext) -> None:
+        lock = os.environ.get("ACCOUNTS_LEDGER_LOCK")
+        if lock and Path(lock).exists():
+            # The ledger is closed for the month's end: no account can be closed until then.
+            raise Rejected("LEDGER_LOCKED", f"the ledger is locked ({lock} exists)")
         ctx.tx.execute("UPDATE accounts SET status = 'closed' WHERE saga = ?", (ctx.saga_id,))
 
     return (

@@ -11,7 +11,8 @@
 // - a Compensate whose Execute never took effect applies nothing and answers OK (a null
 //   compensation); it leaves a marker under the Execute's request_id, so that an Execute
 //   arriving later is refused (ExecuteAfterCompensate) and applies nothing (no hanging resource);
-// - a Rejected effect rolls its own writes back and the rejection is remembered;
+// - a Rejected Execute rolls its own writes back and the rejection is remembered; a Rejected
+//   Compensate rolls everything back and is not remembered (sent again, it runs afresh);
 // - any other exception rolls everything back and leaves no barrier row: a retry runs afresh.
 //
 // better-sqlite3 is synchronous, so a transaction cannot span an `await`. Work is therefore split
@@ -207,8 +208,8 @@ export class SqliteBarrier {
    * Apply a call once. `prepare` is called only when the call is new (concurrent duplicates may
    * each prepare; only one effect commits): it may be async, must change nothing, and returns
    * the effect, a synchronous `(db) => Buffer` run in the barrier's transaction. A Rejected
-   * thrown by `prepare` or by the effect is recorded and thrown; any other error rolls back and
-   * is thrown.
+   * thrown by `prepare` or by the effect is thrown, and recorded for an Execute (a Compensate's
+   * "no" is not remembered); any other error rolls back and is thrown.
    *
    * @param {BarrierKey} key
    * @param {() => ((db: import('better-sqlite3').Database) => Uint8Array) |
@@ -302,6 +303,9 @@ export class SqliteBarrier {
       output = applyEffect(effect);
     } catch (error) {
       if (!(error instanceof Rejected)) throw error;
+      // A "no" to undoing is not remembered: nothing was undone, and the same compensation
+      // sent again (an operator resuming the saga) runs afresh. Throwing rolls it all back.
+      if (key.operation === Operation.COMPENSATE) throw error;
       this.#record(key, REJECTED, null, error.reason, error.message);
       return { rejected: error };
     }

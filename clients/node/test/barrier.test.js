@@ -83,6 +83,20 @@ test('a Compensate before its Execute is a null compensation and the late Execut
   ]);
 });
 
+test('a rejected Compensate is not remembered: sent again, it runs afresh', (t) => {
+  const barrier = ledger(t);
+  barrier.runSync(EXECUTE, credit(10));
+  const refuse = (db) => {
+    db.prepare('INSERT INTO entries VALUES (?, ?)').run('s-1', -5);
+    throw new Rejected('LEDGER_LOCKED', 'the ledger is locked');
+  };
+  assert.throws(() => barrier.runSync(COMPENSATE, refuse), { reason: 'LEDGER_LOCKED' });
+  assert.equal(barrier.lookup(COMPENSATE), null);
+  assert.equal(barrier.runSync(COMPENSATE, credit(-10)).kind, OutcomeKind.APPLIED);
+  assert.equal(barrier.runSync(COMPENSATE, credit(-10)).kind, OutcomeKind.REPLAYED);
+  assert.deepEqual(entries(barrier).map((e) => e.amount), [10, -10]);
+});
+
 test('a rejection rolls back its writes, is recorded and is replayed', (t) => {
   const barrier = ledger(t);
   const refuse = (db) => {

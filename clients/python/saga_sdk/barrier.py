@@ -12,7 +12,10 @@ writes commit or roll back together:
   compensation); it leaves a marker under the Execute's request_id, so that an Execute arriving
   later is refused (`ExecuteAfterCompensate`) and applies nothing (no hanging resource);
 - concurrent duplicates wait on the database's lock for the first to finish and then replay it;
-- a `Rejected` effect rolls its own writes back and the rejection is remembered;
+- a `Rejected` Execute rolls its own writes back and the rejection is remembered;
+- a `Rejected` Compensate rolls everything back and is not remembered: nothing was undone, and
+  the same compensation sent again (an operator resuming the saga once the cause is fixed)
+  runs afresh;
 - any other exception rolls everything back and leaves no barrier row: a retry runs afresh.
 
 Backends: `saga_sdk.sqlite_barrier.SqliteBarrier` (stdlib sqlite3) and
@@ -305,6 +308,8 @@ def run_guarded(
         try:
             output = _check_output(effect(session.connection))
         except Rejected as rejected:
+            if key.operation is Operation.COMPENSATE:
+                raise  # rolled back whole below: a "no" to undoing is not remembered
             session.execute(f"ROLLBACK TO SAVEPOINT {_EFFECT_SAVEPOINT}", ())
             session.execute(*_record(sql, key, REJECTED, None, rejected.reason, rejected.message))
             session.commit()
@@ -346,6 +351,8 @@ async def run_guarded_async(
         try:
             output = _check_output(await effect(session.connection))
         except Rejected as rejected:
+            if key.operation is Operation.COMPENSATE:
+                raise  # rolled back whole below: a "no" to undoing is not remembered
             await session.execute(f"ROLLBACK TO SAVEPOINT {_EFFECT_SAVEPOINT}", ())
             await session.execute(
                 *_record(sql, key, REJECTED, None, rejected.reason, rejected.message)

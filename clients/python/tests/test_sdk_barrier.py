@@ -162,6 +162,28 @@ class BarrierContract(ABC):
         assert (again.value.reason, again.value.message) == ("CARD_BLOCKED", "the card is blocked")
         assert self.effects() == []
 
+    def test_a_rejected_compensation_is_not_remembered_and_runs_again_when_resent(
+        self, barrier: Barrier
+    ) -> None:
+        execute = execute_key()
+        compensate = compensate_key(execute)
+        barrier.run(execute, self.effect("debit"))
+
+        def write_then_refuse(tx: Any) -> bytes:
+            self.write(tx, "half-undone")
+            raise Rejected("LEDGER_LOCKED", "the ledger is locked")
+
+        with pytest.raises(Rejected) as refused:
+            barrier.run(compensate, write_then_refuse)
+        # Once the cause is fixed, the same compensation (same request_id) is applied.
+        undone = self.new_barrier().run(compensate, self.effect("refund"))
+        again = barrier.run(compensate, self.never)
+
+        assert refused.value.reason == "LEDGER_LOCKED"
+        assert undone.kind is OutcomeKind.APPLIED
+        assert again.kind is OutcomeKind.REPLAYED
+        assert self.effects() == ["debit", "refund"]
+
     def test_an_unexpected_error_rolls_everything_back_and_a_retry_runs_again(
         self, barrier: Barrier
     ) -> None:
