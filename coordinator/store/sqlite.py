@@ -98,8 +98,8 @@ SELECT min(created_at) FROM (
 )
 """
 _SELECT_PARKED = """
-SELECT definition_name, coalesce(waiting_step, ''), count(*) FROM sagas INDEXED BY sagas_by_state
-WHERE state = 'NEEDS_ATTENTION' GROUP BY 1, 2
+SELECT definition_name, waiting_step, count(*) FROM sagas INDEXED BY sagas_parked
+WHERE state = 'NEEDS_ATTENTION' GROUP BY definition_name, waiting_step
 """
 # The partial index's own condition, word for word: SQLite reads the index only for a query
 # that repeats it.
@@ -290,7 +290,7 @@ class SqliteStore:
         definitions = self._definitions
 
         def list_sagas(connection: sqlite3.Connection) -> SagaPage:
-            query = list_query(where, read_counts(connection), limit, after)
+            query = list_query(connection, where, limit, after)
             if query is None:
                 return SagaPage(sagas=(), next_cursor=None)
             return page_of(read_sagas(connection, definitions, *query), limit)
@@ -301,11 +301,10 @@ class SqliteStore:
         """How many sagas match ``where``."""
 
         def count(connection: sqlite3.Connection) -> int:
-            counts = read_counts(connection)
             if only_counted(where):
-                by_state = counted(counts, where)
+                by_state = counted(read_counts(connection), where)
                 return sum(n for state, n in by_state.items() if _wanted(state, where))
-            query = count_query(where, counts)
+            query = count_query(connection, where)
             if query is None:
                 return 0
             (found,) = connection.execute(*query).fetchone()
@@ -318,11 +317,10 @@ class SqliteStore:
         none are left out)."""
 
         def count_by_state(connection: sqlite3.Connection) -> Mapping[SagaState, int]:
-            counts = read_counts(connection)
             if only_counted(where):
-                by_state = counted(counts, where)
+                by_state = counted(read_counts(connection), where)
             else:
-                query = count_by_state_query(where, counts)
+                query = count_by_state_query(connection, where)
                 rows = [] if query is None else connection.execute(*query).fetchall()
                 by_state = {SagaState(state): int(n) for state, n in rows}
             return {state: n for state, n in by_state.items() if n}
@@ -373,7 +371,11 @@ class SqliteStore:
         """NEEDS_ATTENTION sagas counted by (definition name, step they are stuck on)."""
 
         def parked(connection: sqlite3.Connection) -> Mapping[tuple[str, str], int]:
-            return {(name, step): int(n) for name, step, n in connection.execute(_SELECT_PARKED)}
+            found: dict[tuple[str, str], int] = {}
+            for name, step, n in connection.execute(_SELECT_PARKED):
+                key = (name, step or "")  # a parked saga always waits on a step; to be safe
+                found[key] = found.get(key, 0) + int(n)
+            return found
 
         return await self._read(parked, "counting the parked sagas")
 

@@ -2,18 +2,19 @@
 
 A listing is ordered by (created_at, saga_id) and resumes after a cursor. Every index a listing
 reads ends in (created_at, saga_id) after an equality prefix, so each range it reads is already
-in that order and stops after a page: the cost of a page does not grow with the store. One
-condition drives (its index is read); the others are checked on the rows read:
+in that order and stops once a page is full. One condition drives (its index is read); the
+others are checked on the rows read. The driver is the condition that holds the fewest sagas:
 
-1. a stuck-on filter: the partial indexes of unended sagas by waiting step or participant;
-2. a label: ``saga_labels_by_value``, which carries the saga's creation time;
-3. a definition or states, whichever holds fewer sagas (``saga_counts`` knows exactly): one
-   range per (definition, version) or per state, merged in order (a name without a version
-   merges its versions' ranges);
-4. otherwise the creation order itself.
+- a definition (one range per version, merged in order) or a set of states (one range per
+  state): ``saga_counts`` says exactly how many sagas each holds, at no cost, and which ranges
+  are empty (those are not read at all);
+- a stuck-on step or participant, a label, or a creation time range: their index is counted,
+  but never beyond the smallest size already known (10,000 when none is), so choosing costs
+  at most that much, and nothing when there is nothing to choose from;
+- otherwise the creation order itself.
 
-Ranges that ``saga_counts`` says are empty are not read at all. Counts of sagas by definition,
-version and state are read from ``saga_counts`` alone; other counts read the driving index.
+Counts of sagas by definition, version and state are read from ``saga_counts`` alone; other
+counts read the driving index.
 """
 
 from __future__ import annotations
@@ -35,42 +36,22 @@ _SELECT_COUNTS = (
     "SELECT definition_name, definition_version, state, total FROM saga_counts WHERE total > 0"
 )
 _SAGA_COLUMNS = ", ".join(f"s.{name}" for name in SAGA_FIELDS)
+_LABELS = "saga_labels_by_value"
+_BY_STEP = "sagas_waiting_on_step"
+_BY_PARTICIPANT = "sagas_waiting_on_participant"
+_BY_CREATION = "sagas_by_creation"
+_BY_STATE = "sagas_by_state"
+_BY_DEFINITION = "sagas_by_definition"
+_EVERY = 2**62
+"""More sagas than any store holds: no size known yet."""
+_FIRST_LOOK = 10_000
+"""How far index entries are counted when no driver's size is known: beyond it, the first
+driver in the order above is as good a guess as any."""
 
 
 def read_counts(connection: sqlite3.Connection) -> list[CountRow]:
     """Every non-empty (definition, version, state) and its number of sagas."""
     return connection.execute(_SELECT_COUNTS).fetchall()
-
-
-@dataclass
-class _Sql:
-    """Conditions joined by AND, with their parameters in order."""
-
-    clauses: list[str] = field(default_factory=list)
-    params: list[Any] = field(default_factory=list)
-
-    def add(self, clause: str, *params: Any) -> None:
-        self.clauses.append(clause)
-        self.params.extend(params)
-
-    def where(self) -> str:
-        return f"WHERE {' AND '.join(self.clauses)}" if self.clauses else ""
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Where a query reads: ranges of one index, each given by an equality prefix."""
-
-    index: str
-    """The index read; ``saga_labels_by_value`` reads label rows, the others saga rows."""
-    branches: tuple[tuple[tuple[str, Any], ...], ...]
-    """One equality prefix (column, value) per range; no branch at all: nothing matches."""
-    residual: _Sql
-    """Conditions on the saga row (alias ``s``), checked on the rows read."""
-
-    @property
-    def by_label(self) -> bool:
-        return self.index == "saga_labels_by_value"
 
 
 def only_counted(where: SagaFilter) -> bool:
@@ -97,11 +78,11 @@ def counted(counts: Sequence[CountRow], where: SagaFilter) -> dict[SagaState, in
 
 
 def list_query(
-    where: SagaFilter, counts: Sequence[CountRow], limit: int, after: ListCursor | None
+    connection: sqlite3.Connection, where: SagaFilter, limit: int, after: ListCursor | None
 ) -> tuple[str, list[Any]] | None:
     """The query of one page (``limit`` + 1 rows of ``SAGA_FIELDS``), or None if nothing can
     match."""
-    plan = _plan(where, counts)
+    plan = _plan(connection, where)
     if not plan.branches:
         return None
     params: list[Any] = []
@@ -124,17 +105,17 @@ def list_query(
     return sql, params
 
 
-def count_query(where: SagaFilter, counts: Sequence[CountRow]) -> tuple[str, list[Any]] | None:
+def count_query(connection: sqlite3.Connection, where: SagaFilter) -> tuple[str, list[Any]] | None:
     """The query counting the sagas of ``where`` (one row, one column), or None for none."""
-    return _counting(where, counts, "one", "SELECT count(*) FROM ({rows})")
+    return _counting(connection, where, "one", "SELECT count(*) FROM ({rows})")
 
 
 def count_by_state_query(
-    where: SagaFilter, counts: Sequence[CountRow]
+    connection: sqlite3.Connection, where: SagaFilter
 ) -> tuple[str, list[Any]] | None:
     """The query counting the sagas of ``where`` per state (``where.states`` ignored), as rows
     of (state, count), or None for none."""
-    unfiltered = SagaFilter(
+    every_state = SagaFilter(
         definition=where.definition,
         definition_version=where.definition_version,
         labels=where.labels,
@@ -144,14 +125,17 @@ def count_by_state_query(
         stuck_on_step=where.stuck_on_step,
     )
     return _counting(
-        unfiltered, counts, "state", "SELECT state, count(*) FROM ({rows}) GROUP BY state"
+        connection,
+        every_state,
+        "state",
+        "SELECT state, count(*) FROM ({rows}) GROUP BY state",
     )
 
 
 def _counting(
-    where: SagaFilter, counts: Sequence[CountRow], selecting: str, template: str
+    connection: sqlite3.Connection, where: SagaFilter, selecting: str, template: str
 ) -> tuple[str, list[Any]] | None:
-    plan = _plan(where, counts)
+    plan = _plan(connection, where)
     if not plan.branches:
         return None
     params: list[Any] = []
@@ -163,97 +147,163 @@ def _counting(
     return template.format(rows=" UNION ALL ".join(parts)), params
 
 
-def _plan(where: SagaFilter, counts: Sequence[CountRow]) -> _Plan:
-    residual = _Sql()
-    if where.stuck_on_step is not None:
-        if where.stuck_on_participant is not None:
-            residual.add("s.waiting_participant = ?", where.stuck_on_participant)
-        driver = _Plan(
-            "sagas_waiting_on_step", ((("waiting_step", where.stuck_on_step),),), residual
-        )
-        _check_definition_and_states(residual, where)
-        _check_labels(residual, where.labels)
-        return driver
-    if where.stuck_on_participant is not None:
-        driver = _Plan(
-            "sagas_waiting_on_participant",
-            ((("waiting_participant", where.stuck_on_participant),),),
-            residual,
-        )
-        _check_definition_and_states(residual, where)
-        _check_labels(residual, where.labels)
-        return driver
-    if where.labels:
-        (key, value), *others = where.labels
-        _check_definition_and_states(residual, where)
-        _check_labels(residual, others)
-        return _Plan("saga_labels_by_value", ((("key", key), ("value", value)),), residual)
-    return _by_definition_or_state(where, counts, residual)
+# --- choosing the driver ---------------------------------------------------------------------
 
 
-def _by_definition_or_state(where: SagaFilter, counts: Sequence[CountRow], residual: _Sql) -> _Plan:
-    def of_definition(row: CountRow) -> bool:
-        return (where.definition is None or row[0] == where.definition) and (
-            where.definition_version is None or row[1] == where.definition_version
-        )
+@dataclass
+class _Sql:
+    """Conditions joined by AND, with their parameters in order."""
 
+    clauses: list[str] = field(default_factory=list)
+    params: list[Any] = field(default_factory=list)
+
+    def add(self, clause: str, *params: Any) -> None:
+        self.clauses.append(clause)
+        self.params.extend(params)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where a query reads: ranges of one index, each given by an equality prefix."""
+
+    index: str
+    """The index read; ``saga_labels_by_value`` reads label rows, the others saga rows."""
+    branches: tuple[tuple[tuple[str, Any], ...], ...]
+    """One equality prefix (column, value) per range; no branch at all: nothing matches."""
+    residual: _Sql
+    """Conditions on the saga row (alias ``s``), checked on the rows read."""
+
+    @property
+    def by_label(self) -> bool:
+        return self.index == _LABELS
+
+
+def _plan(connection: sqlite3.Connection, where: SagaFilter) -> _Plan:
+    counts = read_counts(connection)
+    best: tuple[int, str, Any] = (_EVERY, "creation", None)
+
+    def consider(size: int, driver: str, key: Any = None) -> None:
+        nonlocal best
+        if size < best[0]:
+            best = (size, driver, key)
+
+    # Sizes saga_counts knows exactly, at no cost.
     states = {state.value for state in where.states}
-    by_definition: list[CountRow] = []
+    if states:
+        consider(sum(row[3] for row in counts if row[2] in states), "states")
     if where.definition is not None:
-        by_definition = [row for row in counts if of_definition(row)]
-    by_state: list[CountRow] = []
-    if states:
-        by_state = [row for row in counts if row[2] in states]
-    if where.definition is not None and (not states or _total(by_definition) <= _total(by_state)):
-        versions = sorted({version for _, version, _, _ in by_definition})
-        if states:
-            residual.add(_in("s.state", states), *sorted(states))
-        return _Plan(
-            "sagas_by_definition",
-            tuple(
-                (("definition_name", where.definition), ("definition_version", version))
-                for version in versions
-            ),
-            residual,
+        consider(sum(row[3] for row in counts if _of_definition(row, where)), "definition")
+    if best[0] == 0:
+        return _Plan(_BY_STATE, (), _Sql())
+    # Sizes counted on their own index: only to choose between drivers, and never further
+    # than the smallest size known (or, knowing none, than a first look).
+    created = _created_range(where)
+    unknown: list[tuple[str, Any, str, list[Any]]] = []
+    for driver, index, column, stuck_on in (
+        ("step", _BY_STEP, "waiting_step", where.stuck_on_step),
+        ("participant", _BY_PARTICIPANT, "waiting_participant", where.stuck_on_participant),
+    ):
+        if stuck_on is not None:
+            sql = f"SELECT 1 FROM sagas INDEXED BY {index} WHERE {column} = ?{created.sql}"
+            unknown.append((driver, None, sql, [stuck_on, *created.params]))
+    for key, value in where.labels:
+        sql = (
+            f"SELECT 1 FROM saga_labels INDEXED BY {_LABELS} "
+            f"WHERE key = ? AND value = ?{created.sql}"
         )
-    if states:
+        unknown.append(("label", (key, value), sql, [key, value, *created.params]))
+    if created.params:
+        sql = f"SELECT 1 FROM sagas INDEXED BY {_BY_CREATION} WHERE 1{created.sql}"
+        unknown.append(("creation", None, sql, created.params))
+    if best[0] == _EVERY and len(unknown) == 1:
+        driver, key, _, _ = unknown[0]
+        return _driver_plan(where, counts, driver, key)
+    if best[0] == _EVERY:
+        best = (_FIRST_LOOK, unknown[0][0], unknown[0][1]) if unknown else best
+    for driver, key, sql, params in unknown:
+        consider(_at_most(connection, sql, params, best[0]), driver, key)
+    return _driver_plan(where, counts, best[1], best[2])
+
+
+@dataclass(frozen=True)
+class _Range:
+    sql: str
+    params: list[Any]
+
+
+def _created_range(where: SagaFilter) -> _Range:
+    sql, params = "", []
+    if where.created_after is not None:
+        sql += " AND created_at >= ?"
+        params.append(to_micros(where.created_after))
+    if where.created_before is not None:
+        sql += " AND created_at < ?"
+        params.append(to_micros(where.created_before))
+    return _Range(sql, params)
+
+
+def _at_most(connection: sqlite3.Connection, rows: str, params: list[Any], cap: int) -> int:
+    """How many rows ``rows`` selects, counting no further than ``cap``."""
+    (found,) = connection.execute(
+        f"SELECT count(*) FROM ({rows} LIMIT ?)", [*params, min(cap, _EVERY)]
+    ).fetchone()
+    return int(found)
+
+
+def _of_definition(row: CountRow, where: SagaFilter) -> bool:
+    return row[0] == where.definition and (
+        where.definition_version is None or row[1] == where.definition_version
+    )
+
+
+def _driver_plan(where: SagaFilter, counts: Sequence[CountRow], driver: str, key: Any) -> _Plan:
+    residual = _Sql()
+    if driver != "states" and where.states:
+        wanted = sorted(state.value for state in where.states)
+        residual.add(f"s.state IN ({', '.join('?' for _ in wanted)})", *wanted)
+    if driver != "definition":
         if where.definition is not None:
             residual.add("s.definition_name = ?", where.definition)
         if where.definition_version is not None:
             residual.add("s.definition_version = ?", where.definition_version)
-        present = sorted({row[2] for row in by_state})
-        return _Plan("sagas_by_state", tuple((("state", state),) for state in present), residual)
-    if where.definition_version is not None:
-        residual.add("s.definition_version = ?", where.definition_version)
-    return _Plan("sagas_by_creation", ((),), residual)
-
-
-def _total(rows: Sequence[CountRow]) -> int:
-    return sum(row[3] for row in rows)
-
-
-def _check_definition_and_states(residual: _Sql, where: SagaFilter) -> None:
-    if where.states:
-        states = sorted(state.value for state in where.states)
-        residual.add(_in("s.state", states), *states)
-    if where.definition is not None:
-        residual.add("s.definition_name = ?", where.definition)
-    if where.definition_version is not None:
-        residual.add("s.definition_version = ?", where.definition_version)
-
-
-def _check_labels(residual: _Sql, labels: Sequence[tuple[str, str]]) -> None:
-    for key, value in labels:
+    if driver != "step" and where.stuck_on_step is not None:
+        residual.add("s.waiting_step = ?", where.stuck_on_step)
+    if driver != "participant" and where.stuck_on_participant is not None:
+        residual.add("s.waiting_participant = ?", where.stuck_on_participant)
+    labels = list(where.labels)
+    if driver == "label":
+        labels.remove(key)
+    for label_key, value in labels:
         residual.add(
             "EXISTS (SELECT 1 FROM saga_labels AS x"
             " WHERE x.saga_id = s.saga_id AND x.key = ? AND x.value = ?)",
-            key,
+            label_key,
             value,
         )
-
-
-def _in(column: str, values: Sequence[str] | set[str]) -> str:
-    return f"{column} IN ({', '.join('?' for _ in values)})"
+    match driver:
+        case "states":
+            states = {state.value for state in where.states}
+            present = sorted({row[2] for row in counts if row[2] in states})
+            return _Plan(_BY_STATE, tuple((("state", state),) for state in present), residual)
+        case "definition":
+            versions = sorted({row[1] for row in counts if _of_definition(row, where)})
+            return _Plan(
+                _BY_DEFINITION,
+                tuple(
+                    (("definition_name", where.definition), ("definition_version", version))
+                    for version in versions
+                ),
+                residual,
+            )
+        case "label":
+            return _Plan(_LABELS, ((("key", key[0]), ("value", key[1])),), residual)
+        case "step":
+            return _Plan(_BY_STEP, ((("waiting_step", where.stuck_on_step),),), residual)
+        case "participant":
+            branch = (("waiting_participant", where.stuck_on_participant),)
+            return _Plan(_BY_PARTICIPANT, (branch,), residual)
+        case _:
+            return _Plan(_BY_CREATION, ((),), residual)
 
 
 def _branch(
@@ -293,4 +343,5 @@ def _branch(
         source = f"saga_labels AS l INDEXED BY {plan.index}"
         if plan.residual.clauses or selecting == "state":
             source += " CROSS JOIN sagas AS s ON s.saga_id = l.saga_id"
-    return f"SELECT {columns} FROM {source} {conditions.where()}", conditions.params
+    where_sql = f"WHERE {' AND '.join(conditions.clauses)}" if conditions.clauses else ""
+    return f"SELECT {columns} FROM {source} {where_sql}", conditions.params

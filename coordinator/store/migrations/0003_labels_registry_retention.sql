@@ -34,9 +34,13 @@ CREATE INDEX sagas_waiting_on_participant ON sagas (waiting_participant, created
     WHERE waiting_participant IS NOT NULL;
 CREATE INDEX sagas_waiting_on_step ON sagas (waiting_step, created_at, saga_id)
     WHERE waiting_step IS NOT NULL;
+-- Parked sagas by definition and step, counted from the index alone (state is there for the
+-- partial index's own condition: SQLite checks it without reading the row).
+CREATE INDEX sagas_parked ON sagas (definition_name, waiting_step, state)
+    WHERE state = 'NEEDS_ATTENTION';
 -- What retention may prune, oldest ending first. Terminal sagas never change again, so their
--- version (the length of their log) can be read from here when counting what a prune removes.
-CREATE INDEX sagas_by_ending ON sagas (ended_at, saga_id, version)
+-- version (the length of their log) can be counted from here when sizing a prune.
+CREATE INDEX sagas_by_ending ON sagas (ended_at, saga_id, version, state)
     WHERE state IN ('SUCCEEDED', 'COMPENSATED');
 
 -- A saga's labels, written with it at creation. created_at is the saga's (it never changes):
