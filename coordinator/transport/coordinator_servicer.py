@@ -63,7 +63,14 @@ COUNT_ORDER = (
 )
 
 T = TypeVar("T")
-_Build = Callable[[Saga, bool], OperatorEvent]
+_ActionRequest = (
+    pb.RetrySagaStepRequest
+    | pb.ResumeSagaRequest
+    | pb.MarkStepCompensatedRequest
+    | pb.CompleteStepRequest
+)
+_EventOf = Callable[[int, str, str, bool], OperatorEvent]
+"""Builds an operator event from (step index, actor, reason, call in flight)."""
 
 
 def saga_id_of(name: str, field: str = "name") -> str:
@@ -398,23 +405,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             total=sum(counts.values()),
         )
 
-    async def _act(
-        self,
-        name: str,
-        reason: str,
-        actor: str,
-        expected_version: int,
-        build: _Build,
-        *,
-        step: str = "",
-    ) -> Saga:
-        violations = _action_violations(reason, actor)
+    async def _act(self, request: _ActionRequest, verb: str, event: _EventOf) -> Saga:
+        """Check an operator action's request, then have the engine apply the event ``event``
+        builds from the saga as it stands (its step resolved there, under the saga's lock)."""
+        violations = _action_violations(request.reason, request.actor)
+        step = getattr(request, "step", "")
         if step and not is_valid_name(step):
             violations.append(FieldViolation("step", f"must be {NAME_RULE}"))
-        saga_id = saga_id_of(name)
+        saga_id = saga_id_of(request.name)
         if violations:
-            raise InvalidArgument("invalid operator action", tuple(violations))
-        return await self._engine.act(saga_id, build, expected_version)
+            raise InvalidArgument(f"invalid {verb} request", tuple(violations))
+
+        def build(saga: Saga, in_flight: bool) -> OperatorEvent:
+            index = step_index(saga, step, verb)
+            return event(index, request.actor, request.reason, in_flight)
+
+        return await self._engine.act(saga_id, build, request.expected_version)
 
     async def RetrySagaStep(
         self,
@@ -422,19 +428,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         context: grpc.aio.ServicerContext[pb.RetrySagaStepRequest, pb.RetrySagaStepResponse],
     ) -> pb.RetrySagaStepResponse:
         """Send a step's pending call again now."""
-
-        def build(saga: Saga, in_flight: bool) -> OperatorEvent:
-            index = step_index(saga, request.step, "retry")
-            return RetryRequested(index, request.actor, request.reason, in_flight)
-
-        saga = await self._act(
-            request.name,
-            request.reason,
-            request.actor,
-            request.expected_version,
-            build,
-            step=request.step,
-        )
+        saga = await self._act(request, "retry", RetryRequested)
         return pb.RetrySagaStepResponse(saga=self._saga(saga))
 
     async def ResumeSaga(
@@ -450,12 +444,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             if problems:
                 raise InvalidArgument("invalid compensation_retry", tuple(problems))
 
-        def build(saga: Saga, in_flight: bool) -> OperatorEvent:
-            return ResumeRequested(request.actor, request.reason, policy)
+        def resumed(step: int, actor: str, reason: str, in_flight: bool) -> OperatorEvent:
+            return ResumeRequested(actor, reason, policy)
 
-        saga = await self._act(
-            request.name, request.reason, request.actor, request.expected_version, build
-        )
+        saga = await self._act(request, "resume", resumed)
         return pb.ResumeSagaResponse(saga=self._saga(saga))
 
     async def MarkStepCompensated(
@@ -466,19 +458,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         ],
     ) -> pb.MarkStepCompensatedResponse:
         """Record a step as compensated by hand."""
-
-        def build(saga: Saga, in_flight: bool) -> OperatorEvent:
-            index = step_index(saga, request.step, "mark-compensated")
-            return MarkCompensated(index, request.actor, request.reason, in_flight)
-
-        saga = await self._act(
-            request.name,
-            request.reason,
-            request.actor,
-            request.expected_version,
-            build,
-            step=request.step,
-        )
+        saga = await self._act(request, "mark-compensated", MarkCompensated)
         return pb.MarkStepCompensatedResponse(saga=self._saga(saga))
 
     async def CompleteStep(
@@ -493,20 +473,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 (FieldViolation("output", f"at most {self._max_payload_bytes} bytes"),),
             )
 
-        def build(saga: Saga, in_flight: bool) -> OperatorEvent:
-            index = step_index(saga, request.step, "complete")
-            return CompleteRequested(
-                index, request.output, request.actor, request.reason, in_flight
-            )
+        def completed(step: int, actor: str, reason: str, in_flight: bool) -> OperatorEvent:
+            return CompleteRequested(step, request.output, actor, reason, in_flight)
 
-        saga = await self._act(
-            request.name,
-            request.reason,
-            request.actor,
-            request.expected_version,
-            build,
-            step=request.step,
-        )
+        saga = await self._act(request, "complete", completed)
         return pb.CompleteStepResponse(saga=self._saga(saga))
 
     async def ListDefinitions(
