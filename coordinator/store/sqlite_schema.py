@@ -80,7 +80,7 @@ def open_writer(
         applied = _applied_migrations(connection, path, migrations)
         _check_roots(connection, path)
         _configure(connection, path, synchronous)
-        _migrate(connection, migrations, applied)
+        _migrate(connection, path, migrations, applied)
     except sqlite3.Error as error:
         connection.close()
         raise translate(error, f"opening the saga store {path}") from error
@@ -229,7 +229,10 @@ def _configure(connection: sqlite3.Connection, path: Path, synchronous: str) -> 
 
 
 def _migrate(
-    connection: sqlite3.Connection, migrations: Sequence[Migration], applied: dict[int, str]
+    connection: sqlite3.Connection,
+    path: Path,
+    migrations: Sequence[Migration],
+    applied: dict[int, str],
 ) -> None:
     for migration in migrations:
         if migration.version in applied:
@@ -252,7 +255,13 @@ def _migrate(
                     connection.execute(statement)
                 convert = DATA_STEPS.get(migration.version)
                 if convert is not None:
-                    convert(connection)
+                    try:
+                        convert(connection)
+                    except StoreCorrupt as error:
+                        raise StoreCorrupt(
+                            f"{path} cannot be migrated to schema {migration.version} "
+                            f"({migration.name}), its rows were left as they were: {error}"
+                        ) from error
                 connection.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                     (migration.version, migration.name, datetime.now(UTC).isoformat()),

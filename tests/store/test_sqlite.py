@@ -8,7 +8,7 @@ import hashlib
 import random
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -781,25 +781,8 @@ def _schema_2_event(recorded: RecordedEvent) -> tuple[Any, ...]:
     )
 
 
-async def test_a_schema_2_store_is_upgraded_with_its_sagas_intact_and_registry_filled(
-    db: Path,
-) -> None:
-    edited = dataclasses.replace(open_account(), description="edited, same version")
-    histories = [
-        run_history("running", [OK], at=T0),
-        run_history("cancelled", [OK, CancelRequested("stop")], at=T0 + timedelta(seconds=1)),
-        run_history(
-            "cancelled-done", [OK, CancelRequested("stop"), OK, OK, OK], at=T0 + timedelta(1)
-        ),
-        run_history("parked", [OK, NO, BROKEN], at=T0 + timedelta(seconds=3)),
-        run_history("done", [OK, OK, OK], at=T0 + timedelta(seconds=4)),
-        run_history("edited", [OK], definition=edited, at=T0 + timedelta(days=2)),
-        run_history("edited-done", [OK, OK, OK], definition=edited, at=T0 + timedelta(days=3)),
-        run_history("closing", [], definition=open_account("close-account"), at=T0),
-    ]
-    assert histories[1].last.state is SagaState.COMPENSATING
-    assert histories[2].last.state is SagaState.COMPENSATED
-    assert [entry.actor for entry in histories[2].last.audit] == [""]
+def write_schema_2(db: Path, histories: Sequence[SagaHistory]) -> None:
+    """A schema-2 file holding these sagas and their logs, written as schema 2 wrote them."""
     connection = open_writer(db, load_migrations()[:2], synchronous="FULL", busy_timeout_ms=1000)
     with connection:
         connection.execute("BEGIN")
@@ -829,6 +812,28 @@ async def test_a_schema_2_store_is_upgraded_with_its_sagas_intact_and_registry_f
                 )
         connection.execute("COMMIT")
     connection.close()
+
+
+async def test_a_schema_2_store_is_upgraded_with_its_sagas_intact_and_registry_filled(
+    db: Path,
+) -> None:
+    edited = dataclasses.replace(open_account(), description="edited, same version")
+    histories = [
+        run_history("running", [OK], at=T0),
+        run_history("cancelled", [OK, CancelRequested("stop")], at=T0 + timedelta(seconds=1)),
+        run_history(
+            "cancelled-done", [OK, CancelRequested("stop"), OK, OK, OK], at=T0 + timedelta(1)
+        ),
+        run_history("parked", [OK, NO, BROKEN], at=T0 + timedelta(seconds=3)),
+        run_history("done", [OK, OK, OK], at=T0 + timedelta(seconds=4)),
+        run_history("edited", [OK], definition=edited, at=T0 + timedelta(days=2)),
+        run_history("edited-done", [OK, OK, OK], definition=edited, at=T0 + timedelta(days=3)),
+        run_history("closing", [], definition=open_account("close-account"), at=T0),
+    ]
+    assert histories[1].last.state is SagaState.COMPENSATING
+    assert histories[2].last.state is SagaState.COMPENSATED
+    assert [entry.actor for entry in histories[2].last.audit] == [""]
+    write_schema_2(db, histories)
 
     store = await SqliteStore.open(db)
     try:
@@ -909,3 +914,21 @@ async def test_whichever_index_drives_a_filter_the_sagas_listed_are_the_same(
         assert listed == expected, driver
         assert await store.count(where) == len(expected), driver
         assert dict(await store.count_by_state(where)) == dict(Counter(every_state)), driver
+
+
+async def test_a_schema_2_row_that_cannot_be_read_stops_the_upgrade_and_names_it(
+    db: Path,
+) -> None:
+    write_schema_2(db, [run_history("fine", [OK]), run_history("damaged", [OK])])
+    connection = sqlite3.connect(db)
+    try:
+        connection.execute("UPDATE saga_steps SET failure = x'c1' WHERE saga_id = 'damaged'")
+        connection.commit()
+    finally:
+        connection.close()
+
+    with pytest.raises(StoreCorrupt, match=r"sagas\.db cannot be migrated to schema 3.*damaged"):
+        await SqliteStore.open(db)
+
+    assert query(db, "SELECT max(version) FROM schema_migrations") == [(2,)]
+    assert "saga_labels" not in {name for (name,) in query(db, "SELECT name FROM sqlite_master")}
