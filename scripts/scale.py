@@ -721,7 +721,10 @@ class Cloner:
 
         (saga,) = self.saga
         sagas = [(saga_id, *saga[1:3], *(moved(v) for v in saga[3:6]), *saga[6:])]
-        steps = [(saga_id, *step[1:7], *(moved(v) for v in step[7:10])) for step in self.steps]
+        steps = [
+            (saga_id, *step[1:7], *(moved(v) for v in step[7:10]), *step[10:])
+            for step in self.steps
+        ]
         events = []
         for recorded in self.template.log:
             event = recorded.event
