@@ -21,7 +21,7 @@ class SagaFilter:
     definition: str | None = None
     """Only this definition name."""
     definition_version: int | None = None
-    """Only this version of the definition (with ``definition``)."""
+    """Only this version of the definition (alone: this version of any definition)."""
     labels: tuple[tuple[str, str], ...] = ()
     """Only sagas carrying every one of these (key, value) labels."""
     created_after: datetime | None = None
@@ -85,6 +85,8 @@ class SagaStore(Protocol):
 
         If a saga with this id exists and was created with the same ``fingerprint``, return it
         and False (idempotent creation); with another fingerprint raise ``SagaAlreadyExists``.
+        A definition version the registry does not hold yet is registered with the saga; one it
+        holds keeps its registered content.
         """
         ...
 
@@ -123,7 +125,9 @@ class SagaStore(Protocol):
     async def events_page(
         self, saga_id: str, after_sequence: int, limit: int
     ) -> Sequence[RecordedEvent]:
-        """Up to ``limit`` events of the saga's log with sequence above ``after_sequence``."""
+        """Up to ``limit`` events of the saga's log with sequence above ``after_sequence``
+        (none for an unknown saga). A limit below 1 raises ValueError, as in ``list`` and
+        ``prune``."""
         ...
 
     async def count_by_state(self, where: SagaFilter) -> Mapping[SagaState, int]:
