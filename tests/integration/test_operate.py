@@ -258,9 +258,7 @@ async def test_mark_compensated_goes_on_with_the_backward_walk(
     harness: Harness, participants: dict[str, ScriptedParticipant]
 ) -> None:
     participants["cards"].script("IssueCard", reject("CARD_REFUSED", "no"))
-    participants["accounts"].script(
-        "CloseAccount", reject("LEDGER_LOCKED", "the ledger is locked")
-    )
+    participants["accounts"].script("CloseAccount", reject("LEDGER_LOCKED", "the ledger is locked"))
     saga = await harness.wait((await harness.create("onboard", saga_id="mark-1")).saga_id)
     assert state(saga) == "NEEDS_ATTENTION"
 
@@ -347,9 +345,7 @@ async def test_definitions_registry_keeps_running_sagas_on_their_version(
 async def test_labels_and_filters_find_the_stuck_sagas(
     harness: Harness, participants: dict[str, ScriptedParticipant]
 ) -> None:
-    participants["accounts"].script(
-        "CloseAccount", reject("LEDGER_LOCKED", "the ledger is locked")
-    )
+    participants["accounts"].script("CloseAccount", reject("LEDGER_LOCKED", "the ledger is locked"))
     participants["cards"].script("IssueCard", *[reject("CARD_REFUSED", "no")] * 3)
     for index in range(3):
         await harness.stub.CreateSaga(
