@@ -62,6 +62,8 @@ SAGA_STATE = "saga.state"
 SAGA_PARTICIPANT = "saga.participant"
 SAGA_REASON = "saga.reason"
 SAGA_REQUEST_ID = "saga.request_id"
+SAGA_EVENT = "saga.event"
+"""The named event a step's success stands for (the definition's ``emits``), e.g. UserCreated."""
 
 TRACEPARENT = "traceparent"
 CLIENT_TRACEPARENT = "client-traceparent"
@@ -303,6 +305,7 @@ class SagaTelemetry:
         root_context = trace.set_span_in_context(trace.NonRecordingSpan(saga_trace.root))
         names = [step.name for step in saga.steps]
         participants = [step.participant for step in saga.definition.steps]
+        emits = [step.emits for step in saga.definition.steps]
         for record in log:
             event = record.event
             if not isinstance(event, CallAnswered):
@@ -326,6 +329,9 @@ class SagaTelemetry:
                     start_time=_ns(event.sent_at or record.recorded_at),
                 )
             outcome = event.outcome
+            named = _named_event(event, emits)
+            if named:
+                span.set_attribute(SAGA_EVENT, named)
             if not isinstance(outcome, Succeeded):
                 span.set_attribute(SAGA_REASON, outcome.reason)
                 span.set_attribute("rpc.grpc.status_code_name", outcome.code)
@@ -355,7 +361,7 @@ class SagaTelemetry:
         for record, state in changes:
             root.add_event(
                 _event_name(record),
-                attributes=_event_attributes(record, names, state),
+                attributes=_event_attributes(record, names, emits, state),
                 timestamp=_ns(record.recorded_at),
             )
         if saga.failure is not None:
@@ -481,14 +487,24 @@ def _event_name(record: RecordedEvent) -> str:
             return "deadline exceeded"
 
 
+def _named_event(event: CallAnswered, emits: Sequence[str]) -> str:
+    """The event a step's success stands for, on that success only; else ""."""
+    if event.operation is Operation.EXECUTE and isinstance(event.outcome, Succeeded):
+        return emits[event.step]
+    return ""
+
+
 def _event_attributes(
-    record: RecordedEvent, names: Sequence[str], state: SagaState
+    record: RecordedEvent, names: Sequence[str], emits: Sequence[str], state: SagaState
 ) -> dict[str, str | int]:
     attributes: dict[str, str | int] = {SAGA_STATE: state.value, "saga.sequence": record.sequence}
     event = record.event
     if isinstance(event, CallAnswered):
         attributes[SAGA_STEP] = names[event.step]
         attributes[SAGA_ATTEMPT] = event.attempt
+        named = _named_event(event, emits)
+        if named:
+            attributes[SAGA_EVENT] = named
         if not isinstance(event.outcome, Succeeded):
             attributes[SAGA_REASON] = event.outcome.reason or event.outcome.code
     elif isinstance(event, CancelRequested | ResumeRequested):

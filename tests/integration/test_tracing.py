@@ -38,6 +38,12 @@ ACTIONS = {
     "cards": ("IssueCard", "CancelCard"),
     "billing": ("CreateSubscription", "CancelSubscription"),
 }
+EMITS = {
+    "create-user": {"emits": "UserCreated"},
+    "open-account": {"emits": "AccountOpened"},
+    "issue-card": {"emits": "CardIssued"},
+    "subscribe": {"emits": "SubscriptionCreated"},
+}
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -118,7 +124,7 @@ async def test_one_trace_per_saga_with_attempts_and_participant_spans_inside_it(
             running_coordinator(
                 tmp_path,
                 addresses,
-                [four_step_definition("onboard")],
+                [four_step_definition("onboard", **EMITS)],
                 otlp_endpoint=receiver.endpoint,
             ) as harness,
             AsyncSagaClient(f"127.0.0.1:{harness.coordinator.port}") as client,
@@ -148,6 +154,18 @@ async def test_one_trace_per_saga_with_attempts_and_participant_spans_inside_it(
     assert root.links == ((f"{client_context.trace_id:032x}", f"{client_context.span_id:016x}"),)
     assert [name for name, _, _ in root.events][:2] == ["saga created", "execute ok"]
     assert root.events[-1][2]["saga.state"] == "SUCCEEDED"
+    # Each step's success names the event it stands for; a failed attempt names none.
+    assert [
+        (attributes["saga.step"], attributes.get("saga.event"))
+        for name, _, attributes in root.events
+        if name.startswith("execute")
+    ] == [
+        ("create-user", "UserCreated"),
+        ("open-account", None),
+        ("open-account", "AccountOpened"),
+        ("issue-card", "CardIssued"),
+        ("subscribe", "SubscriptionCreated"),
+    ]
 
     spans = receiver.of_trace(root.trace_id)
     attempts = [s for s in spans if s.service == "saga-coordinator" and s is not root]
@@ -167,6 +185,7 @@ async def test_one_trace_per_saga_with_attempts_and_participant_spans_inside_it(
         key=lambda s: s.attributes["saga.attempt"],
     )
     assert [s.attributes["saga.outcome"] for s in retried] == ["transient", "ok"]
+    assert [s.attributes.get("saga.event") for s in retried] == [None, "AccountOpened"]
     handled = [s for s in spans if s.service == "participants"]
     assert len(handled) == 5
     assert {s.parent_span_id for s in handled} == {s.span_id for s in attempts}
@@ -196,6 +215,17 @@ async def test_one_trace_per_saga_with_attempts_and_participant_spans_inside_it(
             "compensate create-user",
         ]
     )
+    # The card was refused: its event never appears on the trace, and the saga went backwards.
+    refused_root = roots["refused"]
+    assert [a.get("saga.event") for n, _, a in refused_root.events if n == "execute ok"] == [
+        "UserCreated",
+        "AccountOpened",
+    ]
+    assert [a["saga.step"] for n, _, a in refused_root.events if n.startswith("compensate ok")] == [
+        "issue-card",
+        "open-account",
+        "create-user",
+    ]
 
 
 async def test_sigkill_mid_saga_keeps_one_trace_one_root_and_no_orphans(
