@@ -124,14 +124,26 @@ def _audit_table(audit: Sequence[AuditEntry]) -> Table:
     return table
 
 
-def saga_panel(saga: Saga) -> Panel:
+def emitted_events(events: Iterable[SagaEvent]) -> dict[str, str]:
+    """Step name -> the named event its success stood for, for the steps that succeeded (or
+    that an operator completed)."""
+    return {event.step: event.emits for event in events if event.emits}
+
+
+def saga_panel(saga: Saga, events: Iterable[SagaEvent] = ()) -> Panel:
     """The saga as a panel: its steps, their attempts and outputs, how it ended, its labels
-    and its audit trail."""
+    and its audit trail.
+
+    Given the saga's events, each step that succeeded also names the event its success stood
+    for (e.g. UserCreated), even if it was compensated since."""
+    emitted = emitted_events(events)
     table = Table(box=None, pad_edge=False, expand=False)
     table.add_column("#", no_wrap=True)
     table.add_column("step", no_wrap=True)
     table.add_column("participant", no_wrap=True)
     table.add_column("state", no_wrap=True)
+    if emitted:
+        table.add_column("event", no_wrap=True)
     table.add_column("exec/comp", no_wrap=True, justify="right")
     table.add_column("output or failure", overflow="ellipsis", no_wrap=True, max_width=36)
     for index, step in enumerate(saga.steps, start=1):
@@ -142,14 +154,11 @@ def saga_panel(saga: Saga) -> Panel:
         state = Text(step.state.value, style=STEP_STYLE[step.state])
         if step.by_operator:
             state.append(" by operator", style=OPERATOR_STYLE)
-        table.add_row(
-            str(index),
-            step.name + kind,
-            step.participant,
-            state,
-            f"{step.execute_attempts}/{step.compensate_attempts}",
-            detail,
-        )
+        cells: list[Text | str] = [str(index), step.name + kind, step.participant, state]
+        if emitted:
+            cells.append(Text(emitted.get(step.name, ""), style="green"))
+        cells += [f"{step.execute_attempts}/{step.compensate_attempts}", detail]
+        table.add_row(*cells)
     ending = Text.assemble(
         ("saga ", ""),
         (saga.saga_id, "bold"),
@@ -231,13 +240,16 @@ def event_lines(events: Iterable[SagaEvent]) -> list[Text]:
 
 
 def update_line(update: SagaUpdate) -> Text:
-    """One watched change as a line, naming the action or compensation sent."""
+    """One watched change as a line, naming the action or compensation sent and, on a step's
+    success, the event it stands for: "#2 step succeeded create-user CreateUser attempt 1,
+    emits UserCreated -> RUNNING"."""
     event = update.event
     saga = update.saga
     if event is None:
         return Text(f"{saga.saga_id}: {saga.state.value} (version {saga.version})")
     where = f" {event.step}" if event.step else ""
     action = f" {event.action}" if event.action else ""
+    emits = f", emits {event.emits}" if event.emits else ""
     attempt = f" attempt {event.attempt}" if event.attempt else ""
     failure = ""
     if event.failure is not None and (event.failure.reason or event.failure.message):
@@ -251,6 +263,7 @@ def update_line(update: SagaUpdate) -> Text:
         (where, "bold"),
         (action, "cyan"),
         (attempt, "dim"),
+        (emits, "green"),
         (failure, "red" if failure else ""),
         (operator, OPERATOR_STYLE),
         (" -> ", "dim"),

@@ -487,9 +487,12 @@ def _event_name(record: RecordedEvent) -> str:
             return "deadline exceeded"
 
 
-def _named_event(event: CallAnswered, emits: Sequence[str]) -> str:
-    """The event a step's success stands for, on that success only; else ""."""
-    if event.operation is Operation.EXECUTE and isinstance(event.outcome, Succeeded):
+def _named_event(event: CallAnswered | CompleteRequested, emits: Sequence[str]) -> str:
+    """The event a step's success stands for, on that success (or an operator's completing the
+    step) only; else ""."""
+    if isinstance(event, CompleteRequested) or (
+        event.operation is Operation.EXECUTE and isinstance(event.outcome, Succeeded)
+    ):
         return emits[event.step]
     return ""
 
@@ -512,4 +515,6 @@ def _event_attributes(
     elif isinstance(event, RetryRequested | MarkCompensated | CompleteRequested):
         attributes[SAGA_STEP] = names[event.step]
         attributes[SAGA_REASON] = event.reason
+        if isinstance(event, CompleteRequested) and emits[event.step]:
+            attributes[SAGA_EVENT] = emits[event.step]
     return attributes
