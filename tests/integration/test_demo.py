@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+STORY_EVENTS = ("UserCreated", "AccountOpened", "CardIssued", "SubscriptionCreated")
 
 
 def test_the_demo_onboards_one_client_and_compensates_the_other(tmp_path: Path) -> None:
@@ -28,6 +29,23 @@ def test_the_demo_onboards_one_client_and_compensates_the_other(tmp_path: Path) 
     ]
     positions = [out.index(line) for line in backwards]
     assert positions == sorted(positions)
+    # The watch lines read as the story: each service's success names its event; when the card
+    # is refused, CardIssued never comes and the compensations are sent newest step first.
+    words = " ".join(out.split())  # undo the terminal's line wrapping
+    acme, globex = words.split("Onboarding Globex Corp")
+    assert [name for name in STORY_EVENTS if f"emits {name}" not in acme] == []
+    story = [
+        "step succeeded create-user CreateUser attempt 1, emits UserCreated",
+        "step succeeded open-account OpenAccount attempt 1, emits AccountOpened",
+        "step rejected issue-card IssueCard attempt 1 (FAILED_PRECONDITION CARD_LIMIT_EXCEEDED: ",
+        "compensation succeeded issue-card CancelCard",
+        "compensation succeeded open-account CloseAccount",
+        "compensation succeeded create-user DeactivateUser",
+    ]
+    told = [globex.index(line) for line in story]
+    assert told == sorted(told)
+    assert "CardIssued" not in globex
+    assert "SubscriptionCreated" not in globex
     # Each service's own database tells the same story.
     with sqlite3.connect(tmp_path / "accounts.db") as db:
         rows = dict(db.execute("SELECT saga, status FROM accounts").fetchall())
