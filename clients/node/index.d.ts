@@ -185,6 +185,11 @@ export interface SagaEvent {
   readonly attempt: number;
   readonly time: Date | null;
   readonly failure: Failure | null;
+  /** The action or compensation the event concerns, e.g. "OpenAccount" or "CloseAccount". */
+  readonly action: string;
+  /** The named event the step's success stands for (the definition's `emits`), e.g.
+   * "UserCreated"; "" on other events and on steps that name none. */
+  readonly emits: string;
 }
 
 /** One message of a watch: the saga after a change, and the change (null on the first). */

@@ -160,6 +160,8 @@ export function eventFromProto(e) {
     attempt: e.attempt,
     time: time(e.time),
     failure: failureFromProto(e.failure),
+    action: e.action ?? '',
+    emits: e.emits ?? '',
   });
 }
 

@@ -145,6 +145,28 @@ test('watch yields the current saga first, then each change, and ends when it se
   assert.equal(fake.requests[0].request.name, 'sagas/a');
 });
 
+test('a watched event names the action sent and the event a step\'s success stands for', async (t) => {
+  const { fake, client } = await setup(t);
+  const story = (sequence, type, step, action, emits = '') => ({ ...event(sequence, type, step), action, emits });
+  fake.watchScript = (call) => {
+    call.write({ saga: sagaProto('globex', { version: 1 }) });
+    call.write({ saga: sagaProto('globex', { version: 2 }), event: story(2, 'STEP_SUCCEEDED', 'create-user', 'CreateUser', 'UserCreated') });
+    call.write({ saga: sagaProto('globex', { version: 3 }), event: story(3, 'STEP_REJECTED', 'issue-card', 'IssueCard') });
+    call.write({
+      saga: sagaProto('globex', { version: 4, state: 'SAGA_STATE_COMPENSATED' }),
+      event: story(4, 'COMPENSATION_SUCCEEDED', 'create-user', 'DeactivateUser'),
+    });
+    call.end();
+  };
+  const told = [];
+  for await (const { event } of client.watch('globex')) if (event) told.push([event.type, event.action, event.emits]);
+  assert.deepEqual(told, [
+    ['STEP_SUCCEEDED', 'CreateUser', 'UserCreated'],
+    ['STEP_REJECTED', 'IssueCard', ''],
+    ['COMPENSATION_SUCCEEDED', 'DeactivateUser', ''],
+  ]);
+});
+
 test('leaving a watch early cancels the stream', async (t) => {
   const { fake, client } = await setup(t);
   fake.watchScript = (call) => {

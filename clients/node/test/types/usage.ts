@@ -56,7 +56,8 @@ async function client(): Promise<Saga> {
   }
   for await (const update of c.watch('acme-1')) {
     const u: SagaUpdate = update;
-    if (u.event?.type === 'STEP_REJECTED') break;
+    const named: string = u.event?.emits ?? u.event?.action ?? '';
+    if (u.event?.type === 'STEP_REJECTED' || named === 'CardIssued') break;
   }
   try {
     return await c.wait('acme-1', { timeoutMs: ok ? 1000 : 2000 });
