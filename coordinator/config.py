@@ -83,6 +83,9 @@ class Settings:
     event_loop: str = "asyncio"
     """The event loop: ``asyncio`` (the standard library's) or ``uvloop`` (faster, where the
     ``uvloop`` package is installed; ``saga bench`` measures both)."""
+    feed_stall_timeout: float = 30.0
+    """Seconds a change feed consumer may leave a message unread before it is cut off
+    (RESOURCE_EXHAUSTED; it resumes from its position)."""
     retention: timedelta | None = None
     """Sagas that ended SUCCEEDED or COMPENSATED longer ago than this are pruned, with their
     events, in the background (``30d``, ``12h``); unset: kept for ever. Parked and running
@@ -184,6 +187,7 @@ def _checked(settings: Settings, source: str) -> Settings:
         ("log_payloads", bool),
         ("otlp_timeout", (int, float)),
         ("metrics_interval", (int, float)),
+        ("feed_stall_timeout", (int, float)),
         ("service_name", str),
         ("event_loop", str),
     ):
@@ -202,6 +206,8 @@ def _checked(settings: Settings, source: str) -> Settings:
         raise ConfigError(f"{source}: log_format: expected text or json")
     if settings.otlp_timeout <= 0 or settings.metrics_interval <= 0:
         raise ConfigError(f"{source}: otlp_timeout and metrics_interval must be positive")
+    if settings.feed_stall_timeout <= 0:
+        raise ConfigError(f"{source}: feed_stall_timeout: must be positive")
     if not ADDRESS_PATTERN.match(settings.listen):
         raise ConfigError(f"{source}: listen: expected host:port, got {settings.listen!r}")
     if settings.synchronous.upper() not in ("FULL", "NORMAL"):

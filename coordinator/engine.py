@@ -25,6 +25,7 @@ from coordinator.core.errors import (
     ConcurrentUpdate,
     DefinitionConflict,
     DefinitionNotFound,
+    FeedPositionPruned,
     FieldViolation,
     InvalidArgument,
     SagaNotFound,
@@ -55,7 +56,9 @@ from coordinator.core.model import Operation, Saga, SagaDefinition, SagaState
 from coordinator.crashpoints import NO_CRASH_POINTS, CrashPoint, CrashPoints
 from coordinator.observer import SagaObserver
 from coordinator.ports import (
+    ChangeFilter,
     Clock,
+    FeedPage,
     ListCursor,
     ParticipantGateway,
     PruneResult,
@@ -68,6 +71,11 @@ from coordinator.telemetry import SagaTelemetry
 from coordinator.watchers import SagaChange, SagaWatchers
 
 log = logging.getLogger("coordinator.engine")
+
+FEED_PAGE = 500
+"""Changes read from the store at a time by a change feed consumer."""
+FEED_IDLE_CHECK = 5.0
+"""Seconds a caught-up change feed consumer waits for a commit before looking again."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,8 @@ class Engine:
         self._pruned = False
         self._summary_due = False
         self._summary_read = 0.0
+        self._committed = asyncio.Event()
+        """Set (then replaced) at every commit: what change feed followers wait on."""
 
     @property
     def catalog(self) -> DefinitionCatalog:
@@ -245,6 +255,7 @@ class Engine:
             self._crash.reach(CrashPoint.AFTER_CREATE_COMMIT)
             self._observer.created(saga)
             self._watchers.publish(SagaChange(saga, record))
+            self._feed_moved()
             self._activate(saga)
         elif saga_id in self._active:
             saga = self._active[saga_id].saga
@@ -378,6 +389,49 @@ class Engine:
         counts = await self._store.count_by_state(where)
         return {state: counts.get(state, 0) for state in SagaState}
 
+    # -- change feed ------------------------------------------------------------------------
+
+    async def changes(
+        self, after_position: int | None, where: ChangeFilter, *, follow: bool = True
+    ) -> AsyncIterator[FeedPage]:
+        """The change feed after ``after_position`` (None: from now on), page by page.
+
+        Each page holds the matching changes read and the position read up to, even when
+        nothing matched, so that a consumer resuming after it misses nothing. The feed is read
+        from the store, never buffered per consumer: a consumer that reads slowly costs no
+        memory and holds no saga up. With ``follow`` it then waits for new commits.
+        """
+        pruned, newest = await self._store.feed_bounds()
+        position = newest if after_position is None else after_position
+        self._check_feed_position(position, pruned)
+        while not self._stopping:
+            committed = self._committed
+            page = await self._store.feed(position, FEED_PAGE)
+            if page.changes:
+                pruned, _ = await self._store.feed_bounds()
+                self._check_feed_position(position, pruned)  # pruned while it was read
+                position = page.position
+                yield FeedPage(tuple(c for c in page.changes if where.matches(c)), position)
+                if len(page.changes) == FEED_PAGE:
+                    continue
+            if not follow:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(committed.wait(), timeout=FEED_IDLE_CHECK)
+        raise ShuttingDown(f"the coordinator is shutting down; resume after position {position}")
+
+    @staticmethod
+    def _check_feed_position(position: int, pruned: int) -> None:
+        if position < pruned:
+            raise FeedPositionPruned(
+                f"the change feed's history up to position {pruned} was pruned (retention): "
+                f"position {position} may have missed changes; resume after {pruned}, or from now"
+            )
+
+    def _feed_moved(self) -> None:
+        self._committed.set()
+        self._committed = asyncio.Event()
+
     # -- definitions ------------------------------------------------------------------------
 
     async def load_definitions(
@@ -507,6 +561,7 @@ class Engine:
         re-sent, with the same request_id, by the next start.
         """
         self._stopping = True
+        self._feed_moved()  # feed followers end
         for task in list(self._background):
             task.cancel()
         self._watchers.close()
@@ -677,6 +732,7 @@ class Engine:
             ):
                 self._summary_due = True
             self._watchers.publish(SagaChange(saga, record))
+            self._feed_moved()
             retried = isinstance(event, CallAnswered) and any(
                 command.step == event.step and command.operation is event.operation
                 for command in decision.commands

@@ -48,6 +48,48 @@ class RegisteredDefinition:
 
 
 @dataclass(frozen=True)
+class FeedChange:
+    """One change of one saga, at its position in the change feed of all sagas."""
+
+    position: int
+    """Increasing in commit order across all sagas, never reused (pruning included)."""
+    saga_id: str
+    definition: SagaDefinition
+    state: SagaState | None
+    """The saga's state after the change (None: recorded before the feed existed)."""
+    labels: Mapping[str, str]
+    record: RecordedEvent
+    """The change as in the saga's log (a creation's input is not carried)."""
+
+
+@dataclass(frozen=True)
+class ChangeFilter:
+    """Which changes of the feed a consumer wants; every condition given must hold."""
+
+    definition: str | None = None
+    states: frozenset[SagaState] = frozenset()
+    """The saga's state after the change; empty means any."""
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, change: FeedChange) -> bool:
+        """Whether ``change`` is one the consumer asked for."""
+        if self.definition is not None and change.definition.name != self.definition:
+            return False
+        if self.states and change.state not in self.states:
+            return False
+        return all(change.labels.get(key) == value for key, value in self.labels)
+
+
+@dataclass(frozen=True)
+class FeedPage:
+    """Changes in commit order, and how far the feed was read."""
+
+    changes: Sequence[FeedChange]
+    position: int
+    """The last change's position, or the position read from when there were none."""
+
+
+@dataclass(frozen=True)
 class PruneResult:
     """What a prune removed (or, counted for a dry run, would remove)."""
 
@@ -155,6 +197,17 @@ class SagaStore(Protocol):
 
     async def definitions(self, name: str | None = None) -> Sequence[RegisteredDefinition]:
         """Registered definitions (of ``name``, or all), by name then version, with counts."""
+        ...
+
+    async def feed(self, after_position: int, limit: int) -> FeedPage:
+        """Up to ``limit`` changes of all sagas with positions above ``after_position``, in
+        commit order. Only committed changes are seen, and never one before another that
+        committed earlier. A limit below 1 raises ValueError."""
+        ...
+
+    async def feed_bounds(self) -> tuple[int, int]:
+        """(the highest position pruned, the newest position): a consumer after a position
+        below the first may have missed pruned changes."""
         ...
 
     async def count_prunable(self, ended_before: datetime) -> PruneResult:

@@ -14,6 +14,8 @@
     ├── StorageUnavailable         STORAGE_UNAVAILABLE
     ├── StorageFailure             STORAGE_FAILURE (fatal: the coordinator stops)
     ├── WatcherTooSlow             WATCHER_TOO_SLOW
+    ├── FeedPositionPruned         FEED_POSITION_PRUNED
+    ├── FeedConsumerTooSlow        FEED_CONSUMER_TOO_SLOW
     └── ShuttingDown               SHUTTING_DOWN
 
 The transport maps each to a gRPC status code in one table.
@@ -128,6 +130,18 @@ class ShuttingDown(SagaError):
     """The coordinator is stopping and takes no new work."""
 
     reason = "SHUTTING_DOWN"
+
+
+class FeedPositionPruned(SagaError):
+    """A change feed consumer asked to resume from a position whose history was pruned."""
+
+    reason = "FEED_POSITION_PRUNED"
+
+
+class FeedConsumerTooSlow(SagaError):
+    """A change feed consumer stopped reading and was cut off; it resumes from its position."""
+
+    reason = "FEED_CONSUMER_TOO_SLOW"
 
 
 class WatcherTooSlow(SagaError):

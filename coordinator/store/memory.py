@@ -7,9 +7,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from coordinator.core.events import RecordedEvent
+from coordinator.core.events import RecordedEvent, SagaCreated
 from coordinator.core.model import Saga, SagaDefinition, SagaState
 from coordinator.ports import (
+    FeedChange,
+    FeedPage,
     ListCursor,
     PruneResult,
     RegisteredDefinition,
@@ -59,6 +61,10 @@ class MemoryStore:
     def __init__(self) -> None:
         self._rows: dict[str, _Row] = {}
         self._registry: dict[tuple[str, int], _Registered] = {}
+        self._feed: dict[int, FeedChange] = {}
+        """The change feed by position (a dict keeps insertion, that is commit, order)."""
+        self._newest = 0
+        self._pruned_through = 0
         self._closed = False
 
     async def create(self, saga: Saga, event: RecordedEvent, fingerprint: str) -> tuple[Saga, bool]:
@@ -75,6 +81,7 @@ class MemoryStore:
                 return row.saga, False
             raise already_exists(saga.saga_id)
         self._rows[saga.saga_id] = _Row(saga, fingerprint, [event])
+        self._append_feed(saga, event)
         key = (saga.definition.name, saga.definition.version)
         if key not in self._registry:
             self._registry[key] = _registration(saga.definition, saga.created_at)
@@ -91,6 +98,30 @@ class MemoryStore:
             raise stale(saga, None if row is None else row.saga.version)
         row.saga = saga
         row.log.append(event)
+        self._append_feed(saga, event)
+
+    def _append_feed(self, saga: Saga, event: RecordedEvent) -> None:
+        self._newest += 1
+        record = event
+        if isinstance(event.event, SagaCreated):  # the feed does not carry the input
+            created = SagaCreated(saga.saga_id, saga.definition, b"")
+            record = RecordedEvent(event.saga_id, event.sequence, event.recorded_at, created)
+        self._feed[self._newest] = FeedChange(
+            self._newest, saga.saga_id, saga.definition, saga.state, saga.labels, record
+        )
+
+    async def feed(self, after_position: int, limit: int) -> FeedPage:
+        """Up to ``limit`` changes after ``after_position``; see ``SagaStore.feed``."""
+        self._check_open()
+        if limit < 1:
+            raise ValueError(f"a feed page holds at least one change, not {limit}")
+        changes = [c for p, c in self._feed.items() if p > after_position][:limit]
+        return FeedPage(tuple(changes), changes[-1].position if changes else after_position)
+
+    async def feed_bounds(self) -> tuple[int, int]:
+        """(highest position pruned, newest position); see ``SagaStore.feed_bounds``."""
+        self._check_open()
+        return self._pruned_through, self._newest
 
     async def get(self, saga_id: str) -> Saga | None:
         """The saga, or None."""
@@ -237,8 +268,13 @@ class MemoryStore:
         self._check_open()
         check_prune_limit(limit)
         rows = _prunable(self._rows.values(), ended_before)[:limit]
+        pruned = {row.saga.saga_id for row in rows}
         for row in rows:
             del self._rows[row.saga.saga_id]
+        for position, change in list(self._feed.items()):
+            if change.saga_id in pruned:
+                del self._feed[position]
+                self._pruned_through = max(self._pruned_through, position)
         return PruneResult(len(rows), sum(len(row.log) for row in rows))
 
     # --- life cycle --------------------------------------------------------------------------

@@ -20,7 +20,14 @@ from typing import TypeVar
 
 from coordinator.core.events import RecordedEvent
 from coordinator.core.model import Saga, SagaDefinition, SagaState
-from coordinator.ports import ListCursor, PruneResult, RegisteredDefinition, SagaFilter, SagaPage
+from coordinator.ports import (
+    FeedPage,
+    ListCursor,
+    PruneResult,
+    RegisteredDefinition,
+    SagaFilter,
+    SagaPage,
+)
 from coordinator.store.errors import StoreClosed, StoreCorrupt
 from coordinator.store.packing import (
     digest,
@@ -49,15 +56,18 @@ from coordinator.store.sqlite_queries import (
     read_counts,
 )
 from coordinator.store.sqlite_rows import (
-    INSERT_EVENT,
+    INSERT_FEED_EVENT,
     INSERT_LABEL,
     INSERT_SAGA,
     INSERT_STEP,
     SAGA_COLUMNS,
+    SELECT_FEED,
+    SELECT_FEED_BOUNDS,
     UPDATE_SAGA,
     UPDATE_STEP,
     Definitions,
     event_row,
+    feed_change,
     label_rows,
     read_events,
     read_events_page,
@@ -113,6 +123,10 @@ SELECT saga_id FROM sagas INDEXED BY sagas_by_ending
 WHERE {_PRUNABLE} AND ended_at < ? ORDER BY ended_at, saga_id LIMIT ?
 """
 _IDS = "SELECT value FROM json_each(?)"
+_RAISE_HORIZON = f"""
+UPDATE feed_horizon SET pruned_through = max(pruned_through, coalesce(
+    (SELECT max(position) FROM saga_events WHERE saga_id IN ({_IDS})), 0))
+"""
 _PRUNE = (
     # Children first: the log (which refuses deleting a saga's events unless it ended
     # SUCCEEDED or COMPENSATED), the steps and labels, then the rows themselves.
@@ -220,7 +234,7 @@ class SqliteStore:
         known_definition = definitions.known_id(saga.definition)
         steps = step_rows(saga)
         labels = label_rows(saga)
-        event_params = event_row(event)
+        event_params = (*event_row(event), saga.state.value)
 
         def create(connection: sqlite3.Connection) -> tuple[Saga | None, int]:
             # Inside the writer's transaction: a concurrent create of the same id, even in the
@@ -241,7 +255,7 @@ class SqliteStore:
             connection.executemany(INSERT_STEP, steps)
             if labels:
                 connection.executemany(INSERT_LABEL, labels)
-            connection.execute(INSERT_EVENT, event_params)
+            connection.execute(INSERT_FEED_EVENT, event_params)
             return None, definition_id
 
         stored, definition_id = await self._writer.submit(create, f"creating saga {saga.saga_id}")
@@ -261,7 +275,7 @@ class SqliteStore:
         steps = step_updates(
             saga, range(len(saga.steps)) if changed_steps is None else changed_steps
         )
-        event_params = event_row(event)
+        event_params = (*event_row(event), saga.state.value)
 
         def commit(connection: sqlite3.Connection) -> None:
             if connection.execute(UPDATE_SAGA, update).rowcount != 1:
@@ -269,7 +283,7 @@ class SqliteStore:
                 raise stale(saga, None if found is None else found[0])
             if steps:
                 connection.executemany(UPDATE_STEP, steps)
-            connection.execute(INSERT_EVENT, event_params)
+            connection.execute(INSERT_FEED_EVENT, event_params)
 
         await self._writer.submit(commit, f"committing saga {saga.saga_id} v{saga.version}")
 
@@ -452,12 +466,42 @@ class SqliteStore:
             if not ids:
                 return PruneResult(0, 0)
             batch = (json.dumps(ids),)
+            # The feed never gives a pruned position again: new ones start above this.
+            connection.execute(_RAISE_HORIZON, batch)
             events = connection.execute(_PRUNE[0], batch).rowcount
             for statement in _PRUNE[1:]:
                 connection.execute(statement, batch)
             return PruneResult(len(ids), events)
 
         return await self._writer.submit(prune, f"pruning sagas that ended before {ended_before}")
+
+    # --- change feed -------------------------------------------------------------------------
+
+    async def feed(self, after_position: int, limit: int) -> FeedPage:
+        """Up to ``limit`` changes after ``after_position``; see ``SagaStore.feed``."""
+        self._check_open()
+        if limit < 1:
+            raise ValueError(f"a feed page holds at least one change, not {limit}")
+        definitions = self._definitions
+
+        def read(connection: sqlite3.Connection) -> FeedPage:
+            rows = connection.execute(SELECT_FEED, (after_position, limit)).fetchall()
+            return FeedPage(
+                tuple(feed_change(connection, definitions, row) for row in rows),
+                rows[-1][0] if rows else after_position,
+            )
+
+        return await self._read(read, "reading the change feed")
+
+    async def feed_bounds(self) -> tuple[int, int]:
+        """(highest position pruned, newest position); see ``SagaStore.feed_bounds``."""
+        self._check_open()
+
+        def read(connection: sqlite3.Connection) -> tuple[int, int]:
+            pruned, newest = connection.execute(SELECT_FEED_BOUNDS).fetchone()
+            return int(pruned), int(newest)
+
+        return await self._read(read, "reading the change feed's bounds")
 
     # --- life cycle --------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 from coordinator.core.events import RecordedEvent, SagaCreated
 from coordinator.core.machine import waiting_step
 from coordinator.core.model import Saga, SagaDefinition, SagaState, StepRun, StepState
+from coordinator.ports import FeedChange
 from coordinator.store.errors import StoreCorrupt
 from coordinator.store.packing import (
     digest,
@@ -111,6 +112,27 @@ WHERE saga_id = ? AND step = ?
 """
 INSERT_EVENT = """
 INSERT INTO saga_events (saga_id, sequence, recorded_at, type, body) VALUES (?, ?, ?, ?, ?)
+"""
+# The writer's form (schema 4): the event takes the next position of the change feed, above
+# every position ever given (pruned ones included), and records the saga's state after it.
+INSERT_FEED_EVENT = """
+INSERT INTO saga_events (saga_id, sequence, recorded_at, type, body, state, position)
+VALUES (?, ?, ?, ?, ?, ?, max(
+    coalesce((SELECT max(position) FROM saga_events), 0),
+    (SELECT pruned_through FROM feed_horizon)
+) + 1)
+"""
+SELECT_FEED = """
+SELECT e.position, e.saga_id, e.sequence, e.recorded_at, e.type, e.body, e.state,
+       s.definition_id, s.labels
+FROM saga_events AS e INDEXED BY saga_events_by_position
+JOIN sagas AS s ON s.saga_id = e.saga_id
+WHERE e.position > ? ORDER BY e.position LIMIT ?
+"""
+SELECT_FEED_BOUNDS = """
+SELECT (SELECT pruned_through FROM feed_horizon),
+       max(coalesce((SELECT max(position) FROM saga_events), 0),
+           (SELECT pruned_through FROM feed_horizon))
 """
 _SELECT_STEPS = f"SELECT {_STEP_COLUMNS} FROM saga_steps WHERE saga_id = ? ORDER BY step"
 _SELECT_STEPS_OF_SAGAS = f"""
@@ -372,6 +394,27 @@ def read_events_page(
         return ()
     saga = read_saga(connection, definitions, saga_id)
     return () if saga is None else events_of(saga, rows)
+
+
+def feed_change(
+    connection: sqlite3.Connection, definitions: Definitions, row: Sequence[Any]
+) -> FeedChange:
+    """A change of the feed from a row of ``SELECT_FEED``."""
+    position, saga_id, sequence, at, kind, body, state, definition_id, labels = row
+    definition = definitions.definition(connection, definition_id)
+
+    def created() -> SagaCreated:
+        # The feed tells that the saga was created, not its input: read the saga for that.
+        return SagaCreated(saga_id, definition, b"")
+
+    return FeedChange(
+        position=position,
+        saga_id=saga_id,
+        definition=definition,
+        state=None if state is None else SagaState(state),
+        labels=unpack_labels(labels),
+        record=RecordedEvent(saga_id, sequence, from_micros(at), unpack_event(kind, body, created)),
+    )
 
 
 def events_of(saga: Saga, rows: Iterable[tuple[int, int, str, bytes]]) -> tuple[RecordedEvent, ...]:

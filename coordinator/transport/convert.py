@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
@@ -189,6 +189,13 @@ _ANSWER_TYPES = {
 
 
 def event_to_proto(record: RecordedEvent, saga: Saga) -> saga_pb2.SagaEvent:
+    """The proto form of one entry of ``saga``'s event log; see ``event_proto``."""
+    return event_proto(record, saga.definition, saga.audit)
+
+
+def event_proto(
+    record: RecordedEvent, definition: SagaDefinition, audit: Sequence[AuditEntry] = ()
+) -> saga_pb2.SagaEvent:
     """The proto form of one entry of a saga's event log.
 
     Steps are named by the definition's step names, and a call's event names the action or
@@ -199,12 +206,12 @@ def event_to_proto(record: RecordedEvent, saga: Saga) -> saga_pb2.SagaEvent:
     event = record.event
 
     def about(index: int, operation: Operation | None = None) -> None:
-        definition = saga.definition.steps[index]
-        message.step = definition.name
+        step = definition.steps[index]
+        message.step = step.name
         if operation is not None:
             message.operation = operation.value
             execute = operation is Operation.EXECUTE
-            message.action = definition.action if execute else definition.compensation
+            message.action = step.action if execute else step.compensation
 
     match event:
         case SagaCreated():
@@ -222,7 +229,7 @@ def event_to_proto(record: RecordedEvent, saga: Saga) -> saga_pb2.SagaEvent:
             message.attempt = attempt
             if isinstance(outcome, Succeeded):
                 if operation is Operation.EXECUTE:
-                    message.emits = saga.definition.steps[index].emits
+                    message.emits = definition.steps[index].emits
             else:
                 message.failure.CopyFrom(
                     saga_pb2.Failure(
@@ -240,7 +247,7 @@ def event_to_proto(record: RecordedEvent, saga: Saga) -> saga_pb2.SagaEvent:
         case ResumeRequested(actor=actor, reason=reason):
             message.type = saga_pb2.SAGA_EVENT_TYPE_RESUMED
             message.actor, message.reason = actor, reason
-            for entry in saga.audit:
+            for entry in audit:
                 if entry.sequence == record.sequence:
                     message.step = entry.step
         case MarkCompensated(step=index, actor=actor, reason=reason):
@@ -251,10 +258,10 @@ def event_to_proto(record: RecordedEvent, saga: Saga) -> saga_pb2.SagaEvent:
             message.type = saga_pb2.SAGA_EVENT_TYPE_STEP_COMPLETED
             message.actor, message.reason = actor, reason
             about(index, Operation.EXECUTE)
-            message.emits = saga.definition.steps[index].emits
+            message.emits = definition.steps[index].emits
         case DeadlineExceeded():
             message.type = saga_pb2.SAGA_EVENT_TYPE_DEADLINE_EXCEEDED
-            deadline = saga.definition.deadline
+            deadline = definition.deadline
             message.failure.CopyFrom(
                 saga_pb2.Failure(
                     operation="deadline",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -18,7 +19,12 @@ from saga.v1 import coordinator_service_pb2 as pb
 from saga.v1 import coordinator_service_pb2_grpc as pb_grpc
 
 from coordinator.core.definitions import NAME_RULE, is_valid_name, retry_violations
-from coordinator.core.errors import ActionNotAllowed, FieldViolation, InvalidArgument
+from coordinator.core.errors import (
+    ActionNotAllowed,
+    FeedConsumerTooSlow,
+    FieldViolation,
+    InvalidArgument,
+)
 from coordinator.core.events import (
     CompleteRequested,
     MarkCompensated,
@@ -29,12 +35,13 @@ from coordinator.core.events import (
 from coordinator.core.machine import waiting_step
 from coordinator.core.model import Saga, SagaState
 from coordinator.engine import Engine
-from coordinator.ports import ListCursor, RegisteredDefinition, SagaFilter
+from coordinator.ports import ChangeFilter, FeedChange, ListCursor, RegisteredDefinition, SagaFilter
 from coordinator.telemetry import SagaTelemetry, headers_of, now_ns
 from coordinator.transport.convert import (
     Renderings,
     definition_from_proto,
     definition_to_proto,
+    event_proto,
     event_to_proto,
     retry_policy_from_proto,
     saga_state_from_proto,
@@ -191,6 +198,20 @@ def step_index(saga: Saga, name: str, verb: str) -> int:
     )
 
 
+def _change_to_proto(change: FeedChange) -> pb.SagaChange:
+    message = pb.SagaChange(
+        position=change.position,
+        saga_id=change.saga_id,
+        definition=change.definition.name,
+        definition_version=change.definition.version,
+        event=event_proto(change.record, change.definition),
+        labels=change.labels,
+    )
+    if change.state is not None:
+        message.state = saga_state_to_proto(change.state)
+    return message
+
+
 def _version_info(registered: RegisteredDefinition) -> pb.DefinitionVersion:
     info = pb.DefinitionVersion(
         version=registered.definition.version,
@@ -242,9 +263,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         *,
         max_payload_bytes: int,
         telemetry: SagaTelemetry | None = None,
+        feed_stall_timeout: float = 30.0,
     ) -> None:
         self._engine = engine
         self._max_payload_bytes = max_payload_bytes
+        self._feed_stall_timeout = feed_stall_timeout
         self._telemetry = telemetry or SagaTelemetry()
         self._saga = Renderings(saga_to_proto)
         self._watch_response = Renderings(self._render_change, size=1024)
@@ -478,6 +501,44 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
         saga = await self._act(request, "complete", completed)
         return pb.CompleteStepResponse(saga=self._saga(saga))
+
+    async def WatchChanges(  # type: ignore[override]  # writes its stream itself, timed
+        self,
+        request: pb.WatchChangesRequest,
+        context: grpc.aio.ServicerContext[pb.WatchChangesRequest, pb.WatchChangesResponse],
+    ) -> None:
+        """Stream the change feed; cut off a consumer that stops reading."""
+        violations: list[FieldViolation] = []
+        states = set()
+        for i, value in enumerate(request.states):
+            try:
+                states.add(saga_state_from_proto(value))
+            except ValueError as error:
+                violations.append(FieldViolation(f"states[{i}]", str(error)))
+        if request.definition and not is_valid_name(request.definition):
+            violations.append(FieldViolation("definition", f"must be {NAME_RULE}"))
+        violations.extend(label_violations(request.labels, "labels"))
+        if violations:
+            raise InvalidArgument("invalid WatchChanges request", tuple(violations))
+        where = ChangeFilter(
+            request.definition or None, frozenset(states), tuple(sorted(request.labels.items()))
+        )
+        after = None if request.from_now else request.after_position
+        pages = self._engine.changes(after, where, follow=not request.no_follow)
+        async for page in pages:
+            response = pb.WatchChangesResponse(
+                changes=[_change_to_proto(change) for change in page.changes],
+                position=page.position,
+            )
+            try:
+                # A consumer that does not take what it asked for within the timeout is cut
+                # off: nothing is buffered for it, and it resumes from its position.
+                await asyncio.wait_for(context.write(response), timeout=self._feed_stall_timeout)
+            except TimeoutError:
+                raise FeedConsumerTooSlow(
+                    f"the consumer read nothing for {self._feed_stall_timeout:g}s and was cut "
+                    f"off; resume after the last position it processed"
+                ) from None
 
     async def ListDefinitions(
         self,

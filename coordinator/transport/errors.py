@@ -12,6 +12,8 @@ from coordinator.core.errors import (
     ConcurrentUpdate,
     DefinitionConflict,
     DefinitionNotFound,
+    FeedConsumerTooSlow,
+    FeedPositionPruned,
     FieldViolation,
     InvalidArgument,
     SagaAlreadyExists,
@@ -40,6 +42,8 @@ STATUS_OF: tuple[tuple[type[SagaError], grpc.StatusCode], ...] = (
     (StorageFailure, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (WatcherTooSlow, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (FeedPositionPruned, grpc.StatusCode.OUT_OF_RANGE),
+    (FeedConsumerTooSlow, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -93,8 +94,10 @@ def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.aio.Serv
         response_class = getattr(coordinator_service_pb2, method.output_type.name)
         behaviour = getattr(servicer, method.name)
         if method.server_streaming:
+            # A stream is an async generator, or a coroutine that writes it (to time writes).
+            guard = _guard_stream if inspect.isasyncgenfunction(behaviour) else _guard_unary
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _guard_stream(behaviour),
+                guard(behaviour),
                 request_deserializer=_tolerant(request_class.FromString),
                 response_serializer=response_class.SerializeToString,
             )
@@ -155,7 +158,10 @@ async def start_server(
     )
     add_coordinator_service(
         CoordinatorServicer(
-            engine, max_payload_bytes=settings.max_payload_bytes, telemetry=telemetry
+            engine,
+            max_payload_bytes=settings.max_payload_bytes,
+            telemetry=telemetry,
+            feed_stall_timeout=settings.feed_stall_timeout,
         ),
         server,
     )

@@ -166,6 +166,7 @@ async def test_migrations_are_recorded_and_not_run_again_on_reopen(db: Path) -> 
         (1, "initial"),
         (2, "compact_rows"),
         (3, "labels_registry_retention"),
+        (4, "change_feed"),
     ]
     assert query(db, "SELECT version, name, applied_at FROM schema_migrations") == recorded
 
@@ -179,17 +180,18 @@ async def test_two_stores_opening_a_new_file_at_once_migrate_it_once(db: Path) -
         (1,),
         (2,),
         (3,),
+        (4,),
     ]
 
 
 async def test_a_database_with_a_newer_schema_is_refused_and_left_untouched(db: Path) -> None:
     await (await SqliteStore.open(db)).close()
     with sqlite3.connect(db) as newer:
-        newer.execute("INSERT INTO schema_migrations VALUES (4, 'from_the_future', 'later')")
+        newer.execute("INSERT INTO schema_migrations VALUES (5, 'from_the_future', 'later')")
     newer.close()
     before = read(db)
 
-    with pytest.raises(SchemaTooNew, match=r"schema version 4, newer than this coordinator"):
+    with pytest.raises(SchemaTooNew, match=r"schema version 5, newer than this coordinator"):
         await SqliteStore.open(db)
 
     assert read(db) == before
@@ -866,8 +868,8 @@ async def test_a_schema_2_store_is_upgraded_with_its_sagas_intact_and_registry_f
     }
     assert pruned == PruneResult(3, len(histories[2].log) + len(histories[4].log) + 4)
     assert query(db, "SELECT version, name FROM schema_migrations ORDER BY version")[-1] == (
-        3,
-        "labels_registry_retention",
+        4,
+        "change_feed",
     )
 
 

@@ -949,6 +949,67 @@ class StoreContract:
         with pytest.raises(ValueError, match="at least one saga"):
             await store.prune(T0, 0)
 
+    # --- change feed -------------------------------------------------------------------------
+
+    async def test_the_feed_holds_every_change_in_commit_order_with_rising_positions(
+        self, store: SagaStore
+    ) -> None:
+        first = run_history("s-1", [OK, NO, OK], at=T0, labels={"tenant": "acme"})
+        second = run_history("s-2", [OK, OK, OK], at=T0 + timedelta(seconds=1))
+        await store.create(first.first, first.log[0], FINGERPRINT)
+        await store.create(second.first, second.log[0], FINGERPRINT)
+        commits = list(itertools.zip_longest(first.commits(), second.commits()))
+        order = [("s-1", 1), ("s-2", 1)]
+        for one, two in commits:
+            for commit in (one, two):
+                if commit is not None:
+                    saga, event, changed = commit
+                    await store.commit(saga, event, changed)
+                    order.append((saga.saga_id, event.sequence))
+
+        page = await store.feed(0, 1000)
+        positions = [change.position for change in page.changes]
+
+        assert [(c.saga_id, c.record.sequence) for c in page.changes] == order
+        assert positions == sorted(set(positions))
+        assert page.position == positions[-1]
+        assert await store.feed_bounds() == (0, positions[-1])
+        by_saga = {"s-1": first, "s-2": second}
+        for change in page.changes:
+            history = by_saga[change.saga_id]
+            saga_after = history.sagas[change.record.sequence - 1]
+            assert change.state is saga_after.state
+            assert change.definition == history.first.definition
+            if change.record.sequence > 1:
+                assert change.record == history.log[change.record.sequence - 1]
+        assert dict(page.changes[0].labels) == {"tenant": "acme"}
+        # Resuming after any position gives exactly the rest, page by page.
+        middle = positions[4]
+        rest = await store.feed(middle, 3)
+        assert [c.position for c in rest.changes] == positions[5:8]
+        assert (await store.feed(positions[-1], 10)).changes == ()
+        assert (await store.feed(positions[-1], 10)).position == positions[-1]
+        with pytest.raises(ValueError, match="at least one change"):
+            await store.feed(0, 0)
+
+    async def test_pruning_raises_the_feed_horizon_and_positions_are_never_reused(
+        self, store: SagaStore
+    ) -> None:
+        old = run_history("old", [OK, OK, OK], at=T0)
+        await store_history(store, old)
+        _, newest = await store.feed_bounds()
+        await store.prune(T0 + timedelta(hours=1), 10)
+
+        pruned, after = await store.feed_bounds()
+        assert pruned == newest  # the newest change was pruned: its position is not given again
+        assert after == newest
+        assert (await store.feed(0, 100)).changes == ()
+        fresh = run_history("fresh", [OK], at=T0 + timedelta(days=1))
+        await store_history(store, fresh)
+        page = await store.feed(pruned, 100)
+        assert [c.position for c in page.changes][0] > newest
+        assert [c.saga_id for c in page.changes] == ["fresh", "fresh"]
+
     # --- concurrency and life cycle ----------------------------------------------------------
 
     async def test_many_concurrent_creates_and_commits_all_land(self, store: SagaStore) -> None:

@@ -1122,3 +1122,171 @@ class PruneSagasResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PruneSagasResponse: _TypeAlias = PruneSagasResponse  # noqa: Y015
+
+@_typing.final
+class WatchChangesRequest(_message.Message):
+    """WatchChangesRequest says where to start the change feed and which changes to deliver."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    FROM_NOW_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    NO_FOLLOW_FIELD_NUMBER: _builtins.int
+    after_position: _builtins.int
+    """Deliver the changes after this position; zero means from the oldest one kept."""
+    from_now: _builtins.bool
+    """Deliver only the changes committed from now on (after_position is then ignored)."""
+    definition: _builtins.str
+    """Only changes of sagas of this definition; empty means every definition."""
+    no_follow: _builtins.bool
+    """End the stream once the stored history is delivered instead of following new changes."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_saga_pb2.SagaState.ValueType]:
+        """Only changes after which the saga is in one of these states; empty means every state."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only changes of sagas carrying every one of these labels."""
+
+    def __init__(
+        self,
+        *,
+        after_position: _builtins.int = ...,
+        from_now: _builtins.bool = ...,
+        definition: _builtins.str = ...,
+        states: _abc.Iterable[_saga_pb2.SagaState.ValueType] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        no_follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "definition", b"definition", "from_now", b"from_now", "labels", b"labels", "no_follow", b"no_follow", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchChangesRequest: _TypeAlias = WatchChangesRequest  # noqa: Y015
+
+@_typing.final
+class SagaChange(_message.Message):
+    """SagaChange is one change of one saga, as the change feed delivers it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Position of the change in the feed: increasing in commit order, never reused."""
+    saga_id: _builtins.str
+    """The saga that changed."""
+    definition: _builtins.str
+    """Name of the saga's definition."""
+    definition_version: _builtins.int
+    """Version of the saga's definition."""
+    state: _saga_pb2.SagaState.ValueType
+    """The saga's state after the change (unspecified for changes recorded before the feed
+    existed).
+    """
+    @_builtins.property
+    def event(self) -> _saga_pb2.SagaEvent:
+        """The change, as in the saga's event log."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The saga's labels."""
+
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        saga_id: _builtins.str = ...,
+        definition: _builtins.str = ...,
+        definition_version: _builtins.int = ...,
+        state: _saga_pb2.SagaState.ValueType = ...,
+        event: _saga_pb2.SagaEvent | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_version", b"definition_version", "event", b"event", "labels", b"labels", "position", b"position", "saga_id", b"saga_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SagaChange: _TypeAlias = SagaChange  # noqa: Y015
+
+@_typing.final
+class WatchChangesResponse(_message.Message):
+    """WatchChangesResponse carries changes in commit order, or tells how far the feed was read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """How far the feed has been read: a consumer that resumes after it misses nothing it asked
+    for. Equal to the last change's position when there are changes.
+    """
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SagaChange]:
+        """The changes, in commit order; empty when the feed was read without a matching change."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___SagaChange] | None = ...,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchChangesResponse: _TypeAlias = WatchChangesResponse  # noqa: Y015

@@ -108,6 +108,11 @@ class CoordinatorServiceStub:
                 request_serializer=saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionRequest.SerializeToString,
                 response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionResponse.FromString,
                 _registered_method=True)
+        self.WatchChanges = channel.unary_stream(
+                '/saga.v1.CoordinatorService/WatchChanges',
+                request_serializer=saga_dot_v1_dot_coordinator__service__pb2.WatchChangesRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_coordinator__service__pb2.WatchChangesResponse.FromString,
+                _registered_method=True)
         self.PruneSagas = channel.unary_unary(
                 '/saga.v1.CoordinatorService/PruneSagas',
                 request_serializer=saga_dot_v1_dot_coordinator__service__pb2.PruneSagasRequest.SerializeToString,
@@ -237,6 +242,20 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchChanges(self, request, context):
+        """WatchChanges is the change feed: every change of every saga, in commit order, each with its
+        position in the feed. It delivers the stored history after after_position, then follows
+        changes as they are committed. A consumer keeps the position of the last change it
+        processed and resumes after it: it may see a change again after a reconnect (dedupe by
+        position), never out of order and never one missed. A consumer that stops reading is cut
+        off (RESOURCE_EXHAUSTED, reason FEED_CONSUMER_TOO_SLOW) without slowing any saga, and
+        resumes from its position. A position whose history was pruned fails with OUT_OF_RANGE
+        (reason FEED_POSITION_PRUNED), naming the oldest position it can resume from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PruneSagas(self, request, context):
         """PruneSagas removes the sagas that ended (SUCCEEDED or COMPENSATED) before a cutoff, with
         their events, in small batches. Running and parked sagas are never pruned.
@@ -317,6 +336,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.RegisterDefinition,
                     request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionRequest.FromString,
                     response_serializer=saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionResponse.SerializeToString,
+            ),
+            'WatchChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchChanges,
+                    request_deserializer=saga_dot_v1_dot_coordinator__service__pb2.WatchChangesRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_coordinator__service__pb2.WatchChangesResponse.SerializeToString,
             ),
             'PruneSagas': grpc.unary_unary_rpc_method_handler(
                     servicer.PruneSagas,
@@ -706,6 +730,33 @@ class CoordinatorService:
             '/saga.v1.CoordinatorService/RegisterDefinition',
             saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionRequest.SerializeToString,
             saga_dot_v1_dot_coordinator__service__pb2.RegisterDefinitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/saga.v1.CoordinatorService/WatchChanges',
+            saga_dot_v1_dot_coordinator__service__pb2.WatchChangesRequest.SerializeToString,
+            saga_dot_v1_dot_coordinator__service__pb2.WatchChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,6 +90,16 @@ class CoordinatorServiceStub:
     same content under an existing version is a no-op; other content under it is refused
     (ALREADY_EXISTS). Running sagas keep the version they started with.
     """
+    WatchChanges: _grpc.UnaryStreamMultiCallable[_coordinator_service_pb2.WatchChangesRequest, _coordinator_service_pb2.WatchChangesResponse]
+    """WatchChanges is the change feed: every change of every saga, in commit order, each with its
+    position in the feed. It delivers the stored history after after_position, then follows
+    changes as they are committed. A consumer keeps the position of the last change it
+    processed and resumes after it: it may see a change again after a reconnect (dedupe by
+    position), never out of order and never one missed. A consumer that stops reading is cut
+    off (RESOURCE_EXHAUSTED, reason FEED_CONSUMER_TOO_SLOW) without slowing any saga, and
+    resumes from its position. A position whose history was pruned fails with OUT_OF_RANGE
+    (reason FEED_POSITION_PRUNED), naming the oldest position it can resume from.
+    """
     PruneSagas: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.PruneSagasRequest, _coordinator_service_pb2.PruneSagasResponse]
     """PruneSagas removes the sagas that ended (SUCCEEDED or COMPENSATED) before a cutoff, with
     their events, in small batches. Running and parked sagas are never pruned.
@@ -156,6 +166,16 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """RegisterDefinition registers a new version of a definition, validated as a file is. The
     same content under an existing version is a no-op; other content under it is refused
     (ALREADY_EXISTS). Running sagas keep the version they started with.
+    """
+    WatchChanges: _aio.UnaryStreamMultiCallable[_coordinator_service_pb2.WatchChangesRequest, _coordinator_service_pb2.WatchChangesResponse]  # type: ignore[assignment]
+    """WatchChanges is the change feed: every change of every saga, in commit order, each with its
+    position in the feed. It delivers the stored history after after_position, then follows
+    changes as they are committed. A consumer keeps the position of the last change it
+    processed and resumes after it: it may see a change again after a reconnect (dedupe by
+    position), never out of order and never one missed. A consumer that stops reading is cut
+    off (RESOURCE_EXHAUSTED, reason FEED_CONSUMER_TOO_SLOW) without slowing any saga, and
+    resumes from its position. A position whose history was pruned fails with OUT_OF_RANGE
+    (reason FEED_POSITION_PRUNED), naming the oldest position it can resume from.
     """
     PruneSagas: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.PruneSagasRequest, _coordinator_service_pb2.PruneSagasResponse]  # type: ignore[assignment]
     """PruneSagas removes the sagas that ended (SUCCEEDED or COMPENSATED) before a cutoff, with
@@ -304,6 +324,22 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         """RegisterDefinition registers a new version of a definition, validated as a file is. The
         same content under an existing version is a no-op; other content under it is refused
         (ALREADY_EXISTS). Running sagas keep the version they started with.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchChanges(
+        self,
+        request: _coordinator_service_pb2.WatchChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_service_pb2.WatchChangesResponse], _abc.AsyncIterator[_coordinator_service_pb2.WatchChangesResponse]]:
+        """WatchChanges is the change feed: every change of every saga, in commit order, each with its
+        position in the feed. It delivers the stored history after after_position, then follows
+        changes as they are committed. A consumer keeps the position of the last change it
+        processed and resumes after it: it may see a change again after a reconnect (dedupe by
+        position), never out of order and never one missed. A consumer that stops reading is cut
+        off (RESOURCE_EXHAUSTED, reason FEED_CONSUMER_TOO_SLOW) without slowing any saga, and
+        resumes from its position. A position whose history was pruned fails with OUT_OF_RANGE
+        (reason FEED_POSITION_PRUNED), naming the oldest position it can resume from.
         """
 
     @_abc_1.abstractmethod
