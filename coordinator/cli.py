@@ -745,7 +745,9 @@ def _get(client: SagaClient, args: argparse.Namespace, out: Console) -> int:
             shown["events"] = [_event_json(e) for e in events]
         _print_json(shown)
     else:
-        out.print(saga_panel(saga))
+        # The log names the event each succeeded step stands for (its definition's emits).
+        log = events if events is not None else list(client.events(args.saga_id))
+        out.print(saga_panel(saga, log))
         for line in event_lines(events or ()):
             out.print(line, soft_wrap=True)
     return EXIT_OK

@@ -167,10 +167,13 @@ def main() -> int:
                 out.print(Rule(f"Onboarding {payload['company']}"))
                 result = client.create("onboard-corporate-client", payload, saga_id=saga_id)
                 out.print(f"started sagas/{result.saga.saga_id}")
+                events = []
                 for update in client.watch(saga_id):
                     out.print("  ", update_line(update))
+                    if update.event is not None:
+                        events.append(update.event)
                 saga = client.get(saga_id)
-                out.print(saga_panel(saga))
+                out.print(saga_panel(saga, events))
                 outcomes.append(saga.state)
         expected = [SagaState.SUCCEEDED, SagaState.COMPENSATED]
         out.print(Rule("Done"))
