@@ -22,6 +22,7 @@ from coordinator.bench import run as bench
 from coordinator.config import ConfigError, ParticipantEndpoint, load_settings
 from coordinator.console import (
     SAGA_STYLE,
+    change_line,
     console,
     counts_table,
     definition_mermaid,
@@ -384,8 +385,40 @@ def _parser() -> argparse.ArgumentParser:
     watch = client(commands, "watch", "follow a saga's changes until it ends")
     watch.add_argument("saga_id", metavar="ID")
 
-    events = client(commands, "events", "show a saga's event log, one line per event")
-    events.add_argument("saga_id", metavar="ID")
+    events = client(
+        commands,
+        "events",
+        "show a saga's event log; without ID, the change feed of every saga",
+        description="With ID: the saga's event log, one line per event. Without ID: the "
+        "change feed, every change of every saga in commit order, each with its position "
+        "(@N); --from N resumes after a position, --follow keeps following new changes.",
+    )
+    events.add_argument("saga_id", metavar="ID", nargs="?")
+    events.add_argument(
+        "--from",
+        dest="after_position",
+        type=_non_negative,
+        default=0,
+        metavar="POSITION",
+        help="the feed after this position (default: from the oldest kept)",
+    )
+    events.add_argument("--follow", "-f", action="store_true", help="keep following the feed")
+    events.add_argument("--definition", help="only changes of this definition's sagas")
+    events.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="STATE",
+        help="only changes after which the saga is in this state (repeatable)",
+    )
+    events.add_argument(
+        "--label",
+        action="append",
+        type=_label,
+        default=[],
+        metavar="K=V",
+        help="only changes of sagas with this label (repeatable)",
+    )
 
     prune = client(commands, "prune", "remove the sagas that ended long ago, with their events")
     prune.add_argument(
@@ -753,12 +786,16 @@ def _get(client: SagaClient, args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
-def _list(client: SagaClient, args: argparse.Namespace, out: Console) -> int:
+def _states(values: Sequence[str]) -> list[SagaState]:
     try:
-        states = [SagaState(s.upper()) for s in args.state]
+        return [SagaState(value.upper()) for value in values]
     except ValueError:
         known = ", ".join(s.value for s in SagaState if s is not SagaState.UNSPECIFIED)
         raise UsageError(f"--state: expected one of {known}") from None
+
+
+def _list(client: SagaClient, args: argparse.Namespace, out: Console) -> int:
+    states = _states(args.state)
     sagas: list[Saga] = []
     page_size = min(args.limit, 1000)
     for saga in client.list(states=states, page_size=page_size, **_filters(args)):
@@ -867,12 +904,49 @@ def _watch(client: SagaClient, args: argparse.Namespace, out: Console) -> int:
 
 
 def _events(client: SagaClient, args: argparse.Namespace, out: Console) -> int:
+    if args.saga_id is None:
+        return _feed(client, args, out)
+    feed_only = args.follow or args.after_position or args.definition or args.state or args.label
+    if feed_only:
+        raise UsageError(
+            "--from, --follow, --definition, --state and --label read the change "
+            "feed: give them without a saga ID"
+        )
     events = list(client.events(args.saga_id))
     if args.output == "json":
         _print_json([_event_json(e) for e in events])
     else:
         for line in event_lines(events):
             out.print(line, soft_wrap=True)
+    return EXIT_OK
+
+
+def _feed(client: SagaClient, args: argparse.Namespace, out: Console) -> int:
+    changes = client.changes(
+        args.after_position,
+        definition=args.definition,
+        states=_states(args.state),
+        labels=dict(args.label),
+        follow=args.follow,
+    )
+    for change in changes:
+        if args.output == "json":
+            print(
+                json.dumps(
+                    {
+                        "position": change.position,
+                        "saga_id": change.saga_id,
+                        "definition": change.definition,
+                        "definition_version": change.definition_version,
+                        "state": change.state.value,
+                        "labels": dict(change.labels),
+                        "event": _event_json(change.event),
+                    }
+                ),
+                flush=True,
+            )
+        else:
+            out.print(change_line(change), soft_wrap=True)
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ from saga_sdk.model import (
     DefinitionVersion,
     RetryPolicy,
     Saga,
+    SagaChange,
     SagaCounts,
     SagaDefinition,
     SagaEvent,
@@ -247,6 +248,22 @@ def update_line(update: SagaUpdate) -> Text:
     saga = update.saga
     if event is None:
         return Text(f"{saga.saga_id}: {saga.state.value} (version {saga.version})")
+    return _event_text(event, saga.state)
+
+
+def change_line(change: SagaChange) -> Text:
+    """One change of the change feed: its position and saga, then the change as a watch tells
+    it: "@42 acme-corp onboard-corporate-client v1 #2 step succeeded create-user ..."."""
+    head = Text.assemble(
+        (f"@{change.position} ", "dim"),
+        (change.saga_id, "bold"),
+        (f" {change.definition} v{change.definition_version} ", "dim"),
+    )
+    head.append_text(_event_text(change.event, change.state))
+    return head
+
+
+def _event_text(event: SagaEvent, state: SagaState) -> Text:
     where = f" {event.step}" if event.step else ""
     action = f" {event.action}" if event.action else ""
     emits = f", emits {event.emits}" if event.emits else ""
@@ -267,7 +284,7 @@ def update_line(update: SagaUpdate) -> Text:
         (failure, "red" if failure else ""),
         (operator, OPERATOR_STYLE),
         (" -> ", "dim"),
-        (saga.state.value, SAGA_STYLE[saga.state]),
+        (state.value, SAGA_STYLE.get(state, "")),
     )
 
 

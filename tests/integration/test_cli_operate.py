@@ -270,6 +270,43 @@ async def test_events_name_every_action_and_compensation_sent(
     assert [e["sequence"] for e in with_events["events"]] == [e["sequence"] for e in events]
 
 
+async def test_events_without_an_id_read_the_change_feed_and_resume_after_a_position(
+    saga: Saga, participants: dict[str, ScriptedParticipant]
+) -> None:
+    for saga_id in ("feed-1", "feed-2"):
+        started = await saga("start", "onboard", "--id", saga_id, "--label", f"who={saga_id}")
+        assert started.returncode == 0, started.stderr
+        await saga.settled(saga_id)
+
+    def lines_of(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    feed = lines_of(await saga("events", "--output", "json"))
+    positions = [change["position"] for change in feed]
+    assert positions == sorted(set(positions))
+    assert [(c["saga_id"], c["event"]["sequence"]) for c in feed] == [
+        ("feed-1", n) for n in range(1, 6)
+    ] + [("feed-2", n) for n in range(1, 6)]
+    assert feed[-1]["state"] == "SUCCEEDED"
+    assert feed[0]["labels"] == {"who": "feed-1"}
+
+    rest = lines_of(await saga("events", "--from", str(positions[4]), "--output", "json"))
+    assert [c["position"] for c in rest] == positions[5:]
+    ended = lines_of(
+        await saga("events", "--state", "succeeded", "--label", "who=feed-2", "--output", "json")
+    )
+    assert [(c["saga_id"], c["state"]) for c in ended] == [("feed-2", "SUCCEEDED")]
+
+    human = await saga("events", "--definition", "onboard")
+    assert human.returncode == 0, human.stderr
+    first = human.stdout.splitlines()[0]
+    assert first.startswith(f"@{positions[0]} feed-1 onboard v1 #1 created")
+    mixed = await saga("events", "feed-1", "--follow")
+    assert mixed.returncode == 2
+    assert "without a saga ID" in mixed.stderr
+
+
 async def test_watch_lines_name_the_action_or_compensation_sent(
     saga: Saga, participants: dict[str, ScriptedParticipant]
 ) -> None:

@@ -31,10 +31,12 @@ from saga_sdk.model import (
     RegisterResult,
     RetryPolicy,
     Saga,
+    SagaChange,
     SagaCounts,
     SagaEvent,
     SagaState,
     SagaUpdate,
+    change_from_proto,
     counts_from_proto,
     event_from_proto,
     prune_result_from_proto,
@@ -49,6 +51,7 @@ from saga_sdk.requests import (
     DefinitionInput,
     ListQuery,
     cancel_request,
+    changes_request,
     complete_request,
     create_request,
     definition_request,
@@ -73,6 +76,12 @@ Metadata = Sequence[tuple[str, str]]
 
 DEFAULT_TIMEOUT = 30.0
 """Deadline, in seconds, of each unary call unless the client is given another."""
+
+
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+"""A change feed stream broken with these codes is reopened from its last position."""
+_RESUME_FIRST = 0.1
+_RESUME_MAX = 5.0
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -280,6 +289,50 @@ class SagaClient:
                     return
 
         return pages()
+
+    def changes(
+        self,
+        after_position: int = 0,
+        *,
+        from_now: bool = False,
+        definition: str | None = None,
+        states: Iterable[SagaState] = (),
+        labels: Mapping[str, str] | None = None,
+        follow: bool = True,
+    ) -> Iterator[SagaChange]:
+        """Iterate over the change feed: every change of every saga, in commit order.
+
+        Starts after `after_position` (0: the oldest kept; `from_now`: only new changes), then
+        follows new changes (unless `follow` is False: it ends once caught up). Store each
+        change's `position` once processed and resume after it: nothing is missed, and a change
+        seen twice after a reconnect has the same position. A broken stream (the coordinator
+        restarting, or this consumer cut off for reading too slowly) is reopened from the last
+        position, after a short pause; other errors raise.
+        """
+        request = changes_request(after_position, from_now, definition, states, labels, follow)
+
+        def stream() -> Iterator[SagaChange]:
+            pause = _RESUME_FIRST
+            while True:
+                call = self._stub.WatchChanges(request, metadata=self._metadata)
+                try:
+                    for response in call:
+                        for change in response.changes:
+                            yield change_from_proto(change)
+                        request.after_position = response.position
+                        request.from_now = False
+                        pause = _RESUME_FIRST
+                    return
+                except grpc.RpcError as exc:
+                    error = error_from_call(exc)
+                    if error.code not in _RESUMABLE:
+                        raise error from None
+                finally:
+                    call.cancel()
+                time.sleep(pause)
+                pause = min(pause * 2, _RESUME_MAX)
+
+        return stream()
 
     def count(
         self,
@@ -626,6 +679,42 @@ class AsyncSagaClient:
                     return
 
         return pages()
+
+    def changes(
+        self,
+        after_position: int = 0,
+        *,
+        from_now: bool = False,
+        definition: str | None = None,
+        states: Iterable[SagaState] = (),
+        labels: Mapping[str, str] | None = None,
+        follow: bool = True,
+    ) -> AsyncIterator[SagaChange]:
+        """The change feed; see `SagaClient.changes`."""
+        request = changes_request(after_position, from_now, definition, states, labels, follow)
+
+        async def stream() -> AsyncIterator[SagaChange]:
+            pause = _RESUME_FIRST
+            while True:
+                call = self._stub.WatchChanges(request, metadata=self._metadata)
+                try:
+                    async for response in call:
+                        for change in response.changes:
+                            yield change_from_proto(change)
+                        request.after_position = response.position
+                        request.from_now = False
+                        pause = _RESUME_FIRST
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    error = error_from_aio(exc)
+                    if error.code not in _RESUMABLE:
+                        raise error from None
+                finally:
+                    call.cancel()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RESUME_MAX)
+
+        return stream()
 
     async def count(
         self,

@@ -235,6 +235,21 @@ class SagaEvent:
 
 
 @dataclass(frozen=True)
+class SagaChange:
+    """One change of one saga, from the change feed of all sagas (`SagaClient.changes`)."""
+
+    position: int
+    """The change's position in the feed: store it once processed, resume after it."""
+    saga_id: str
+    definition: str
+    definition_version: int
+    state: SagaState
+    """The saga's state after the change (UNSPECIFIED for changes older than the feed)."""
+    event: SagaEvent
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
 class SagaUpdate:
     """One message of a watch: the saga after a change, and the change (None on the first)."""
 
@@ -492,6 +507,19 @@ def event_from_proto(event: saga_pb2.SagaEvent) -> SagaEvent:
         operation=event.operation,
         action=event.action,
         emits=event.emits,
+    )
+
+
+def change_from_proto(change: coordinator_service_pb2.SagaChange) -> SagaChange:
+    """Convert a `saga.v1.SagaChange`."""
+    return SagaChange(
+        position=change.position,
+        saga_id=change.saga_id,
+        definition=change.definition,
+        definition_version=change.definition_version,
+        state=_enum(SagaState, "SAGA_STATE_", change.state, saga_pb2.SagaState),
+        event=event_from_proto(change.event),
+        labels=MappingProxyType(dict(change.labels)),
     )
 
 

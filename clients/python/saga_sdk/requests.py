@@ -369,3 +369,24 @@ def trace_headers() -> tuple[tuple[str, str], ...]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return tuple(carrier.items())
+
+
+def changes_request(
+    after_position: int,
+    from_now: bool,
+    definition: str | None,
+    states: Iterable[SagaState],
+    labels: Mapping[str, str] | None,
+    follow: bool,
+) -> coordinator_service_pb2.WatchChangesRequest:
+    """Build a WatchChangesRequest; see `SagaClient.changes`."""
+    if after_position < 0:
+        raise ValueError("after_position must be >= 0")
+    return coordinator_service_pb2.WatchChangesRequest(
+        after_position=after_position,
+        from_now=from_now,
+        definition=definition or "",
+        states=[saga_pb2.SagaState.Value(f"SAGA_STATE_{SagaState(s).value}") for s in states],
+        labels=dict(labels or {}),
+        no_follow=not follow,
+    )

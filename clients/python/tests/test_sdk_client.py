@@ -98,6 +98,10 @@ class FakeCoordinator(coordinator_service_pb2_grpc.CoordinatorServiceServicer):
     count_requests: list[coordinator_service_pb2.CountSagasRequest] = field(default_factory=list)
     actions: list[Any] = field(default_factory=list)
     """Every operator action request, in order."""
+    feed: list[coordinator_service_pb2.SagaChange] = field(default_factory=list)
+    feed_requests: list[coordinator_service_pb2.WatchChangesRequest] = field(default_factory=list)
+    break_feeds: int = 0
+    """How many of the next change feed streams break (UNAVAILABLE) after their first message."""
     definitions: dict[tuple[str, int], saga_pb2.SagaDefinition] = field(default_factory=dict)
     prune_requests: list[coordinator_service_pb2.PruneSagasRequest] = field(default_factory=list)
 
@@ -217,6 +221,19 @@ class FakeCoordinator(coordinator_service_pb2_grpc.CoordinatorServiceServicer):
         saga.cancel_reason = request.reason
         self.move(saga.saga_id, saga_pb2.SAGA_STATE_COMPENSATING)
         return coordinator_service_pb2.CancelSagaResponse(saga=self.sagas[saga.saga_id])
+
+    def WatchChanges(
+        self, request: coordinator_service_pb2.WatchChangesRequest, context: grpc.ServicerContext
+    ) -> Iterator[coordinator_service_pb2.WatchChangesResponse]:
+        self.feed_requests.append(request)
+        rest = [c for c in self.feed if c.position > request.after_position]
+        for index, change in enumerate(rest):
+            yield coordinator_service_pb2.WatchChangesResponse(
+                changes=[change], position=change.position
+            )
+            if index == 0 and self.break_feeds:
+                self.break_feeds -= 1
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is restarting")
 
     def ListSagaEvents(
         self, request: coordinator_service_pb2.ListSagaEventsRequest, context: grpc.ServicerContext
@@ -1062,3 +1079,47 @@ async def test_async_twins_of_the_operator_and_registry_calls(
     assert [s.name for s in listed] == ["d"]
     assert pruned.dry_run
     assert cancelled.cancel_reason == "bye"
+
+
+def _feed_change(position: int, saga_id: str) -> coordinator_service_pb2.SagaChange:
+    return coordinator_service_pb2.SagaChange(
+        position=position,
+        saga_id=saga_id,
+        definition="onboard",
+        definition_version=1,
+        state=saga_pb2.SAGA_STATE_RUNNING,
+        event=saga_pb2.SagaEvent(sequence=1, type=saga_pb2.SAGA_EVENT_TYPE_CREATED),
+        labels={"tenant": "acme"},
+    )
+
+
+def test_changes_reopen_a_broken_feed_after_the_last_position(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    fake.feed = [_feed_change(p, f"s-{p}") for p in (3, 7, 9)]
+    fake.break_feeds = 1
+    with SagaClient(target) as client:
+        changes = list(client.changes(follow=False, definition="onboard"))
+
+    assert [(c.position, c.saga_id, c.state) for c in changes] == [
+        (3, "s-3", SagaState.RUNNING),
+        (7, "s-7", SagaState.RUNNING),
+        (9, "s-9", SagaState.RUNNING),
+    ]
+    assert dict(changes[0].labels) == {"tenant": "acme"}
+    assert [(r.after_position, r.definition, r.no_follow) for r in fake.feed_requests] == [
+        (0, "onboard", True),
+        (3, "onboard", True),
+    ]
+
+
+async def test_async_changes_reopen_a_broken_feed(coordinator: tuple[FakeCoordinator, str]) -> None:
+    fake, target = coordinator
+    fake.feed = [_feed_change(p, f"s-{p}") for p in (1, 2)]
+    fake.break_feeds = 1
+    async with AsyncSagaClient(target) as client:
+        positions = [c.position async for c in client.changes(0, follow=False)]
+
+    assert positions == [1, 2]
+    assert [r.after_position for r in fake.feed_requests] == [0, 1]
