@@ -192,6 +192,33 @@ export interface SagaEvent {
   readonly emits: string;
 }
 
+/** One change of the change feed of every saga, with its position in the feed. */
+export interface SagaChange {
+  /** Increasing in commit order, never reused: store it once processed, resume after it. */
+  readonly position: number;
+  readonly sagaId: string;
+  readonly definition: string;
+  readonly definitionVersion: number;
+  /** The saga's state after the change. */
+  readonly state: SagaState;
+  readonly event: SagaEvent;
+  readonly labels: Readonly<Record<string, string>>;
+}
+
+/** Where the change feed starts and which changes it delivers. */
+export interface ChangeFeedOptions {
+  /** After this position (0: the oldest kept). */
+  afterPosition?: number;
+  /** Only changes committed from now on. */
+  fromNow?: boolean;
+  definition?: string;
+  /** Only changes after which the saga is in one of these states. */
+  states?: SagaState[];
+  labels?: Record<string, string>;
+  /** Keep following new changes (default true); false ends once caught up. */
+  follow?: boolean;
+}
+
 /** One message of a watch: the saga after a change, and the change (null on the first). */
 export interface SagaUpdate {
   readonly saga: Saga;
@@ -251,6 +278,11 @@ export class SagaClient {
   list(filters?: ListFilters): AsyncIterableIterator<Saga>;
   /** The current saga, then each change, until it settles. Leaving early cancels the stream. */
   watch(sagaId: string): AsyncIterableIterator<SagaUpdate>;
+  /**
+   * The change feed of every saga, in commit order; reopened after the last position when the
+   * stream breaks (UNAVAILABLE, or RESOURCE_EXHAUSTED for a consumer that read too slowly).
+   */
+  changes(options?: ChangeFeedOptions): AsyncIterableIterator<SagaChange>;
   /**
    * Resolves once SUCCEEDED, COMPENSATED or NEEDS_ATTENTION; WaitTimeout after timeoutMs. Asks
    * the coordinator for the ending only, and watches again after UNAVAILABLE.

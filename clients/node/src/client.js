@@ -11,7 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import grpc from '@grpc/grpc-js';
 import { loadContract } from './contract.js';
 import { WaitTimeout, errorFromGrpc } from './errors.js';
-import { SagaState, sagaFromProto, settledSagaFromResponse, updateFromProto } from './model.js';
+import { SagaState, changeFromProto, sagaFromProto, settledSagaFromResponse, updateFromProto } from './model.js';
 import { encodePayload } from './payload.js';
 import { injectTraceContext } from './telemetry.js';
 
@@ -157,6 +157,48 @@ export class SagaClient {
         throw errorFromGrpc(error);
       } finally {
         call.cancel();
+      }
+    })();
+  }
+
+  /**
+   * Iterate over the change feed: every change of every saga, in commit order, each with its
+   * `position`. Starts after `afterPosition` (0: the oldest kept; `fromNow`: only new changes)
+   * and follows new changes unless `follow` is false. Store each change's position once
+   * processed and resume after it: nothing is missed, and a change seen twice after a
+   * reconnect has the same position. A stream broken with UNAVAILABLE (a restart) or
+   * RESOURCE_EXHAUSTED (this consumer was too slow) is reopened from the last position.
+   */
+  changes({ afterPosition = 0, fromNow = false, definition = '', states = [], labels = {}, follow = true } = {}) {
+    const request = {
+      after_position: afterPosition,
+      from_now: fromNow,
+      definition,
+      states: states.map((state) => `SAGA_STATE_${state}`),
+      labels,
+      no_follow: !follow,
+    };
+    const client = this.#client;
+    const metadata = () => this.#callMetadata();
+    return (async function* stream() {
+      for (let broken = 1; ; broken += 1) {
+        const call = client.WatchChanges(request, metadata());
+        call.on('error', ignoreLateErrors);
+        try {
+          for await (const response of call) {
+            for (const change of response.changes) yield changeFromProto(change);
+            request.after_position = Number(response.position);
+            request.from_now = false;
+            broken = 0;
+          }
+          return;
+        } catch (error) {
+          const resumable = [grpc.status.UNAVAILABLE, grpc.status.RESOURCE_EXHAUSTED];
+          if (!resumable.includes(error?.code)) throw errorFromGrpc(error);
+        } finally {
+          call.cancel();
+        }
+        await sleep(rewatchDelayMs(Math.max(broken, 1)));
       }
     })();
   }

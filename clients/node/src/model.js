@@ -181,3 +181,16 @@ export function settledSagaFromResponse(response) {
 export function updateFromProto(response) {
   return Object.freeze({ saga: sagaFromProto(response.saga), event: eventFromProto(response.event) });
 }
+
+/** Convert a saga.v1.SagaChange: one change of the change feed, with its position. */
+export function changeFromProto(c) {
+  return Object.freeze({
+    position: Number(c.position),
+    sagaId: c.saga_id,
+    definition: c.definition,
+    definitionVersion: c.definition_version,
+    state: enumValue(SagaState, 'SAGA_STATE_', c.state),
+    event: eventFromProto(c.event),
+    labels: Object.freeze({ ...(c.labels ?? {}) }),
+  });
+}

@@ -310,3 +310,46 @@ test('an unreachable coordinator throws UNAVAILABLE', async () => {
     client.close();
   }
 });
+
+function feedChange(position, sagaId) {
+  return {
+    position,
+    saga_id: sagaId,
+    definition: 'onboard',
+    definition_version: 1,
+    state: 'SAGA_STATE_RUNNING',
+    event: { sequence: 1, type: 'SAGA_EVENT_TYPE_CREATED' },
+    labels: { tenant: 'acme' },
+  };
+}
+
+test('changes() reads the feed and reopens it after the last position when it breaks', async (t) => {
+  const { fake, target } = await startFakeCoordinator(t);
+  fake.feed = [feedChange(3, 's-3'), feedChange(7, 's-7'), feedChange(9, 's-9')];
+  fake.breakFeeds = 1;
+  const client = new SagaClient(target);
+  t.after(() => client.close());
+
+  const changes = [];
+  for await (const change of client.changes({ follow: false, definition: 'onboard', states: ['RUNNING'] })) {
+    changes.push(change);
+  }
+
+  assert.deepEqual(
+    changes.map((c) => [c.position, c.sagaId, c.state, c.event.type]),
+    [
+      [3, 's-3', 'RUNNING', 'CREATED'],
+      [7, 's-7', 'RUNNING', 'CREATED'],
+      [9, 's-9', 'RUNNING', 'CREATED'],
+    ],
+  );
+  assert.deepEqual(changes[0].labels, { tenant: 'acme' });
+  const requests = fake.requests.filter((r) => r.method === 'WatchChanges').map((r) => r.request);
+  assert.deepEqual(
+    requests.map((r) => [Number(r.after_position), r.definition, r.states, r.no_follow]),
+    [
+      [0, 'onboard', ['SAGA_STATE_RUNNING'], true],
+      [3, 'onboard', ['SAGA_STATE_RUNNING'], true],
+    ],
+  );
+});

@@ -29,6 +29,10 @@ export class FakeCoordinator {
   requests = [];
   watches = [];
   watchScript = null;
+  /** The change feed: SagaChange protos in position order. */
+  feed = [];
+  /** How many of the next change feed streams break (UNAVAILABLE) after their first message. */
+  breakFeeds = 0;
 
   handlers() {
     const record = (method, call) => this.requests.push({ method, request: call.request, metadata: call.metadata });
@@ -95,6 +99,20 @@ export class FakeCoordinator {
         saga.state = 'SAGA_STATE_COMPENSATING';
         saga.cancel_reason = call.request.reason;
         return cb(null, { saga });
+      },
+      WatchChanges: (call) => {
+        record('WatchChanges', call);
+        const after = Number(call.request.after_position);
+        const rest = this.feed.filter((change) => change.position > after);
+        for (const [index, change] of rest.entries()) {
+          call.write({ changes: [change], position: change.position });
+          if (index === 0 && this.breakFeeds > 0) {
+            this.breakFeeds -= 1;
+            call.emit('error', statusError(grpc.status.UNAVAILABLE, 'the coordinator is restarting'));
+            return;
+          }
+        }
+        call.end();
       },
       WatchSaga: (call) => {
         record('WatchSaga', call);

@@ -59,6 +59,11 @@ async function client(): Promise<Saga> {
     const named: string = u.event?.emits ?? u.event?.action ?? '';
     if (u.event?.type === 'STEP_REJECTED' || named === 'CardIssued') break;
   }
+  for await (const change of c.changes({ afterPosition: 41, states: ['NEEDS_ATTENTION'], follow: false })) {
+    const position: number = change.position;
+    const parked: boolean = change.state === 'NEEDS_ATTENTION' && change.labels['tenant'] === 'acme';
+    if (parked || position > 100 || change.event.emits === 'UserCreated') break;
+  }
   try {
     return await c.wait('acme-1', { timeoutMs: ok ? 1000 : 2000 });
   } catch (error) {
