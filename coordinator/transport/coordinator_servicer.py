@@ -539,6 +539,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     f"the consumer read nothing for {self._feed_stall_timeout:g}s and was cut "
                     f"off; resume after the last position it processed"
                 ) from None
+            except Exception as error:  # the write itself failed: the stream is gone
+                log.debug("change feed consumer went away while a write waited: %r", error)
+                return
 
     async def ListDefinitions(
         self,
