@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -20,6 +19,7 @@ from rich.text import Text
 
 from coordinator.bench import run as bench
 from coordinator.config import ConfigError, ParticipantEndpoint, load_settings
+from coordinator.config import parse_duration as config_duration
 from coordinator.console import (
     SAGA_STYLE,
     change_line,
@@ -84,16 +84,6 @@ environment:
   SAGA_ACTOR   who acts, recorded in the saga's audit trail (default: user@host)
 """
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_DURATION_UNITS = {
-    "ms": 0.001,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-    "d": 86400.0,
-    "w": 7 * 86400.0,
-}
-
 
 class UsageError(Exception):
     """The command line asks for something that cannot be done (exit 2)."""
@@ -107,14 +97,11 @@ def _participant(value: str) -> tuple[str, str]:
 
 
 def parse_duration(value: str) -> timedelta:
-    """A duration like 90s, 15m, 12h, 30d, 1h30m or 500ms."""
-    text = value.strip().lower()
-    parts = _DURATION_PART.findall(text)
-    if not text or "".join(n + u for n, u in parts) != text:
-        raise argparse.ArgumentTypeError(
-            f"expected a duration like 90s, 15m, 12h or 30d, got {value!r}"
-        )
-    return timedelta(seconds=sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
+    """A duration like 90s, 15m, 12h, 30d, 1h30m or 500ms (``config.parse_duration``)."""
+    try:
+        return config_duration(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_moment(value: str, now: datetime | None = None) -> datetime:

@@ -11,8 +11,15 @@ from typing import Any
 
 import yaml
 
-AGE_PATTERN = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION_UNITS = {
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+    "w": 7 * 86400.0,
+}
 ADDRESS_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+|unix):[0-9A-Za-z/._-]+$")
 
 
@@ -92,12 +99,13 @@ class Settings:
     sagas are never pruned."""
 
 
-def parse_age(text: str) -> timedelta:
-    """``90s``, ``15m``, ``12h`` or ``30d`` as a duration; ValueError otherwise."""
-    match = AGE_PATTERN.match(text)
-    if match is None:
-        raise ValueError(f"expected a duration like 90s, 15m, 12h or 30d, got {text!r}")
-    return timedelta(seconds=int(match.group(1)) * _AGE_UNITS[match.group(2)])
+def parse_duration(value: str) -> timedelta:
+    """A duration like 90s, 15m, 12h, 30d, 1h30m or 500ms; ValueError otherwise."""
+    text = value.strip().lower()
+    parts = _DURATION_PART.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"expected a duration like 90s, 15m, 12h or 30d, got {value!r}")
+    return timedelta(seconds=sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
 
 
 _TOP_LEVEL = set(Settings.__dataclass_fields__)
@@ -221,7 +229,7 @@ def _checked(settings: Settings, source: str) -> Settings:
     retention: object = settings.retention  # a string when read from YAML
     if isinstance(retention, str):
         try:
-            retention = parse_age(retention)
+            retention = parse_duration(retention)
         except ValueError as error:
             raise ConfigError(f"{source}: retention: {error}") from None
     if retention is not None and (
