@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -105,6 +105,17 @@ def _filter_key(where: SagaFilter) -> str:
         ]
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def states_of(values: Iterable[int], violations: list[FieldViolation]) -> frozenset[SagaState]:
+    """The saga states a request names; an unknown or unspecified one goes to ``violations``."""
+    states = set()
+    for i, value in enumerate(values):
+        try:
+            states.add(saga_state_from_proto(value))
+        except ValueError as error:
+            violations.append(FieldViolation(f"states[{i}]", str(error)))
+    return frozenset(states)
 
 
 def label_violations(labels: Mapping[str, str], field: str) -> list[FieldViolation]:
@@ -321,16 +332,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.ListSagasResponse:
         """Return one page of sagas, oldest first."""
 
-        violations = []
-        states = set()
-        for i, value in enumerate(request.states):
-            try:
-                states.add(saga_state_from_proto(value))
-            except ValueError as error:
-                violations.append(FieldViolation(f"states[{i}]", str(error)))
+        violations: list[FieldViolation] = []
+        states = states_of(request.states, violations)
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             violations.append(FieldViolation("page_size", f"must be from 0 to {MAX_PAGE_SIZE}"))
-        where = saga_filter(request, frozenset(states), violations)
+        where = saga_filter(request, states, violations)
         if violations:
             raise InvalidArgument("invalid ListSagas request", tuple(violations))
         after = decode_page_token(request.page_token, where) if request.page_token else None
@@ -509,19 +515,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> None:
         """Stream the change feed; cut off a consumer that stops reading."""
         violations: list[FieldViolation] = []
-        states = set()
-        for i, value in enumerate(request.states):
-            try:
-                states.add(saga_state_from_proto(value))
-            except ValueError as error:
-                violations.append(FieldViolation(f"states[{i}]", str(error)))
+        states = states_of(request.states, violations)
         if request.definition and not is_valid_name(request.definition):
             violations.append(FieldViolation("definition", f"must be {NAME_RULE}"))
         violations.extend(label_violations(request.labels, "labels"))
         if violations:
             raise InvalidArgument("invalid WatchChanges request", tuple(violations))
         where = ChangeFilter(
-            request.definition or None, frozenset(states), tuple(sorted(request.labels.items()))
+            request.definition or None, states, tuple(sorted(request.labels.items()))
         )
         after = None if request.from_now else request.after_position
         pages = self._engine.changes(after, where, follow=not request.no_follow)
