@@ -408,10 +408,10 @@ class Engine:
             committed = self._committed
             page = await self._store.feed(position, FEED_PAGE)
             if page.changes:
-                pruned, _ = await self._store.feed_bounds()
-                self._check_feed_position(position, pruned)  # pruned while it was read
+                self._check_feed_position(position, page.pruned_through)  # pruned meanwhile
                 position = page.position
-                yield FeedPage(tuple(c for c in page.changes if where.matches(c)), position)
+                matching = tuple(c for c in page.changes if where.matches(c))
+                yield FeedPage(matching, position, page.pruned_through)
                 if len(page.changes) == FEED_PAGE:
                     continue
             if not follow:

@@ -87,6 +87,8 @@ class FeedPage:
     changes: Sequence[FeedChange]
     position: int
     """The last change's position, or the position read from when there were none."""
+    pruned_through: int = 0
+    """The highest position pruned when the page was read (see ``feed_bounds``)."""
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,8 @@ class MemoryStore:
         if limit < 1:
             raise ValueError(f"a feed page holds at least one change, not {limit}")
         changes = [c for p, c in self._feed.items() if p > after_position][:limit]
-        return FeedPage(tuple(changes), changes[-1].position if changes else after_position)
+        position = changes[-1].position if changes else after_position
+        return FeedPage(tuple(changes), position, self._pruned_through)
 
     async def feed_bounds(self) -> tuple[int, int]:
         """(highest position pruned, newest position); see ``SagaStore.feed_bounds``."""

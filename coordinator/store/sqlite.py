@@ -486,9 +486,11 @@ class SqliteStore:
 
         def read(connection: sqlite3.Connection) -> FeedPage:
             rows = connection.execute(SELECT_FEED, (after_position, limit)).fetchall()
+            pruned, _ = connection.execute(SELECT_FEED_BOUNDS).fetchone()
             return FeedPage(
                 tuple(feed_change(connection, definitions, row) for row in rows),
                 rows[-1][0] if rows else after_position,
+                int(pruned),
             )
 
         return await self._read(read, "reading the change feed")
