@@ -8,13 +8,9 @@ from collections.abc import Sequence
 
 from coordinator.core.events import (
     CallAnswered,
-    CancelRequested,
-    CompleteRequested,
     DeadlineExceeded,
     Event,
-    MarkCompensated,
-    ResumeRequested,
-    RetryRequested,
+    OperatorEvent,
     Succeeded,
 )
 from coordinator.core.machine import action_of
@@ -94,14 +90,7 @@ class SagaObserver:
             elif self._log_payloads and outcome.output and log.isEnabledFor(logging.INFO):
                 step = saga.steps[event.step].name
                 log.info("%s output: %r", step, outcome.output[:4096], extra=about(saga, step))
-        elif isinstance(
-            event,
-            CancelRequested
-            | RetryRequested
-            | ResumeRequested
-            | MarkCompensated
-            | CompleteRequested,
-        ):
+        elif isinstance(event, OperatorEvent):
             action = action_of(event)
             self._telemetry.operator_action(saga, action.value)
             if previous.state is SagaState.NEEDS_ATTENTION:
