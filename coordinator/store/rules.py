@@ -17,6 +17,9 @@ NOT_ENDED = frozenset({SagaState.RUNNING, SagaState.COMPENSATING, SagaState.NEED
 PRUNABLE = frozenset({SagaState.SUCCEEDED, SagaState.COMPENSATED})
 """The states of sagas that retention may remove once they are old enough."""
 
+CountRow = tuple[str, int, str, int]
+"""A row of a store's ``saga_counts``: definition name, version, state, how many sagas."""
+
 
 def check_creation(saga: Saga, event: RecordedEvent) -> None:
     """Refuse (ValueError) a creation the engine could not have meant: a caller's bug."""
@@ -78,6 +81,30 @@ def matches(saga: Saga, where: SagaFilter) -> bool:
         if where.stuck_on_step not in (None, step.name):
             return False
     return True
+
+
+def only_counted(where: SagaFilter) -> bool:
+    """Whether the sagas counted per (definition, version, state) alone answer counts for this
+    filter."""
+    return not (
+        where.labels
+        or where.created_after is not None
+        or where.created_before is not None
+        or where.stuck_on_participant is not None
+        or where.stuck_on_step is not None
+    )
+
+
+def counted(counts: Sequence[CountRow], where: SagaFilter) -> dict[SagaState, int]:
+    """Sagas per state of a filter that ``only_counted`` accepts (``where.states`` ignored)."""
+    totals: dict[SagaState, int] = {}
+    for name, version, state, total in counts:
+        if where.definition is not None and name != where.definition:
+            continue
+        if where.definition_version is not None and version != where.definition_version:
+            continue
+        totals[SagaState(state)] = totals.get(SagaState(state), 0) + total
+    return totals
 
 
 def parked_key(saga: Saga) -> tuple[str, str]:

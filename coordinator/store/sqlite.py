@@ -35,6 +35,15 @@ from coordinator.store.packing import (
     pack_definition,
     to_micros,
 )
+from coordinator.store.rows import (
+    SAGA_COLUMNS,
+    event_row,
+    label_rows,
+    saga_row,
+    saga_update,
+    step_rows,
+    step_updates,
+)
 from coordinator.store.rules import (
     UNFINISHED,
     already_exists,
@@ -42,7 +51,9 @@ from coordinator.store.rules import (
     check_creation,
     check_limit,
     check_prune_limit,
+    counted,
     definition_conflict,
+    only_counted,
     page_of,
     stale,
 )
@@ -50,9 +61,7 @@ from coordinator.store.sqlite_errors import translate
 from coordinator.store.sqlite_queries import (
     count_by_state_query,
     count_query,
-    counted,
     list_query,
-    only_counted,
     read_counts,
 )
 from coordinator.store.sqlite_rows import (
@@ -60,23 +69,16 @@ from coordinator.store.sqlite_rows import (
     INSERT_LABEL,
     INSERT_SAGA,
     INSERT_STEP,
-    SAGA_COLUMNS,
     SELECT_FEED,
     SELECT_FEED_BOUNDS,
     UPDATE_SAGA,
     UPDATE_STEP,
     Definitions,
-    event_row,
     feed_change,
-    label_rows,
     read_events,
     read_events_page,
     read_saga,
     read_sagas,
-    saga_row,
-    saga_update,
-    step_rows,
-    step_updates,
 )
 from coordinator.store.sqlite_schema import (
     SYNCHRONOUS_MODES,

@@ -24,13 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.core.model import SagaState
 from coordinator.ports import ListCursor, SagaFilter
 from coordinator.store.packing import to_micros
-from coordinator.store.sqlite_rows import SAGA_FIELDS
-
-CountRow = tuple[str, int, str, int]
-"""A row of ``saga_counts``: definition name, version, state, how many sagas."""
+from coordinator.store.rows import SAGA_FIELDS
+from coordinator.store.rules import CountRow
 
 _SELECT_COUNTS = (
     "SELECT definition_name, definition_version, state, total FROM saga_counts WHERE total > 0"
@@ -52,29 +49,6 @@ driver in the order above is as good a guess as any."""
 def read_counts(connection: sqlite3.Connection) -> list[CountRow]:
     """Every non-empty (definition, version, state) and its number of sagas."""
     return connection.execute(_SELECT_COUNTS).fetchall()
-
-
-def only_counted(where: SagaFilter) -> bool:
-    """Whether ``saga_counts`` alone answers counts for this filter."""
-    return not (
-        where.labels
-        or where.created_after is not None
-        or where.created_before is not None
-        or where.stuck_on_participant is not None
-        or where.stuck_on_step is not None
-    )
-
-
-def counted(counts: Sequence[CountRow], where: SagaFilter) -> dict[SagaState, int]:
-    """Sagas per state of a filter that ``only_counted`` accepts (``where.states`` ignored)."""
-    totals: dict[SagaState, int] = {}
-    for name, version, state, total in counts:
-        if where.definition is not None and name != where.definition:
-            continue
-        if where.definition_version is not None and version != where.definition_version:
-            continue
-        totals[SagaState(state)] = totals.get(SagaState(state), 0) + total
-    return totals
 
 
 def list_query(

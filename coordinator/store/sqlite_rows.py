@@ -4,66 +4,39 @@ A saga is a row of ``sagas`` (what it is and the few fields that change), one ro
 ``saga_steps`` per step, a row of ``saga_labels`` per label, and its definition, stored once in
 ``definitions``. A commit writes the saga's changing columns, the steps that changed, and one
 event. The saga's row also holds its labels packed, so reading a saga never needs its label
-rows (they are the index that label lookups use).
+rows (they are the index that label lookups use). The values written and the sagas read back
+are built in ``rows``, shared with the PostgreSQL store; this module holds SQLite's statements.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from coordinator.core.events import RecordedEvent, SagaCreated
-from coordinator.core.machine import waiting_step
-from coordinator.core.model import Saga, SagaDefinition, SagaState, StepRun, StepState
+from coordinator.core.events import RecordedEvent
+from coordinator.core.model import Saga, SagaDefinition
 from coordinator.ports import FeedChange
 from coordinator.store.errors import StoreCorrupt
-from coordinator.store.packing import (
-    digest,
-    event_type,
-    from_micros,
-    from_optional_micros,
-    optional_micros,
-    pack_audit,
-    pack_definition,
-    pack_event,
-    pack_failure,
-    pack_headers,
-    pack_labels,
-    pack_policy,
-    to_micros,
-    unpack_audit,
-    unpack_definition,
-    unpack_event,
-    unpack_failure,
-    unpack_headers,
-    unpack_labels,
-    unpack_policy,
+from coordinator.store.packing import digest, pack_definition
+from coordinator.store.rows import (
+    INSERTED_SAGA_COLUMNS,
+    SAGA_COLUMNS,
+    STEP_COLUMNS,
+    DefinitionCache,
+    events_of,
+    feed_change_of,
+    saga_of,
 )
 
-SAGA_FIELDS = (
-    "saga_id",
-    "definition_id",
-    "state",
-    "created_at",
-    "updated_at",
-    "ended_at",
-    "version",
-    "input",
-    "failure",
-    "cancel_reason",
-    "trace_context",
-    "labels",
-    "audit",
-    "deadline_exceeded",
-)
-"""The columns a saga is read from, in the order ``read_sagas`` expects them."""
-SAGA_COLUMNS = ", ".join(SAGA_FIELDS)
-_STEP_COLUMNS = (
-    "state, execute_attempts, compensate_attempts, output, failure, next_attempt_at, started_at, "
-    "ended_at, by_operator, budget_start, retry_override"
-)
+# Built once for both SQL stores (``rows``); named here too for the scripts that write SQLite
+# rows by hand, which import them from this module.
+from coordinator.store.rows import SAGA_FIELDS as SAGA_FIELDS
+from coordinator.store.rows import event_row as event_row
+from coordinator.store.rows import saga_row as saga_row
+from coordinator.store.rows import step_rows as step_rows
+
 _INSERT_DEFINITION = """
 INSERT INTO definitions (name, version, digest, body) VALUES (?, ?, ?, ?)
 ON CONFLICT (digest) DO NOTHING
@@ -90,12 +63,11 @@ WHERE state IN ('RUNNING', 'COMPENSATING', 'NEEDS_ATTENTION') {where}
 GROUP BY definition_name, definition_version
 """
 INSERT_SAGA = f"""
-INSERT INTO sagas ({SAGA_COLUMNS}, definition_name, definition_version, fingerprint,
-                   waiting_step, waiting_participant)
+INSERT INTO sagas ({INSERTED_SAGA_COLUMNS})
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 INSERT_STEP = (
-    f"INSERT INTO saga_steps (saga_id, step, {_STEP_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    f"INSERT INTO saga_steps (saga_id, step, {STEP_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 INSERT_LABEL = "INSERT INTO saga_labels (saga_id, key, value, created_at) VALUES (?, ?, ?, ?)"
 UPDATE_SAGA = """
@@ -134,9 +106,9 @@ SELECT (SELECT pruned_through FROM feed_horizon),
        max(coalesce((SELECT max(position) FROM saga_events), 0),
            (SELECT pruned_through FROM feed_horizon))
 """
-_SELECT_STEPS = f"SELECT {_STEP_COLUMNS} FROM saga_steps WHERE saga_id = ? ORDER BY step"
+_SELECT_STEPS = f"SELECT {STEP_COLUMNS} FROM saga_steps WHERE saga_id = ? ORDER BY step"
 _SELECT_STEPS_OF_SAGAS = f"""
-SELECT saga_id, {_STEP_COLUMNS} FROM saga_steps WHERE saga_id IN (SELECT value FROM json_each(?))
+SELECT saga_id, {STEP_COLUMNS} FROM saga_steps WHERE saga_id IN (SELECT value FROM json_each(?))
 ORDER BY saga_id, step
 """
 _SELECT_EVENTS = """
@@ -148,22 +120,12 @@ ORDER BY sequence LIMIT ?
 """
 
 
-class Definitions:
-    """The stored definitions and their ids, cached in both directions.
+class Definitions(DefinitionCache):
+    """The stored definitions and their ids, cached in both directions (``DefinitionCache``).
 
     Shared by the writer and the reader thread: entries are only ever added, and an id is only
-    cached once it is known to be committed (``remember`` after the write, ``definition`` read
-    from committed rows), so a rolled-back insert never leaves a dangling id behind.
+    cached once it is known to be committed.
     """
-
-    def __init__(self) -> None:
-        self._ids: dict[int, tuple[SagaDefinition, int]] = {}
-        self._definitions: dict[int, SagaDefinition] = {}
-
-    def known_id(self, definition: SagaDefinition) -> int | None:
-        """The id of this very definition object, when it is known to be stored."""
-        found = self._ids.get(id(definition))
-        return None if found is None else found[1]
 
     def store(self, connection: sqlite3.Connection, definition: SagaDefinition) -> int:
         """Inside a write transaction: the id of ``definition``, stored if it is new."""
@@ -224,121 +186,15 @@ class Definitions:
             found.append((definition, int(registered_at), bytes(key), count))
         return found
 
-    def remember(self, definition: SagaDefinition, definition_id: int) -> None:
-        """Cache a committed definition's id."""
-        # Keyed by identity, holding the object: the id cannot be reused by another object.
-        self._ids[id(definition)] = (definition, definition_id)
-        self._definitions.setdefault(definition_id, definition)
-
     def definition(self, connection: sqlite3.Connection, definition_id: int) -> SagaDefinition:
         """The stored definition with this id."""
-        found = self._definitions.get(definition_id)
+        found = self.cached(definition_id)
         if found is None:
             row = connection.execute(_SELECT_DEFINITION, (definition_id,)).fetchone()
             if row is None:
                 raise StoreCorrupt(f"a saga refers to definition {definition_id}, which is missing")
-            found = unpack_definition(row[0])
-            found = self._definitions.setdefault(definition_id, found)
-            self._ids.setdefault(id(found), (found, definition_id))
+            found = self.learn(definition_id, row[0])
         return found
-
-
-# --- writing ---------------------------------------------------------------------------------
-
-
-def saga_row(saga: Saga, definition_id: int, fingerprint: str) -> tuple[Any, ...]:
-    """The parameters of ``INSERT_SAGA``."""
-    return (
-        saga.saga_id,
-        definition_id,
-        saga.state.value,
-        to_micros(saga.created_at),
-        to_micros(saga.updated_at),
-        optional_micros(saga.ended_at),
-        saga.version,
-        saga.input,
-        pack_failure(saga.failure),
-        saga.cancel_reason,
-        pack_headers(saga.trace_context),
-        pack_labels(saga.labels),
-        pack_audit(saga.audit),
-        int(saga.deadline_exceeded),
-        saga.definition.name,
-        saga.definition.version,
-        fingerprint,
-        *waiting_on(saga),
-    )
-
-
-def step_rows(saga: Saga) -> list[tuple[Any, ...]]:
-    """The parameters of ``INSERT_STEP`` for every step of a new saga."""
-    return [(saga.saga_id, index, *_step_fields(step)) for index, step in enumerate(saga.steps)]
-
-
-def label_rows(saga: Saga) -> list[tuple[str, str, str, int]]:
-    """The parameters of ``INSERT_LABEL`` for a new saga's labels (none for most sagas)."""
-    if not saga.labels:
-        return []
-    created_at = to_micros(saga.created_at)
-    return [(saga.saga_id, key, value, created_at) for key, value in saga.labels.items()]
-
-
-def saga_update(saga: Saga) -> tuple[Any, ...]:
-    """The parameters of ``UPDATE_SAGA``: the saga's changing columns, from version - 1."""
-    return (
-        saga.state.value,
-        to_micros(saga.updated_at),
-        optional_micros(saga.ended_at),
-        saga.version,
-        pack_failure(saga.failure),
-        saga.cancel_reason,
-        pack_audit(saga.audit),
-        int(saga.deadline_exceeded),
-        *waiting_on(saga),
-        saga.saga_id,
-        saga.version - 1,
-    )
-
-
-def waiting_on(saga: Saga) -> tuple[str | None, str | None]:
-    """The step an unended saga waits on and its participant; (None, None) once it ended."""
-    index = waiting_step(saga)
-    if index is None:
-        return None, None
-    step = saga.definition.steps[index]
-    return step.name, step.participant
-
-
-def step_updates(saga: Saga, steps: Iterable[int]) -> list[tuple[Any, ...]]:
-    """The parameters of ``UPDATE_STEP`` for the steps that changed."""
-    return [(*_step_fields(saga.steps[index]), saga.saga_id, index) for index in steps]
-
-
-def event_row(event: RecordedEvent) -> tuple[str, int, int, str, bytes]:
-    """The parameters of ``INSERT_EVENT``."""
-    return (
-        event.saga_id,
-        event.sequence,
-        to_micros(event.recorded_at),
-        event_type(event.event),
-        pack_event(event.event),
-    )
-
-
-def _step_fields(step: StepRun) -> tuple[Any, ...]:
-    return (
-        step.state.value,
-        step.execute_attempts,
-        step.compensate_attempts,
-        step.output,
-        pack_failure(step.failure),
-        optional_micros(step.next_attempt_at),
-        optional_micros(step.started_at),
-        optional_micros(step.ended_at),
-        int(step.by_operator),
-        step.budget_start,
-        pack_policy(step.retry_override),
-    )
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -400,35 +256,7 @@ def feed_change(
     connection: sqlite3.Connection, definitions: Definitions, row: Sequence[Any]
 ) -> FeedChange:
     """A change of the feed from a row of ``SELECT_FEED``."""
-    position, saga_id, sequence, at, kind, body, state, definition_id, labels = row
-    definition = definitions.definition(connection, definition_id)
-
-    def created() -> SagaCreated:
-        # The feed tells that the saga was created, not its input: read the saga for that.
-        return SagaCreated(saga_id, definition, b"")
-
-    return FeedChange(
-        position=position,
-        saga_id=saga_id,
-        definition=definition,
-        state=None if state is None else SagaState(state),
-        labels=unpack_labels(labels),
-        record=RecordedEvent(saga_id, sequence, from_micros(at), unpack_event(kind, body, created)),
-    )
-
-
-def events_of(saga: Saga, rows: Iterable[tuple[int, int, str, bytes]]) -> tuple[RecordedEvent, ...]:
-    """Recorded events of ``saga`` from rows of (sequence, recorded_at, type, body)."""
-
-    def created() -> SagaCreated:
-        return SagaCreated(
-            saga.saga_id, saga.definition, saga.input, saga.trace_context, saga.labels
-        )
-
-    return tuple(
-        RecordedEvent(saga.saga_id, sequence, from_micros(at), unpack_event(kind, body, created))
-        for sequence, at, kind, body in rows
-    )
+    return feed_change_of(definitions.definition(connection, row[7]), row)
 
 
 def _saga(
@@ -437,70 +265,4 @@ def _saga(
     row: Sequence[Any],
     step_rows: Sequence[Sequence[Any]],
 ) -> Saga:
-    (
-        saga_id,
-        definition_id,
-        state,
-        created_at,
-        updated_at,
-        ended_at,
-        version,
-        input_,
-        failure,
-        cancel_reason,
-        trace_context,
-        labels,
-        audit,
-        deadline_exceeded,
-    ) = row
-    definition = definitions.definition(connection, definition_id)
-    if len(step_rows) != len(definition.steps):
-        raise StoreCorrupt(
-            f"saga {saga_id} has {len(step_rows)} stored steps; its definition has "
-            f"{len(definition.steps)}"
-        )
-    try:
-        steps = tuple(
-            StepRun(
-                name=step.name,
-                state=StepState(fields[0]),
-                execute_attempts=fields[1],
-                compensate_attempts=fields[2],
-                output=fields[3],
-                failure=unpack_failure(fields[4]),
-                next_attempt_at=from_optional_micros(fields[5]),
-                started_at=from_optional_micros(fields[6]),
-                ended_at=from_optional_micros(fields[7]),
-                by_operator=_flag(fields[8]),
-                budget_start=fields[9],
-                retry_override=unpack_policy(fields[10]),
-            )
-            for step, fields in zip(definition.steps, step_rows, strict=True)
-        )
-        return Saga(
-            saga_id=saga_id,
-            definition=definition,
-            input=input_,
-            state=SagaState(state),
-            steps=steps,
-            created_at=from_micros(created_at),
-            updated_at=from_micros(updated_at),
-            version=version,
-            ended_at=from_optional_micros(ended_at),
-            failure=unpack_failure(failure),
-            cancel_reason=cancel_reason,
-            trace_context=unpack_headers(trace_context),
-            labels=unpack_labels(labels),
-            audit=unpack_audit(audit),
-            deadline_exceeded=_flag(deadline_exceeded),
-        )
-    except ValueError as error:
-        raise StoreCorrupt(f"saga {saga_id} cannot be read back: {error}") from error
-    except StoreCorrupt as error:
-        raise StoreCorrupt(f"saga {saga_id} cannot be read back: {error}") from error
-
-
-def _flag(value: int) -> bool:
-    if value not in (0, 1):
-        raise ValueError(f"stored flag {value!r} is neither 0 nor 1")
-    return bool(value)
+    return saga_of(definitions.definition(connection, row[1]), row, step_rows)

@@ -14,10 +14,10 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 
 from coordinator.store.errors import SchemaTooNew, StorageFailure, StoreCorrupt
+from coordinator.store.migration_files import read_migrations
 from coordinator.store.sqlite_errors import translate
 from coordinator.store.sqlite_upgrade import DATA_STEPS
 
@@ -26,7 +26,6 @@ SYNCHRONOUS_MODES = ("FULL", "NORMAL")
 
 _HEADER = b"SQLite format 3\x00"
 _HEADER_SIZE = 100
-_MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _UNTOUCHED = "refusing to open it; the file was left untouched"
 _PARTIAL_INDEX = re.compile(r"\)\s+WHERE\s+(.+)$", re.IGNORECASE | re.DOTALL)
 
@@ -53,17 +52,7 @@ class Migration:
 
 def load_migrations() -> tuple[Migration, ...]:
     """The migrations shipped in ``coordinator/store/migrations``, numbered 1, 2, 3... in order."""
-    folder = resources.files("coordinator.store").joinpath("migrations")
-    found: list[Migration] = []
-    for entry in folder.iterdir():
-        match = _MIGRATION_FILE.match(entry.name)
-        if match is not None:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
-    found.sort(key=lambda migration: migration.version)
-    numbers = [migration.version for migration in found]
-    if numbers != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"store migrations must be numbered 1, 2, 3... without gaps: {numbers}")
-    return tuple(found)
+    return tuple(Migration(found.version, found.name, found.sql) for found in read_migrations())
 
 
 def open_writer(

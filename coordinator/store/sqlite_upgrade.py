@@ -32,15 +32,8 @@ from coordinator.store.packing import (
     pack_headers,
     to_micros,
 )
-from coordinator.store.sqlite_rows import (
-    INSERT_EVENT,
-    SAGA_COLUMNS,
-    Definitions,
-    event_row,
-    read_events,
-    read_sagas,
-    waiting_on,
-)
+from coordinator.store.rows import SAGA_COLUMNS, event_row, waiting_on
+from coordinator.store.sqlite_rows import INSERT_EVENT, Definitions, read_events, read_sagas
 
 # --- schema 1 to 2 ---------------------------------------------------------------------------
 
