@@ -120,7 +120,12 @@ export type SagaEventType =
   | 'COMPENSATION_SUCCEEDED'
   | 'COMPENSATION_ATTEMPT_FAILED'
   | 'COMPENSATION_FAILED'
-  | 'CANCEL_REQUESTED';
+  | 'CANCEL_REQUESTED'
+  | 'RETRY_REQUESTED'
+  | 'RESUMED'
+  | 'STEP_MARKED_COMPENSATED'
+  | 'STEP_COMPLETED'
+  | 'DEADLINE_EXCEEDED';
 export const SagaEventType: { readonly [K in SagaEventType]: K };
 
 /** Why a call, a step or a saga did not go as planned. */

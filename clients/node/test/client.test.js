@@ -5,7 +5,8 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import grpc from '@grpc/grpc-js';
-import { SagaClient, SagaRpcError, SdkError, WaitTimeout, statusError } from '../src/index.js';
+import { SagaClient, SagaEventType, SagaRpcError, SagaState, SdkError, StepState, WaitTimeout, statusError } from '../src/index.js';
+import { loadContract } from '../src/contract.js';
 import { settledSagaFromResponse } from '../src/model.js';
 import { sagaProto, startFakeCoordinator } from './fake_coordinator.js';
 
@@ -352,4 +353,19 @@ test('changes() reads the feed and reopens it after the last position when it br
       [3, 'onboard', ['SAGA_STATE_RUNNING'], true],
     ],
   );
+});
+
+test('every state and event type of the contract has its name in the SDK', () => {
+  const { definition } = loadContract();
+  const names = (enumName, prefix) =>
+    definition[enumName].type.value
+      .map((v) => v.name.slice(prefix.length))
+      .filter((name) => name !== 'UNSPECIFIED');
+  for (const [values, enumName, prefix] of [
+    [SagaEventType, 'saga.v1.SagaEventType', 'SAGA_EVENT_TYPE_'],
+    [SagaState, 'saga.v1.SagaState', 'SAGA_STATE_'],
+    [StepState, 'saga.v1.StepState', 'STEP_STATE_'],
+  ]) {
+    for (const name of names(enumName, prefix)) assert.equal(values[name], name, `${enumName}.${name}`);
+  }
 });
