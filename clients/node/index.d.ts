@@ -222,6 +222,8 @@ export interface ChangeFeedOptions {
   labels?: Record<string, string>;
   /** Keep following new changes (default true); false ends once caught up. */
   follow?: boolean;
+  /** Aborting it ends the iteration at once, even while it waits for the next change. */
+  signal?: AbortSignal;
 }
 
 /** One message of a watch: the saga after a change, and the change (null on the first). */

@@ -58,28 +58,24 @@ function handle({ position, sagaId, definition, state, event }) {
   }
 }
 
-const stopped = new Promise((resolve) => {
-  for (const signal of ['SIGTERM', 'SIGINT']) process.once(signal, () => resolve({ done: true }));
-});
+// SIGTERM or SIGINT ends the feed's iteration, between two changes or while it waits.
+const stop = new AbortController();
+for (const signal of ['SIGTERM', 'SIGINT']) process.once(signal, () => stop.abort());
 
 const client = new SagaClient(args.target);
-const feed = client.changes({
-  afterPosition: loadPosition(),
-  states: args.state.map((state) => state.toUpperCase()),
-  definition: args.definition,
-});
 try {
-  for (;;) {
-    // The next change, or a signal, whichever comes first.
-    const next = await Promise.race([feed.next(), stopped]);
-    if (next.done) break;
+  const feed = client.changes({
+    afterPosition: loadPosition(),
+    states: args.state,
+    definition: args.definition,
+    signal: stop.signal,
+  });
+  for await (const change of feed) {
     // Act first, then save: a kill in between repeats this change, it never skips it.
-    handle(next.value);
-    savePosition(next.value.position);
+    handle(change);
+    savePosition(change.position);
+    if (stop.signal.aborted) break;
   }
 } finally {
   client.close();
 }
-// Every change received was processed and its position saved; the feed's stream may still be
-// open, waiting for the next one, which a restart will ask for again.
-process.exit(0);

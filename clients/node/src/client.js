@@ -168,22 +168,34 @@ export class SagaClient {
    * processed and resume after it: nothing is missed, and a change seen twice after a
    * reconnect has the same position. A stream broken with UNAVAILABLE (a restart) or
    * RESOURCE_EXHAUSTED (this consumer was too slow) is reopened from the last position.
+   * `states` are SagaState names (any case); aborting `signal` ends the iteration at once, even
+   * while it waits for the next change.
    */
-  changes({ afterPosition = 0, fromNow = false, definition = '', states = [], labels = {}, follow = true } = {}) {
+  changes({
+    afterPosition = 0,
+    fromNow = false,
+    definition = '',
+    states = [],
+    labels = {},
+    follow = true,
+    signal = undefined,
+  } = {}) {
     const request = {
       after_position: afterPosition,
       from_now: fromNow,
       definition,
-      states: states.map((state) => `SAGA_STATE_${state}`),
+      states: states.map((state) => `SAGA_STATE_${stateName(state)}`),
       labels,
       no_follow: !follow,
     };
     const client = this.#client;
     const metadata = () => this.#callMetadata();
     return (async function* stream() {
-      for (let broken = 1; ; broken += 1) {
+      for (let broken = 1; !signal?.aborted; broken += 1) {
         const call = client.WatchChanges(request, metadata());
         call.on('error', ignoreLateErrors);
+        const abort = () => call.cancel();
+        signal?.addEventListener('abort', abort, { once: true });
         try {
           for await (const response of call) {
             for (const change of response.changes) yield changeFromProto(change);
@@ -193,12 +205,14 @@ export class SagaClient {
           }
           return;
         } catch (error) {
+          if (signal?.aborted) return;
           const resumable = [grpc.status.UNAVAILABLE, grpc.status.RESOURCE_EXHAUSTED];
           if (!resumable.includes(error?.code)) throw errorFromGrpc(error);
         } finally {
+          signal?.removeEventListener('abort', abort);
           call.cancel();
         }
-        await sleep(rewatchDelayMs(Math.max(broken, 1)));
+        await sleep(rewatchDelayMs(Math.max(broken, 1)), undefined, { signal }).catch(() => {});
       }
     })();
   }
@@ -258,4 +272,14 @@ export class SagaClient {
       );
     });
   }
+}
+
+/** A SagaState name, given in any case; anything else throws a TypeError naming the states. */
+function stateName(state) {
+  const name = String(state).toUpperCase();
+  if (name === 'UNSPECIFIED' || SagaState[name] !== name) {
+    const known = Object.keys(SagaState).filter((s) => s !== 'UNSPECIFIED');
+    throw new TypeError(`unknown saga state ${JSON.stringify(state)}: use one of ${known.join(', ')}`);
+  }
+  return name;
 }

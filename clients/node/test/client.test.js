@@ -369,3 +369,25 @@ test('every state and event type of the contract has its name in the SDK', () =>
     for (const name of names(enumName, prefix)) assert.equal(values[name], name, `${enumName}.${name}`);
   }
 });
+
+test('changes() takes states in any case, refuses unknown ones, and ends when aborted', async (t) => {
+  const { fake, target } = await startFakeCoordinator(t);
+  fake.feed = [feedChange(3, 's-3')];
+  const client = new SagaClient(target);
+  t.after(() => client.close());
+  assert.throws(() => client.changes({ states: ['parked'] }), {
+    name: 'TypeError',
+    message: /unknown saga state "parked": use one of RUNNING, COMPENSATING/,
+  });
+
+  const controller = new AbortController();
+  const seen = [];
+  for await (const change of client.changes({ states: ['running'], signal: controller.signal })) {
+    seen.push(change.position);
+    setTimeout(() => controller.abort(), 50); // while the followed feed waits for more
+  }
+
+  assert.deepEqual(seen, [3]);
+  const [request] = fake.requests.filter((r) => r.method === 'WatchChanges').map((r) => r.request);
+  assert.deepEqual(request.states, ['SAGA_STATE_RUNNING']);
+});

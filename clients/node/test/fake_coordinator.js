@@ -112,7 +112,7 @@ export class FakeCoordinator {
             return;
           }
         }
-        call.end();
+        if (call.request.no_follow) call.end(); // else it stays open, as a followed feed does
       },
       WatchSaga: (call) => {
         record('WatchSaga', call);
