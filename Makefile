@@ -19,7 +19,7 @@ system:
 $(VENV)/.installed: pyproject.toml stubs/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e stubs -e 'clients/python[postgresql]' -e '.[dev,uvloop]'
+	$(BIN)/pip install --quiet -e stubs -e 'clients/python[postgresql]' -e '.[dev,uvloop,postgresql]'
 	touch $@
 
 scripts/node_modules/.installed: scripts/package.json scripts/package-lock.json
