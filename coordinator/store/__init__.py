@@ -1,4 +1,5 @@
-"""Storage adapters behind the store port, chosen by URL: ``memory:`` and ``sqlite:///path``."""
+"""Storage adapters behind the store port, chosen by URL: ``memory:``, ``sqlite:///path`` and
+``postgresql://...``."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from coordinator.store.errors import InvalidStoreUrl
 __all__ = ["open_store", "sqlite_path"]
 
 _SQLITE = "sqlite:///"
+_POSTGRES = ("postgresql://", "postgres://")
+_DRIVERS = ("psycopg", "psycopg_pool", "psycopg_binary")
 _ACCEPTED = (
-    "'memory:' (in memory, for tests), 'sqlite:///relative/path.db' or "
-    "'sqlite:////absolute/path.db'"
+    "'memory:' (in memory, for tests), 'sqlite:///relative/path.db', "
+    "'sqlite:////absolute/path.db' or 'postgresql://user@host:port/database'"
 )
 
 
@@ -22,7 +25,9 @@ async def open_store(url: str, **options: Any) -> SagaStore:
 
     ``memory:`` is the in-memory reference store; ``sqlite:///data/sagas.db`` a SQLite file
     relative to the working directory, ``sqlite:////var/lib/saga/sagas.db`` an absolute one
-    (the SQLAlchemy convention). Anything else raises ``InvalidStoreUrl``.
+    (the SQLAlchemy convention); ``postgresql://user@host:5432/sagas`` (or ``postgres://``) a
+    PostgreSQL database, in libpq's URL form, which several coordinators may share (it needs
+    the ``postgresql`` extra). Anything else raises ``InvalidStoreUrl``.
     """
     # Adapters are imported only when chosen: a coordinator on one backend never loads another.
     if url == "memory:":
@@ -35,6 +40,17 @@ async def open_store(url: str, **options: Any) -> SagaStore:
         from coordinator.store.sqlite import SqliteStore
 
         return await SqliteStore.open(sqlite_path(url), **options)
+    if url.startswith(_POSTGRES):
+        try:
+            from coordinator.store.postgres import PostgresStore
+        except ModuleNotFoundError as error:
+            if error.name is None or error.name.partition(".")[0] not in _DRIVERS:
+                raise
+            raise InvalidStoreUrl(
+                f"a PostgreSQL store needs the psycopg driver ({error.name} is missing): "
+                "install saga-coordinator[postgresql]"
+            ) from error
+        return await PostgresStore.open(url, **options)
     raise InvalidStoreUrl(f"unsupported store URL {url!r}: use {_ACCEPTED}")
 
 
