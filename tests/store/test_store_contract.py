@@ -41,6 +41,7 @@ from coordinator.store import open_store
 from coordinator.store.errors import StoreClosed
 from coordinator.store.memory import MemoryStore
 from coordinator.store.packing import pack_definition
+from coordinator.store.postgres import PostgresStore
 from coordinator.store.sqlite import SqliteStore
 
 from .strategies import (
@@ -1060,4 +1061,17 @@ class TestSqliteStore(StoreContract):
     async def open_store(self, tmp_path: Path) -> SagaStore:
         store = await open_store(f"sqlite:///{tmp_path / 'sagas.db'}")
         assert isinstance(store, SqliteStore)
+        return store
+
+
+class TestPostgresStore(StoreContract):
+    """The contract on a fresh database of a real PostgreSQL server."""
+
+    @pytest.fixture(autouse=True)
+    def _database(self, postgres_url: str) -> None:
+        self.url = postgres_url
+
+    async def open_store(self, tmp_path: Path) -> SagaStore:
+        store = await open_store(self.url)
+        assert isinstance(store, PostgresStore)
         return store
