@@ -31,6 +31,8 @@ from coordinator.core.machine import decide, start
 from coordinator.core.model import Saga, SagaState, StepKind, StepState
 from coordinator.store.errors import StoreCorrupt
 from coordinator.store.sqlite_rows import Definitions, read_events, read_saga
+from tests.torture.feed_check import FIGURES as FEED_FIGURES
+from tests.torture.feed_check import check_feed
 from tests.torture.scenario import STEP_NAMES, plan_of_input
 
 MUST_BE_ZERO = (
@@ -52,6 +54,7 @@ MUST_BE_ZERO = (
     "effects_of_unknown_sagas",
     "answers_nobody_gave",
     "client_errors",
+    *FEED_FIGURES,
 )
 
 _SAGA_MOVES = {
@@ -153,9 +156,13 @@ def input_digest(data: bytes) -> str:
 
 
 def check_run(
-    database: Path, client_log: Path, participant_dirs: Mapping[str, Path]
+    database: Path,
+    client_log: Path,
+    participant_dirs: Mapping[str, Path],
+    feed_consumer_dir: Path | None = None,
 ) -> CheckReport:
-    """Check one run's files; see the module docstring."""
+    """Check one run's files; see the module docstring. With ``feed_consumer_dir``, also what
+    the change feed's consumer recorded (``tests.torture.feed_check``)."""
     report = CheckReport()
     for directory in participant_dirs.values():
         for name in ("barrier.db", "ledger.db"):
@@ -166,6 +173,9 @@ def check_run(
     _check_effects(report, sagas, effects, deliveries)
     _check_answers(report, sagas, deliveries)
     _describe(report, sagas, effects, deliveries, participant_dirs)
+    if feed_consumer_dir is not None:
+        with contextlib.closing(read_only(database)) as db:
+            check_feed(report, db, feed_consumer_dir)
     return report
 
 

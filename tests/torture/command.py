@@ -26,6 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--min-per-crash-point", type=int, default=3, help="kills at each crash point at least"
     )
+    parser.add_argument(
+        "--min-sagas", type=int, default=1000, help="sagas submitted before the faults stop"
+    )
     parser.add_argument("--max-minutes", type=float, default=60.0, help="cap on the fault period")
     parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
     parser.add_argument("--workdir", type=Path, help="keep the run's files here")
@@ -40,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(f"torture run: seed {seed}, files in {workdir}")
     settings = TortureSettings(
         seed=seed,
+        min_sagas=args.min_sagas,
         workdir=workdir,
         kills=args.kills,
         min_per_crash_point=args.min_per_crash_point,

@@ -76,6 +76,8 @@ class TortureSettings:
     """Coordinator kills (crash points and random instants) before the faults stop."""
     min_per_crash_point: int = 3
     """Kills at each named crash point before the faults stop."""
+    min_sagas: int = 0
+    """Sagas submitted before the faults stop (as well as the kills)."""
     crash_point_share: float = 0.6
     """Share of coordinator lives that end at a crash point rather than at a random instant."""
     max_fault_seconds: float = 3600.0
@@ -88,6 +90,8 @@ class TortureSettings:
     """Sagas the client submits concurrently."""
     participant_kills: bool = True
     network_faults: bool = True
+    feed_consumer: bool = True
+    """Follow the change feed with a consumer that is SIGKILLed at random instants too."""
     progress: Callable[[str], None] | None = None
     """Called with a line of progress now and then."""
 
@@ -101,6 +105,8 @@ class RunStats:
     random_kills: int = 0
     kills_before_serving: int = 0
     participant_kills: int = 0
+    feed_consumer_kills: int = 0
+    feed_catch_up_seconds: float = 0.0
     recovery_seconds: list[float] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)
     sagas_submitted: int = 0
@@ -223,6 +229,20 @@ class Torture:
             for name in PARTICIPANTS
         }
         self.coordinator_port = free_port()
+        self.feed_dir = work / "feed-consumer"
+        self.feed_consumer = ManagedProcess(
+            "feed consumer",
+            [
+                "-m",
+                "tests.torture.feed_consumer",
+                "--target",
+                f"127.0.0.1:{self.coordinator_port}",
+                "--dir",
+                str(self.feed_dir),
+            ],
+            self.feed_dir / "consumer.log",
+            cwd=ROOT,
+        )
         self.coordinator = ManagedProcess(
             "coordinator",
             ["-m", "coordinator.cli", "serve", "--config", str(self.coordinator_dir / "saga.yaml")],
@@ -265,7 +285,12 @@ class Torture:
             await self._torture_then_drain()
         finally:
             await self._stop_everything()
-        check = check_run(self.database, self.client_log, self.participant_dirs)
+        check = check_run(
+            self.database,
+            self.client_log,
+            self.participant_dirs,
+            self.feed_dir if self.settings.feed_consumer else None,
+        )
         return TortureReport(
             self.settings.seed,
             check,
@@ -282,6 +307,7 @@ class Torture:
         for directory in self.participant_dirs.values():
             directory.mkdir(parents=True, exist_ok=True)
         self.client_log.parent.mkdir(parents=True, exist_ok=True)
+        self.feed_dir.mkdir(parents=True, exist_ok=True)
         self._log_fd = os.open(self.client_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def _write_config(self) -> None:
@@ -306,6 +332,8 @@ class Torture:
             )
         if self.settings.network_faults:
             faults.append(asyncio.create_task(self._break_network(), name="network faults"))
+        if self.settings.feed_consumer:
+            faults.append(asyncio.create_task(self._kill_feed_consumer(), name="feed nemesis"))
         client = asyncio.create_task(self._client(), name="client")
         started = time.monotonic()
         try:
@@ -341,6 +369,8 @@ class Torture:
                 await asyncio.sleep(0.2)
             self.stats.drain_seconds = time.monotonic() - drain_started
             self.say(f"drained in {self.stats.drain_seconds:.1f}s")
+            if self.settings.feed_consumer:
+                await self._feed_catch_up()
         finally:
             self.submitting = False
             for task in [*faults, client, *background]:
@@ -355,6 +385,7 @@ class Torture:
                 self.stats.unexpected_exits.append(f"SIGTERM at the end: exit code {code}")
         else:
             self.coordinator.kill()
+        self.feed_consumer.kill()
         for process in self.participants.values():
             if process.alive:
                 await process.terminate(10)
@@ -375,6 +406,7 @@ class Torture:
         return (
             self.stats.coordinator_kills >= settings.kills
             and per_point >= settings.min_per_crash_point
+            and self.stats.sagas_submitted >= settings.min_sagas
         )
 
     def _pick_crash_point(self) -> CrashPoint:
@@ -448,6 +480,38 @@ class Torture:
             await asyncio.sleep(self.rng.uniform(0.0, 0.4))
             process.spawn()
             await wait_serving(process, f"127.0.0.1:{self.participant_ports[name]}", 20)
+
+    async def _kill_feed_consumer(self) -> None:
+        """Follow the feed with a consumer; SIGKILL it at random instants, restart it."""
+        while True:
+            self.feed_consumer.spawn()
+            # It takes about half a second to start: most lives get to read, some do not.
+            await asyncio.sleep(self.rng.uniform(0.3, 3.5))
+            self.feed_consumer.kill()
+            self.stats.feed_consumer_kills += 1
+            await asyncio.sleep(self.rng.uniform(0.0, 0.5))
+
+    async def _feed_catch_up(self) -> None:
+        """Let the feed's consumer (restarted once more) reach the newest change, then stop it."""
+        started = time.monotonic()
+        newest = await asyncio.to_thread(self._newest_position)
+        if not self.feed_consumer.alive:
+            self.feed_consumer.spawn()
+        position = self.feed_dir / "position"
+        while time.monotonic() - started < 120:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if int(position.read_text()) >= newest:
+                    break
+            await asyncio.sleep(0.1)
+        self.stats.feed_catch_up_seconds = time.monotonic() - started
+        await self.feed_consumer.terminate(5)
+        self.feed_consumer.kill()
+
+    def _newest_position(self) -> int:
+        with contextlib.closing(read_only(self.database)) as db:
+            db.execute("PRAGMA busy_timeout = 2000")
+            row = db.execute("SELECT coalesce(max(position), 0) FROM saga_events").fetchone()
+        return int(row[0])
 
     async def _break_network(self) -> None:
         """Latency, black holes, late answers, resets and closes, on one link at a time."""

@@ -63,6 +63,8 @@ def print_report(report: TortureReport, console: Console) -> None:
             _mapping(checker.get("participant_peak_calls_in_flight", {})),
         ),
         ("proxy faults (all links)", _mapping(_link_totals(data["links"]))),
+        ("feed consumer kills (SIGKILL)", run["feed_consumer_kills"]),
+        ("feed changes stored / delivered / seen again", _feed(checker.get("feed"))),
         ("fault / drain time (s)", f"{run['fault_seconds']:.1f} / {run['drain_seconds']:.1f}"),
         ("seed (replay with)", data["replay"]),
     ]
@@ -75,6 +77,15 @@ def print_report(report: TortureReport, console: Console) -> None:
             console.print(f"  {example}", markup=False)
     for exit_ in data["unexpected_exits"]:
         console.print(f"[red]unexpected exit[/]: {exit_}", markup=False)
+
+
+def _feed(feed: dict[str, int] | None) -> str:
+    if feed is None:
+        return "- (no consumer)"
+    return (
+        f"{feed['changes_stored']} / {feed['changes_delivered']} / "
+        f"{feed['duplicates_after_restarts']} in {feed['consumer_lives']} lives"
+    )
 
 
 def _round(value: float | None) -> float | None:

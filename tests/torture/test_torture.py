@@ -1,7 +1,8 @@
-"""The short torture run of ``make test``: at least 200 SIGKILLs of a real coordinator, every
-crash point hit at least 3 times, participants killed, the network broken, and every figure
-of the offline checker at zero. Random in schedule (a fresh seed each run, printed on failure;
-``TORTURE_SEED=N`` replays one), deterministic in outcome."""
+"""The short torture run of ``make test``: at least 200 SIGKILLs of a real coordinator while at
+least 1,000 sagas run, every crash point hit at least 3 times, participants killed, the network
+broken, a change-feed consumer killed at random instants and resumed from its stored position,
+and every figure of the offline checker at zero. Random in schedule (a fresh seed each run,
+printed on failure; ``TORTURE_SEED=N`` replays one), deterministic in outcome."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.torture.report import print_report
 
 KILLS = int(os.environ.get("TORTURE_KILLS", "200"))
 MIN_PER_CRASH_POINT = 3
+MIN_SAGAS = int(os.environ.get("TORTURE_SAGAS", "1000"))
 
 
 @pytest.mark.slow
@@ -30,6 +32,7 @@ async def test_short_torture_run_keeps_every_guarantee(tmp_path: Path) -> None:
         workdir=tmp_path / "run",
         kills=KILLS,
         min_per_crash_point=MIN_PER_CRASH_POINT,
+        min_sagas=MIN_SAGAS,
         max_fault_seconds=480.0,
         progress=print,
     )
@@ -44,4 +47,8 @@ async def test_short_torture_run_keeps_every_guarantee(tmp_path: Path) -> None:
     assert report.stats.coordinator_kills >= KILLS, replay
     for point in CrashPoint:
         assert report.stats.crash_point_kills[point.value] >= MIN_PER_CRASH_POINT, (point, replay)
-    assert report.check.info["sagas_acknowledged"] > 0
+    assert report.check.info["sagas_acknowledged"] >= MIN_SAGAS, replay
+    feed = report.check.info["feed"]
+    assert report.stats.feed_consumer_kills >= 10, replay
+    assert feed["consumer_lives"] >= 5, replay  # lives that delivered changes
+    assert feed["changes_delivered"] >= feed["changes_stored"] > MIN_SAGAS, replay
