@@ -81,10 +81,8 @@ async def test_sdk_participants_and_client_run_a_saga_to_each_ending(
         "saw": ["create-user", "issue-card", "open-account"],
     }
     assert undone.state is SagaState.COMPENSATED
-    assert ledger(tmp_path, "identity") == [
-        ("acme", "CreateUser"),
-        ("globex", "CreateUser"),
-        ("globex", "DeactivateUser"),
-    ]
+    identity = ledger(tmp_path, "identity")  # the two sagas ran side by side
+    assert [what for saga, what in identity if saga == "acme"] == ["CreateUser"]
+    assert [what for saga, what in identity if saga == "globex"] == ["CreateUser", "DeactivateUser"]
     assert ledger(tmp_path, "cards") == [("acme", "IssueCard")]  # the refusal applied nothing
     assert ledger(tmp_path, "billing") == [("acme", "CreateSubscription")]
