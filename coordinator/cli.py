@@ -209,6 +209,17 @@ def _parser() -> argparse.ArgumentParser:
         help="prune sagas that ended SUCCEEDED or COMPENSATED longer ago than this (30d, 12h); "
         "default: keep them",
     )
+    serve.add_argument(
+        "--replica",
+        metavar="NAME",
+        help="this process's name among replicas on one store (default: host:port)",
+    )
+    serve.add_argument(
+        "--lease",
+        metavar="DURATION",
+        help="how long this replica holds its sagas without renewing (default 10s): how long "
+        "others wait before taking over from one that died",
+    )
 
     def formats(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
@@ -505,6 +516,8 @@ def _serve(args: argparse.Namespace) -> int:
                 "metrics_listen": args.metrics_listen,
                 "event_loop": args.event_loop,
                 "retention": args.retention,
+                "replica": args.replica,
+                "lease": args.lease,
             },
         )
     except ConfigError as error:

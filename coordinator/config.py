@@ -20,6 +20,7 @@ _DURATION_UNITS = {
     "d": 86400.0,
     "w": 7 * 86400.0,
 }
+_REPLICA = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 ADDRESS_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+|unix):[0-9A-Za-z/._-]+$")
 
 
@@ -97,6 +98,12 @@ class Settings:
     """Sagas that ended SUCCEEDED or COMPENSATED longer ago than this are pruned, with their
     events, in the background (``30d``, ``12h``); unset: kept for ever. Parked and running
     sagas are never pruned."""
+    replica: str | None = None
+    """This process's name among the replicas on one store. Unset: the host's name and the
+    listening port, which a restarted process keeps (it then takes its sagas up at once)."""
+    lease: timedelta = timedelta(seconds=10)
+    """How long this replica holds its sagas without renewing (every third of it), by the
+    store's clock: how long the others wait before taking over the sagas of one that died."""
 
 
 def parse_duration(value: str) -> timedelta:
@@ -236,4 +243,24 @@ def _checked(settings: Settings, source: str) -> Settings:
         not isinstance(retention, timedelta) or retention < timedelta(minutes=1)
     ):
         raise ConfigError(f"{source}: retention: at least 1m, e.g. 30d")
-    return replace(settings, definitions=Path(settings.definitions), retention=retention or None)
+    lease: object = settings.lease
+    if isinstance(lease, str):
+        try:
+            lease = parse_duration(lease)
+        except ValueError as error:
+            raise ConfigError(f"{source}: lease: {error}") from None
+    if isinstance(lease, int | float) and not isinstance(lease, bool):
+        lease = timedelta(seconds=lease)
+    if not isinstance(lease, timedelta) or lease < timedelta(milliseconds=500):
+        raise ConfigError(f"{source}: lease: at least 500ms, e.g. 10s")
+    replica = settings.replica
+    if replica is not None and (not isinstance(replica, str) or not _REPLICA.match(replica)):
+        raise ConfigError(
+            f"{source}: replica: 1 to 100 letters, digits and . _ : - (got {replica!r})"
+        )
+    return replace(
+        settings,
+        definitions=Path(settings.definitions),
+        retention=retention or None,
+        lease=lease,
+    )

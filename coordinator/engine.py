@@ -28,6 +28,7 @@ from coordinator.core.errors import (
     FeedPositionPruned,
     FieldViolation,
     InvalidArgument,
+    LeaseLost,
     SagaNotFound,
     ShuttingDown,
     StaleVersion,
@@ -49,6 +50,7 @@ from coordinator.core.machine import (
     check_action,
     check_cancellable,
     decide,
+    fold,
     pivot_sent,
     start,
 )
@@ -57,8 +59,11 @@ from coordinator.crashpoints import NO_CRASH_POINTS, CrashPoint, CrashPoints
 from coordinator.observer import SagaObserver
 from coordinator.ports import (
     ChangeFilter,
+    Claimed,
     Clock,
+    FeedChange,
     FeedPage,
+    Fence,
     ListCursor,
     ParticipantGateway,
     PruneResult,
@@ -97,6 +102,21 @@ class EngineSettings:
     summary_every: float = 15.0
     """Seconds between two reads of the store's summary for the metrics (oldest unfinished
     saga, parked sagas by step)."""
+    lease: timedelta = timedelta(seconds=10)
+    """How long this replica's hold on its sagas lasts without renewal, by the store's clock:
+    how long others wait before they take over the sagas of a replica that died."""
+    claim_every: float = 1.0
+    """Seconds between two looks for sagas no live replica holds."""
+    claim_batch: int = 100
+    """Sagas claimed per transaction: recovery works through them batch by batch."""
+    follow_every: float = 0.1
+    """Seconds between two looks at the change feed for changes other replicas made (for the
+    watchers and the feed's followers here)."""
+
+    @property
+    def renew_every(self) -> float:
+        """Seconds between two renewals of the lease: a third of it."""
+        return self.lease.total_seconds() / 3
 
 
 @dataclass
@@ -104,6 +124,8 @@ class _Active:
     """A saga this process is moving forward: its latest committed state and its runner."""
 
     saga: Saga
+    fence: Fence | None = None
+    """What this replica's writes to the saga carry (None: unfenced, outside replicas)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None
@@ -143,6 +165,7 @@ class Engine:
         settings: EngineSettings | None = None,
         *,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        replica: str | None = None,
         log_payloads: bool = False,
         on_fatal: Callable[[BaseException], None] | None = None,
         crash_points: CrashPoints = NO_CRASH_POINTS,
@@ -157,6 +180,18 @@ class Engine:
         )
         self._settings = settings or EngineSettings()
         self._new_id = new_id
+        self._replica = replica or f"replica-{uuid.uuid4().hex[:12]}"
+        self._joined = False
+        self._taking = asyncio.Lock()
+        self._feed_seen = 0
+        """The feed's newest position when it was last looked at."""
+        self._own_commits = 0
+        """Changes this engine committed since then (each takes one position)."""
+        self._store_up = True
+        self.on_store_health: Callable[[bool], None] | None = None
+        """Called with False when the store stops answering, and True when it answers again."""
+        self._views: dict[str, Saga] = {}
+        """Sagas another replica moves and someone watches here: as last told."""
         self._on_fatal = on_fatal
         self._crash = crash_points
         self._telemetry = telemetry or SagaTelemetry()
@@ -178,28 +213,177 @@ class Engine:
         return self._catalog
 
     @property
+    def replica(self) -> str:
+        """The name under which this engine holds sagas in the store."""
+        return self._replica
+
+    @property
+    def stale_writes(self) -> int:
+        """Writes refused so far because another replica held the saga, or this one's lease
+        had run out."""
+        return self._telemetry.stale_writes
+
+    @property
+    def lease_lapses(self) -> int:
+        """Times this replica's lease ran out before it was renewed."""
+        return self._telemetry.lease_lapses
+
+    @property
     def active_count(self) -> int:
         """Sagas this process is currently moving forward."""
         return len(self._active)
 
     async def start(self) -> int:
-        """Resume every unfinished saga (recovery); return how many were resumed."""
+        """Join the store's replicas and claim a first batch of the sagas no live replica
+        holds (recovery); return how many were claimed. The rest are claimed batch by batch in
+        the background, as are those of replicas that die later."""
         parked = SagaFilter(states=frozenset({SagaState.NEEDS_ATTENTION}))
         self._telemetry.set_needs_attention(await self._store.count(parked))
-        unfinished = await self._store.unfinished()
-        for saga in unfinished:
-            if saga.saga_id not in self._active:
-                self._activate(saga)
-        if unfinished:
-            log.info("resumed %d unfinished sagas", len(unfinished))
+        await self._store.join(self._replica, self._settings.lease)
+        self._joined = True
+        _, self._feed_seen = await self._store.feed_bounds()
+        claimed = await self._claim_batch()
+        if claimed:
+            log.info("resumed %d unfinished sagas (more are claimed in the background)", claimed)
         await self._refresh_summary()
         self._every(1.0, self._refresh_summary_when_due, "store summary")
+        self._every(self._settings.renew_every, self._renew, "lease renewal")
+        self._every(self._settings.claim_every, self._claim_all, "claiming sagas")
+        self._every(self._settings.follow_every, self._follow_others, "following other replicas")
         retention = self._settings.retention
         if retention is not None:
             self._every(
                 self._settings.retention_every, lambda: self._prune_quietly(retention), "retention"
             )
-        return len(unfinished)
+        return claimed
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def _claim_batch(self) -> int:
+        """Claim one batch of sagas no live replica holds, and run them; how many."""
+        if self._stopping:
+            return 0
+        claimed = await self._store.claim(self._replica, self._settings.claim_batch)
+        for each in claimed:
+            stale = self._active.pop(each.saga.saga_id, None)
+            if stale is not None:  # held here before a lapse of the lease: the old hold is void
+                self._abandon(stale)
+            self._activate(each.saga, each.fence)
+        if claimed:
+            self._telemetry.sagas_claimed(len(claimed))
+        return len(claimed)
+
+    async def _claim_all(self) -> None:
+        """Claim batch after batch until a batch comes back short."""
+        full = True
+        while full:
+            full = await self._claim_batch() == self._settings.claim_batch
+            await asyncio.sleep(0)  # let the sagas just claimed, and everyone else, move
+
+    async def _renew(self) -> None:
+        """Keep this replica's lease; if it ran out (a long pause), its sagas may be others' now:
+        drop every hold and join anew, then claim what is still free."""
+        if self._stopping:
+            return
+        renewed = await self._store.renew(self._replica, self._settings.lease)
+        self._store_is(True)
+        if renewed:
+            return
+        log.warning(
+            "the lease of replica %s ran out (was the process paused?): letting go of %d sagas "
+            "and joining again",
+            self._replica,
+            len(self._active),
+        )
+        self._telemetry.lease_lost()
+        for active in list(self._active.values()):
+            self._abandon(active)
+        self._active.clear()
+        await self._store.join(self._replica, self._settings.lease)
+        await self._claim_all()
+
+    async def _follow_others(self) -> None:
+        """Look for changes other replicas committed: wake the feed's followers, and hand the
+        changes of sagas watched here to their watchers, in order."""
+        _, newest = await self._store.feed_bounds()
+        expected = self._feed_seen + self._own_commits
+        self._own_commits = 0
+        if newest <= expected:  # every new position is one of ours (positions have no gaps)
+            self._feed_seen = max(self._feed_seen, newest)
+            return
+        self._feed_moved()
+        position = self._feed_seen
+        while position < newest and not self._stopping:
+            page = await self._store.feed(position, FEED_PAGE)
+            if not page.changes:
+                break
+            for change in page.changes:
+                if self._watchers.watching(change.saga_id):
+                    await self._tell_watchers(change)
+            position = page.position
+        self._feed_seen = max(position, newest)
+        for saga_id in [s for s in self._views if not self._watchers.watching(s)]:
+            del self._views[saga_id]
+
+    async def _tell_watchers(self, change: FeedChange) -> None:
+        """Publish another replica's change of a watched saga: the saga after it, rebuilt by
+        the core from the saga before it (the log is read when that is not known here)."""
+        saga_id, record = change.saga_id, change.record
+        active = self._active.get(saga_id)
+        if active is not None and active.saga.version >= record.sequence:
+            return  # this replica's own change, published when it was committed
+        view = self._views.get(saga_id)
+        if view is None or view.version != record.sequence - 1:
+            log = await self._store.events(saga_id)
+            earlier = [(e.event, e.recorded_at) for e in log if e.sequence < record.sequence]
+            full = [e for e in log if e.sequence == record.sequence]
+            if not earlier or not full:
+                return  # pruned meanwhile
+            view = fold(earlier)
+            record = full[0]  # with the creation's input, which the feed does not carry
+        saga = decide(view, record.event, record.recorded_at).saga
+        self._views[saga_id] = saga
+        self._watchers.publish(SagaChange(saga, record))
+
+    def _store_is(self, up: bool) -> None:
+        """Note whether the store answers; say so when that changes."""
+        if up is self._store_up:
+            return
+        self._store_up = up
+        if up:
+            log.warning("the store answers again: sagas move on")
+        else:
+            log.error("the store does not answer: sagas wait, writes are retried")
+        if self.on_store_health is not None:
+            self.on_store_health(up)
+
+    def _abandon(self, active: _Active) -> None:
+        """Stop moving a saga here: this replica's hold on it is void (nothing more is written)."""
+        active.fence = Fence(self._replica, -1)  # any write it still tries is refused
+        if active.runner is not None and not active.runner.done():
+            active.runner.cancel()
+
+    async def _hold(self, saga_id: str) -> _Active:
+        """The saga, held here for an action: the entry of a saga this replica moves, or the
+        saga taken over from whoever holds it (its epoch moves on: they can write no more)."""
+        active = self._active.get(saga_id)
+        if active is not None:
+            return active
+        async with self._taking:  # one take at a time: two actions never take a saga twice
+            active = self._active.get(saga_id)
+            if active is not None:
+                return active
+            stored = await self._store.get(saga_id)
+            if stored is None:
+                raise SagaNotFound(self._not_found(saga_id))
+            if stored.state.is_terminal:
+                return _Active(stored)  # nothing can change it: no need to hold it
+            claimed: Claimed | None = await self._store.take(self._replica, saga_id)
+            if claimed is None:
+                raise ShuttingDown(f"replica {self._replica} holds no lease now; retry")
+            active = _Active(claimed.saga, claimed.fence)
+            self._active[saga_id] = active
+            return active
 
     async def create_saga(
         self,
@@ -246,23 +430,25 @@ class Engine:
         record = RecordedEvent(saga_id, decision.saga.version, now, created)
         try:
             saga, is_new = await self._store.create(
-                decision.saga, record, fingerprint(definition, version, payload, labels)
+                decision.saga,
+                record,
+                fingerprint(definition, version, payload, labels),
+                self._replica,
             )
         except StorageFailure as error:
             self._fail(error)
             raise
         if is_new:
+            self._own_commits += 1
             self._crash.reach(CrashPoint.AFTER_CREATE_COMMIT)
             self._observer.created(saga)
             self._watchers.publish(SagaChange(saga, record))
             self._feed_moved()
-            self._activate(saga)
+            self._activate(saga, Fence(self._replica, 1))
         elif saga_id in self._active:
             saga = self._active[saga_id].saga
-        elif not saga.state.is_settled:
-            # Stored, but not moving here: a creation that was cut off before it could start
-            # the saga. Start it now rather than at the next restart.
-            self._activate(saga)
+        # Otherwise stored before, and moved by whichever replica holds it (a saga nobody
+        # holds, such as one whose creation was cut off, is claimed within a second).
         return saga, is_new
 
     async def get_saga(self, saga_id: str) -> Saga:
@@ -299,18 +485,19 @@ class Engine:
     async def _cancel(self, saga_id: str, reason: str, actor: str) -> Saga:
         if self._stopping:
             raise ShuttingDown("the coordinator is shutting down; retry on another instance")
-        active = self._active.get(saga_id)
-        if active is None:
+        if saga_id not in self._active:
             saga = await self.get_saga(saga_id)
-            check_cancellable(saga)
-            if saga.state is not SagaState.COMPENSATING:
-                # Unfinished sagas are active unless the engine is stopping.
-                raise ShuttingDown(f"saga {saga_id} is not running here; retry")
-            return saga
-        async with active.lock:
+            check_cancellable(saga)  # refused before the saga is taken over from anyone
+            if saga.state is SagaState.COMPENSATING:
+                return saga
+
+        def cancel(active: _Active) -> Event | None:
             check_cancellable(active.saga)
-            await self._apply_locked(active, CancelRequested(reason, active.in_flight, actor))
-            return active.saga
+            if active.saga.state is SagaState.COMPENSATING:
+                return None  # cancelled already: nothing to do
+            return CancelRequested(reason, active.in_flight, actor)
+
+        return await self._held(saga_id, cancel)
 
     async def act(
         self,
@@ -336,29 +523,30 @@ class Engine:
     ) -> Saga:
         if self._stopping:
             raise ShuttingDown("the coordinator is shutting down; retry on another instance")
-        active = self._active.get(saga_id)
-        if active is None:
-            stored = await self._store.get(saga_id)
-            if stored is None:
-                raise SagaNotFound(self._not_found(saga_id))
-            active = self._active.get(saga_id)  # a concurrent action may have taken it up
-            if active is None:
-                if not stored.state.is_settled:
-                    raise ShuttingDown(f"saga {saga_id} is not running here; retry")
-                # A parked (or ended) saga has no runner: hold it here while the action runs.
-                active = _Active(stored)
-                self._active[saga_id] = active
+
+        def act(active: _Active) -> Event:
+            saga = active.saga
+            if expected_version and saga.version != expected_version:
+                raise StaleVersion(
+                    f"saga {saga_id} is at version {saga.version}, not {expected_version}: "
+                    "it moved on since it was read; read it again and decide again"
+                )
+            event = action(saga, active.in_flight)
+            check_action(saga, event)
+            return event
+
+        return await self._held(saga_id, act)
+
+    async def _held(self, saga_id: str, decide_event: Callable[[_Active], Event | None]) -> Saga:
+        """Apply the event ``decide_event`` builds under the saga's lock, holding the saga here
+        (taken over from another replica if need be); start its runner if it moves on."""
+        active = await self._hold(saga_id)
         active.holders += 1
         try:
             async with active.lock:
-                saga = active.saga
-                if expected_version and saga.version != expected_version:
-                    raise StaleVersion(
-                        f"saga {saga_id} is at version {saga.version}, not {expected_version}: "
-                        "it moved on since it was read; read it again and decide again"
-                    )
-                event = action(saga, active.in_flight)
-                check_action(saga, event)
+                event = decide_event(active)
+                if event is None:
+                    return active.saga
                 if not await self._apply_locked(active, event):
                     raise ActionNotAllowed(f"saga {saga_id} moved on; the action was not applied")
                 saga = active.saga
@@ -532,6 +720,7 @@ class Engine:
                 try:
                     await job()
                 except StorageUnavailable as error:
+                    self._store_is(False)
                     log.warning("%s skipped: %s", name, error.message)
                 except StorageFailure as error:
                     self._fail(error)
@@ -577,14 +766,20 @@ class Engine:
                     "%d calls were still in flight after %.1fs; cut off", len(pending), grace
                 )
                 await asyncio.gather(*pending, return_exceptions=True)
+        if self._joined:
+            # Let go of the sagas still unfinished here: the next replica (or this one,
+            # restarted) claims them at once instead of waiting for the lease to run out.
+            self._joined = False
+            with contextlib.suppress(StorageFailure, StorageUnavailable):
+                await self._store.leave(self._replica)
         await self._observer.drain(grace)
 
     # -- inside ---------------------------------------------------------------------------------
 
-    def _activate(self, saga: Saga) -> None:
+    def _activate(self, saga: Saga, fence: Fence | None) -> None:
         if saga.state.is_settled or self._stopping:
             return
-        active = _Active(saga)
+        active = _Active(saga, fence)
         self._active[saga.saga_id] = active
         active.runner = asyncio.create_task(self._run(active), name=f"saga {saga.saga_id}")
 
@@ -594,6 +789,8 @@ class Engine:
             await self._drive(active)
         except asyncio.CancelledError:
             raise
+        except LeaseLost as error:
+            log.warning("%s; letting the saga go", error.message, extra={"saga_id": saga_id})
         except StorageFailure as error:  # _apply_locked has asked the process to stop
             log.error("storage failed: %s", error.message, extra={"saga_id": saga_id})
         except BaseException as error:  # a runner that dies silently would strand its saga
@@ -696,8 +893,9 @@ class Engine:
             try:
                 # Commit before acting: the decision (and the call it implies) is durable before
                 # any participant hears of it, so a crash re-sends rather than forgets.
-                await self._store.commit(saga, record, changed_steps(previous, saga))
+                await self._store.commit(saga, record, changed_steps(previous, saga), active.fence)
             except StorageUnavailable as error:
+                self._store_is(False)
                 if self._stopping:
                     raise ShuttingDown("stopping with a write the store could not take") from error
                 log.warning(
@@ -712,6 +910,13 @@ class Engine:
             except StorageFailure as error:
                 self._fail(error)
                 raise
+            except LeaseLost:
+                # Another replica holds the saga now (or this one's lease ran out): nothing was
+                # written, and nothing more will be from here.
+                self._telemetry.stale_write()
+                if self._active.get(saga.saga_id) is active:
+                    del self._active[saga.saga_id]
+                raise
             except ConcurrentUpdate:
                 # Someone else moved the saga on (a write whose caller was cut off): take the
                 # stored state, tell watchers and the runner, and decide again from there.
@@ -723,6 +928,9 @@ class Engine:
                 self._observer.lost_track(saga.saga_id)
                 self._watchers.publish(SagaChange(stored, None))
                 continue
+            self._own_commits += 1
+            if not self._store_up:
+                self._store_is(True)
             if decision.dispatches:
                 self._crash.reach(CrashPoint.AFTER_DISPATCH_COMMIT)
             active.saga = saga

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from coordinator.core.calls import ParticipantCall
@@ -100,6 +100,24 @@ class PruneResult:
 
 
 @dataclass(frozen=True)
+class Fence:
+    """The right to write one saga: the replica holding it and the saga's epoch when it was
+    claimed. A store refuses a write whose fence is not the saga's current one, or whose
+    replica's lease has run out by the database's clock (``LeaseLost``)."""
+
+    replica: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A saga a replica now holds, and the fence its writes must carry."""
+
+    saga: Saga
+    fence: Fence
+
+
+@dataclass(frozen=True)
 class ListCursor:
     """Where a listing resumes: after the saga created at ``created_at`` with ``saga_id``."""
 
@@ -124,26 +142,66 @@ class SagaStore(Protocol):
     ``StorageUnavailable``; a driver's exceptions never leak out.
     """
 
-    async def create(self, saga: Saga, event: RecordedEvent, fingerprint: str) -> tuple[Saga, bool]:
+    async def create(
+        self, saga: Saga, event: RecordedEvent, fingerprint: str, replica: str | None = None
+    ) -> tuple[Saga, bool]:
         """Store a new saga with its first event; return it and True.
 
         If a saga with this id exists and was created with the same ``fingerprint``, return it
         and False (idempotent creation); with another fingerprint raise ``SagaAlreadyExists``.
         A definition version the registry does not hold yet is registered with the saga; one it
-        holds keeps its registered content.
+        holds keeps its registered content. With ``replica``, the new saga is held by it at
+        epoch 1 (``Fence(replica, 1)``).
         """
         ...
 
     async def commit(
-        self, saga: Saga, event: RecordedEvent, changed_steps: Sequence[int] | None = None
+        self,
+        saga: Saga,
+        event: RecordedEvent,
+        changed_steps: Sequence[int] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         """Store the saga's new state with the event that led to it.
 
         The stored saga must be at version ``saga.version - 1``, and ``event.sequence`` must be
         ``saga.version``; otherwise raise ``ConcurrentUpdate`` and store nothing.
         ``changed_steps`` names the steps that differ from version ``saga.version - 1`` (None:
-        any may): a store may write only those.
+        any may): a store may write only those. With ``fence``, the saga must still be held by
+        that replica at that epoch and the replica's lease must not have run out, judged in the
+        same transaction by the database's clock; otherwise raise ``LeaseLost``.
         """
+        ...
+
+    # --- replicas and leases: one replica at a time moves a saga forward ------------------------
+
+    async def join(self, replica: str, lease: timedelta) -> None:
+        """Start ``replica``'s lease: it lives until ``lease`` from now, by the database's clock.
+        An earlier life under the same name is over: the sagas it held are let go (and their
+        writes refused), so that a replica restarted under its name takes them up at once."""
+        ...
+
+    async def renew(self, replica: str, lease: timedelta) -> bool:
+        """Extend the replica's lease to ``lease`` from now; False (nothing changed) when it had
+        run out already or does not exist: the replica has lost its sagas and must join anew."""
+        ...
+
+    async def leave(self, replica: str) -> int:
+        """End the replica's lease and let go of the sagas it holds at once, so that others
+        claim them without waiting for the lease to run out; return how many were let go."""
+        ...
+
+    async def claim(self, replica: str, limit: int) -> Sequence[Claimed]:
+        """Take up to ``limit`` unfinished (RUNNING, COMPENSATING) sagas that no live replica
+        holds: never held, let go, or held by a replica whose lease ran out. Each one's epoch
+        moves on by one. Two replicas claiming at once never get the same saga. A replica whose
+        own lease has run out claims nothing. A limit below 1 raises ValueError."""
+        ...
+
+    async def take(self, replica: str, saga_id: str) -> Claimed | None:
+        """Take one saga whoever holds it (an operator's action reached this replica): its
+        epoch moves on by one, so the replica that held it can write nothing more to it.
+        None for an unknown saga or if this replica's own lease has run out."""
         ...
 
     async def get(self, saga_id: str) -> Saga | None:
@@ -160,10 +218,6 @@ class SagaStore(Protocol):
 
     async def events(self, saga_id: str) -> Sequence[RecordedEvent]:
         """The saga's event log, in order (empty if the saga does not exist)."""
-        ...
-
-    async def unfinished(self) -> Sequence[Saga]:
-        """Every saga that is RUNNING or COMPENSATING: what recovery resumes."""
         ...
 
     async def events_page(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +82,8 @@ async def start_coordinator(settings: Settings) -> Coordinator:
         gateway,
         SystemClock(),
         catalog,
-        EngineSettings(retention=settings.retention),
+        EngineSettings(retention=settings.retention, lease=settings.lease),
+        replica=replica_name(settings),
         on_fatal=on_fatal,
         crash_points=CrashPoints.from_environment(),
         telemetry=observability.telemetry,
@@ -91,6 +95,14 @@ async def start_coordinator(settings: Settings) -> Coordinator:
         await engine.load_definitions(catalog.all(), settings.participants.keys())
         resumed = await engine.start()
         server = await start_server(engine, settings, telemetry=observability.telemetry)
+        health_updates: set[asyncio.Task[None]] = set()
+
+        def store_health(up: bool) -> None:  # health NOT_SERVING while the store is gone
+            task = asyncio.ensure_future(server.set_serving(up))
+            health_updates.add(task)
+            task.add_done_callback(health_updates.discard)
+
+        engine.on_store_health = store_health
     except BaseException:
         await engine.stop(0)
         await gateway.close()
@@ -107,6 +119,17 @@ async def start_coordinator(settings: Settings) -> Coordinator:
     if observability.endpoint:
         log.info("exporting traces and metrics over OTLP to %s", observability.endpoint)
     return Coordinator(settings, engine, store, gateway, server, observability, fatal)
+
+
+def replica_name(settings: Settings) -> str:
+    """The configured name, else this host's name and the listening port: a process restarted
+    on its port comes back under its name and takes its sagas up at once."""
+    if settings.replica:
+        return settings.replica
+    port = settings.listen.rsplit(":", 1)[1]
+    if port == "0":  # a port chosen at start: no name to come back under
+        return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{socket.gethostname()}:{port}"
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:

@@ -206,6 +206,26 @@ class SagaTelemetry:
             unit="{action}",
             description="Operator actions taken on sagas, by kind",
         )
+        self._claimed = meter.create_counter(
+            "saga.claimed",
+            unit="{saga}",
+            description="Sagas this replica claimed: at start, and from replicas that died",
+        )
+        self._stale_writes = meter.create_counter(
+            "saga.stale_writes",
+            unit="{write}",
+            description="Writes refused because another replica had taken the saga over, or "
+            "this replica's lease had run out",
+        )
+        self._lease_lapses = meter.create_counter(
+            "saga.lease_lapses",
+            unit="{lapse}",
+            description="Times this replica's lease ran out before it was renewed",
+        )
+        self.stale_writes = 0
+        """Writes refused so far (as the ``saga.stale_writes`` counter)."""
+        self.lease_lapses = 0
+        """Lapses of this replica's lease so far (as the ``saga.lease_lapses`` counter)."""
         self._parked: Mapping[tuple[str, str], int] = {}
         meter.create_observable_gauge(
             "saga.parked",
@@ -411,6 +431,20 @@ class SagaTelemetry:
     def left_attention(self) -> None:
         """An operator moved a parked saga on."""
         self._needs_attention = max(0, self._needs_attention - 1)
+
+    def sagas_claimed(self, count: int) -> None:
+        """Count sagas claimed by this replica."""
+        self._claimed.add(count)
+
+    def stale_write(self) -> None:
+        """Count a write refused for a lost lease."""
+        self.stale_writes += 1
+        self._stale_writes.add(1)
+
+    def lease_lost(self) -> None:
+        """Count a lapse of this replica's lease."""
+        self.lease_lapses += 1
+        self._lease_lapses.add(1)
 
     def operator_action(self, saga: Saga, action: str) -> None:
         """Count an operator action that was applied."""

@@ -51,6 +51,10 @@ class SagaWatchers:
                 watcher.overflowed = True
             watcher.queue.put_nowait(change)
 
+    def watching(self, saga_id: str) -> bool:
+        """Whether anyone here watches the saga."""
+        return saga_id in self._by_saga
+
     def close(self) -> None:
         """End every watch (the process is stopping); later watches are refused."""
         self._closed = True

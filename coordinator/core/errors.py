@@ -110,6 +110,14 @@ class StaleVersion(ConcurrentUpdate):
     reason = "SAGA_VERSION_MISMATCH"
 
 
+class LeaseLost(ConcurrentUpdate):
+    """The write was refused: the writer no longer holds the saga's lease. Another replica took
+    the saga over (its epoch moved on), or this replica's own lease ran out; the writer must let
+    the saga go."""
+
+    reason = "SAGA_LEASE_LOST"
+
+
 class StorageUnavailable(SagaError):
     """The store cannot take the write now (locked, full); nothing was acknowledged."""
 

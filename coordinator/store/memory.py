@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from coordinator.core.events import RecordedEvent, SagaCreated
 from coordinator.core.model import Saga, SagaDefinition, SagaState
 from coordinator.ports import (
+    Claimed,
     FeedChange,
     FeedPage,
+    Fence,
     ListCursor,
     PruneResult,
     RegisteredDefinition,
@@ -27,6 +30,7 @@ from coordinator.store.rules import (
     already_exists,
     check_commit,
     check_creation,
+    check_lease,
     check_limit,
     check_prune_limit,
     definition_conflict,
@@ -42,6 +46,8 @@ class _Row:
     saga: Saga
     fingerprint: str
     log: list[RecordedEvent]
+    owner: str | None = None
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,11 @@ class MemoryStore:
     atomic, as a transaction would be. The errors are those of the durable stores.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: the store's own clock for leases, in seconds (a database's clock)."""
+        self._clock = clock
+        self._leases: dict[str, float] = {}
+        """Each replica's lease: when it runs out."""
         self._rows: dict[str, _Row] = {}
         self._registry: dict[tuple[str, int], _Registered] = {}
         self._feed: dict[int, FeedChange] = {}
@@ -67,7 +77,9 @@ class MemoryStore:
         self._pruned_through = 0
         self._closed = False
 
-    async def create(self, saga: Saga, event: RecordedEvent, fingerprint: str) -> tuple[Saga, bool]:
+    async def create(
+        self, saga: Saga, event: RecordedEvent, fingerprint: str, replica: str | None = None
+    ) -> tuple[Saga, bool]:
         """Store a new saga with its first event; see ``SagaStore.create``.
 
         A definition version no saga ran before is registered with it, at the saga's creation
@@ -80,7 +92,7 @@ class MemoryStore:
             if row.fingerprint == fingerprint:
                 return row.saga, False
             raise already_exists(saga.saga_id)
-        self._rows[saga.saga_id] = _Row(saga, fingerprint, [event])
+        self._rows[saga.saga_id] = _Row(saga, fingerprint, [event], replica, 1 if replica else 0)
         self._append_feed(saga, event)
         key = (saga.definition.name, saga.definition.version)
         if key not in self._registry:
@@ -88,15 +100,23 @@ class MemoryStore:
         return saga, True
 
     async def commit(
-        self, saga: Saga, event: RecordedEvent, changed_steps: Sequence[int] | None = None
+        self,
+        saga: Saga,
+        event: RecordedEvent,
+        changed_steps: Sequence[int] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         """Store the saga's new state with its event; see ``SagaStore.commit``."""
         self._check_open()
         check_commit(saga, event)
         row = self._rows.get(saga.saga_id)
+        if row is not None and fence is not None:
+            check_lease(saga.saga_id, fence, row.owner, row.epoch, self._alive(fence.replica))
         if row is None or row.saga.version != saga.version - 1:
             raise stale(saga, None if row is None else row.saga.version)
         row.saga = saga
+        if fence is not None and saga.state.is_settled:
+            row.owner = None  # nobody holds a saga that ended or parked
         row.log.append(event)
         self._append_feed(saga, event)
 
@@ -187,15 +207,68 @@ class MemoryStore:
             return ()
         return tuple(event for event in row.log if event.sequence > after_sequence)[:limit]
 
-    async def unfinished(self) -> Sequence[Saga]:
-        """Every saga that is RUNNING or COMPENSATING, oldest first."""
+    # --- replicas and leases -----------------------------------------------------------------
+
+    def _alive(self, replica: str | None) -> bool:
+        return replica is not None and self._leases.get(replica, 0.0) > self._clock()
+
+    async def join(self, replica: str, lease: timedelta) -> None:
+        """Start the replica's lease; see ``SagaStore.join``."""
         self._check_open()
-        return tuple(
-            sorted(
-                (row.saga for row in self._rows.values() if row.saga.state in UNFINISHED),
-                key=lambda saga: (saga.created_at, saga.saga_id),
-            )
-        )
+        self._let_go(replica)
+        self._leases[replica] = self._clock() + lease.total_seconds()
+
+    async def renew(self, replica: str, lease: timedelta) -> bool:
+        """Extend the replica's lease unless it ran out; see ``SagaStore.renew``."""
+        self._check_open()
+        if not self._alive(replica):
+            return False
+        self._leases[replica] = self._clock() + lease.total_seconds()
+        return True
+
+    async def leave(self, replica: str) -> int:
+        """End the lease and let go of the replica's sagas; see ``SagaStore.leave``."""
+        self._check_open()
+        self._leases.pop(replica, None)
+        return self._let_go(replica)
+
+    def _let_go(self, replica: str) -> int:
+        released = 0
+        for row in self._rows.values():
+            if row.owner == replica:
+                row.owner = None
+                released += 1
+        return released
+
+    async def claim(self, replica: str, limit: int) -> Sequence[Claimed]:
+        """Take unfinished sagas no live replica holds, oldest first; see ``SagaStore.claim``."""
+        self._check_open()
+        check_limit(limit)
+        if not self._alive(replica):
+            return ()
+        free = sorted(
+            (
+                row
+                for row in self._rows.values()
+                if row.saga.state in UNFINISHED and not self._alive(row.owner)
+            ),
+            key=lambda row: (row.saga.created_at, row.saga.saga_id),
+        )[:limit]
+        return tuple(self._hold(row, replica) for row in free)
+
+    async def take(self, replica: str, saga_id: str) -> Claimed | None:
+        """Take one saga whoever holds it; see ``SagaStore.take``."""
+        self._check_open()
+        row = self._rows.get(saga_id)
+        if row is None or not self._alive(replica):
+            return None
+        return self._hold(row, replica)
+
+    @staticmethod
+    def _hold(row: _Row, replica: str) -> Claimed:
+        row.owner = replica
+        row.epoch += 1
+        return Claimed(row.saga, Fence(replica, row.epoch))
 
     async def oldest_unfinished(self) -> datetime | None:
         """When the oldest saga that has not ended (running, compensating, parked) was created."""

@@ -15,7 +15,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import psycopg
 from psycopg import IsolationLevel
@@ -24,13 +24,16 @@ from psycopg_pool import AsyncConnectionPool
 from coordinator.core.events import RecordedEvent
 from coordinator.core.model import Saga, SagaDefinition, SagaState
 from coordinator.ports import (
+    Claimed,
     FeedPage,
+    Fence,
     ListCursor,
     PruneResult,
     RegisteredDefinition,
     SagaFilter,
     SagaPage,
 )
+from coordinator.store import postgres_leases as leases
 from coordinator.store import postgres_sql as sql
 from coordinator.store.errors import StoreClosed, StoreCorrupt
 from coordinator.store.packing import digest, from_micros, pack_definition, to_micros
@@ -60,6 +63,7 @@ from coordinator.store.rules import (
     already_exists,
     check_commit,
     check_creation,
+    check_lease,
     check_limit,
     check_prune_limit,
     counted,
@@ -146,7 +150,9 @@ class PostgresStore:
 
     # --- writes ------------------------------------------------------------------------------
 
-    async def create(self, saga: Saga, event: RecordedEvent, fingerprint: str) -> tuple[Saga, bool]:
+    async def create(
+        self, saga: Saga, event: RecordedEvent, fingerprint: str, replica: str | None = None
+    ) -> tuple[Saga, bool]:
         """Store a new saga with its first event; see ``SagaStore.create``.
 
         A definition version no saga ran before is registered with it, at the saga's creation
@@ -186,6 +192,8 @@ class PostgresStore:
                 if await fetch_one(connection, sql.INSERT_SAGA, row) is not None:
                     break
                 # Another creation of this id committed while this one waited for it: read it.
+            if replica is not None:
+                await connection.execute(leases.HOLD_NEW, (replica, saga.saga_id))
             async with connection.cursor() as cursor:
                 await cursor.executemany(sql.INSERT_STEP, step_rows(saga))
                 labels = label_rows(saga)
@@ -198,7 +206,11 @@ class PostgresStore:
         return saga, True
 
     async def commit(
-        self, saga: Saga, event: RecordedEvent, changed_steps: Sequence[int] | None = None
+        self,
+        saga: Saga,
+        event: RecordedEvent,
+        changed_steps: Sequence[int] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         """Store the saga's new state with its event; see ``SagaStore.commit``."""
         self._check_open()
@@ -207,10 +219,19 @@ class PostgresStore:
             saga, range(len(saga.steps)) if changed_steps is None else changed_steps
         )
         async with self._writing(f"committing saga {saga.saga_id} v{saga.version}") as connection:
-            found = await fetch_one(connection, sql.LOCK_SAGA, (saga.saga_id,))
+            if fence is None:
+                found = await fetch_one(connection, sql.LOCK_SAGA, (saga.saga_id,))
+            else:
+                found = await fetch_one(
+                    connection, leases.LOCK_FENCED, (fence.replica, saga.saga_id)
+                )
+                if found is not None:
+                    check_lease(saga.saga_id, fence, found[2], found[3], bool(found[4]))
             if found is None or found[0] != saga.version - 1:
                 raise stale(saga, None if found is None else found[0])
             await connection.execute(sql.UPDATE_SAGA, saga_update(saga))
+            if fence is not None and saga.state.is_settled:
+                await connection.execute(leases.SETTLED, (saga.saga_id,))
             if steps:
                 async with connection.cursor() as cursor:
                     await cursor.executemany(sql.UPDATE_STEP, steps)
@@ -290,10 +311,33 @@ class PostgresStore:
             saga = await read_saga(connection, self._definitions, saga_id)
             return () if saga is None else events_of(saga, rows)
 
-    async def unfinished(self) -> Sequence[Saga]:
-        """Every saga that is RUNNING or COMPENSATING, oldest first."""
-        async with self._reading("reading the unfinished sagas") as connection:
-            return tuple(await read_sagas(connection, self._definitions, sql.SELECT_UNFINISHED, ()))
+    # --- replicas and leases (see ``postgres_leases``) --------------------------------------
+
+    async def join(self, replica: str, lease: timedelta) -> None:
+        """Start the replica's lease; see ``SagaStore.join``."""
+        async with self._writing(f"starting the lease of {replica}") as connection:
+            await leases.join(connection, replica, lease)
+
+    async def renew(self, replica: str, lease: timedelta) -> bool:
+        """Extend the replica's lease unless it ran out; see ``SagaStore.renew``."""
+        async with self._writing(f"renewing the lease of {replica}") as connection:
+            return await leases.renew(connection, replica, lease)
+
+    async def leave(self, replica: str) -> int:
+        """End the lease and let go of the replica's sagas; see ``SagaStore.leave``."""
+        async with self._writing(f"ending the lease of {replica}") as connection:
+            return await leases.leave(connection, replica)
+
+    async def claim(self, replica: str, limit: int) -> Sequence[Claimed]:
+        """Take unfinished sagas no live replica holds, oldest first; see ``SagaStore.claim``."""
+        check_limit(limit)
+        async with self._writing(f"claiming sagas for {replica}") as connection:
+            return await leases.claim(connection, self._definitions, replica, limit)
+
+    async def take(self, replica: str, saga_id: str) -> Claimed | None:
+        """Take one saga whoever holds it; see ``SagaStore.take``."""
+        async with self._writing(f"taking saga {saga_id}") as connection:
+            return await leases.take(connection, self._definitions, replica, saga_id)
 
     async def oldest_unfinished(self) -> datetime | None:
         """When the oldest saga that has not ended (running, compensating, parked) was created."""

@@ -40,7 +40,7 @@ from coordinator.store.rows import (
     SAGA_FIELDS,
     STEP_COLUMNS,
 )
-from coordinator.store.rules import NOT_ENDED, PRUNABLE, UNFINISHED
+from coordinator.store.rules import NOT_ENDED, PRUNABLE
 
 Query = tuple[str, list[Any]]
 """A statement and its parameters."""
@@ -138,9 +138,8 @@ SELECT_SAGA_FOR_SHARE = f"{SELECT_SAGA} FOR SHARE"
 SELECT_STEPS = f"""
 SELECT saga_id, {STEP_COLUMNS} FROM saga_steps WHERE saga_id = ANY(%s) ORDER BY saga_id, step
 """
-SELECT_UNFINISHED = f"""
-SELECT {_SAGA_COLUMNS} FROM sagas AS s WHERE s.state IN ({_states(UNFINISHED)})
-ORDER BY s.created_at, s.saga_id
+SELECT_SAGAS_BY_ID = f"""
+SELECT {_SAGA_COLUMNS} FROM sagas AS s WHERE s.saga_id = ANY(%s) ORDER BY s.created_at, s.saga_id
 """
 SELECT_EVENTS = """
 SELECT sequence, recorded_at, type, body FROM saga_events WHERE saga_id = %s ORDER BY sequence

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from coordinator.core.errors import ConcurrentUpdate, DefinitionConflict, SagaAlreadyExists
+from coordinator.core.errors import (
+    ConcurrentUpdate,
+    DefinitionConflict,
+    LeaseLost,
+    SagaAlreadyExists,
+)
 from coordinator.core.events import RecordedEvent
 from coordinator.core.machine import waiting_step
 from coordinator.core.model import Saga, SagaDefinition, SagaState
-from coordinator.ports import ListCursor, SagaFilter, SagaPage
+from coordinator.ports import Fence, ListCursor, SagaFilter, SagaPage
 
 UNFINISHED = frozenset({SagaState.RUNNING, SagaState.COMPENSATING})
 """The states recovery resumes."""
@@ -135,6 +140,24 @@ def stale(saga: Saga, stored_version: int | None) -> ConcurrentUpdate:
         f"saga {saga.saga_id} is at version {stored_version} in storage, "
         f"not {saga.version - 1} as this update expects"
     )
+
+
+def check_lease(
+    saga_id: str, fence: Fence, owner: str | None, epoch: int, replica_alive: bool
+) -> None:
+    """Raise ``LeaseLost`` unless ``fence`` is the saga's current holder and epoch and its
+    replica's lease still runs."""
+    if owner != fence.replica or epoch != fence.epoch:
+        holder = f"replica {owner} at epoch {epoch}" if owner else "no replica"
+        raise LeaseLost(
+            f"saga {saga_id} is held by {holder}, not by replica {fence.replica} at epoch "
+            f"{fence.epoch}: it was taken over; this write is refused"
+        )
+    if not replica_alive:
+        raise LeaseLost(
+            f"the lease of replica {fence.replica} has run out: its write to saga {saga_id} is "
+            "refused (another replica may hold the saga now)"
+        )
 
 
 def page_of(sagas: Sequence[Saga], limit: int) -> SagaPage:

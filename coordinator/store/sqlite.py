@@ -14,20 +14,23 @@ import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
 from coordinator.core.events import RecordedEvent
 from coordinator.core.model import Saga, SagaDefinition, SagaState
 from coordinator.ports import (
+    Claimed,
     FeedPage,
+    Fence,
     ListCursor,
     PruneResult,
     RegisteredDefinition,
     SagaFilter,
     SagaPage,
 )
+from coordinator.store import sqlite_leases as leases
 from coordinator.store.errors import StoreClosed, StoreCorrupt
 from coordinator.store.packing import (
     digest,
@@ -36,7 +39,6 @@ from coordinator.store.packing import (
     to_micros,
 )
 from coordinator.store.rows import (
-    SAGA_COLUMNS,
     event_row,
     label_rows,
     saga_row,
@@ -45,7 +47,6 @@ from coordinator.store.rows import (
     step_updates,
 )
 from coordinator.store.rules import (
-    UNFINISHED,
     already_exists,
     check_commit,
     check_creation,
@@ -92,11 +93,8 @@ T = TypeVar("T")
 
 _SELECT_FOR_CREATE = "SELECT fingerprint FROM sagas WHERE saga_id = ?"
 _SELECT_VERSION = "SELECT version FROM sagas WHERE saga_id = ?"
-_SELECT_UNFINISHED = f"""
-SELECT {SAGA_COLUMNS} FROM sagas
-WHERE state IN ({", ".join(f"'{state}'" for state in sorted(UNFINISHED))})
-ORDER BY created_at, saga_id
-"""
+_HOLD_NEW = "UPDATE sagas SET owner = ?, epoch = 1 WHERE saga_id = ?"
+_UPDATE_FENCED = UPDATE_SAGA.rstrip() + leases.FENCED
 _SELECT_OLDEST_UNENDED = """
 SELECT min(created_at) FROM (
     SELECT (SELECT created_at FROM sagas INDEXED BY sagas_by_state WHERE state = 'RUNNING'
@@ -224,7 +222,9 @@ class SqliteStore:
 
     # --- writes ------------------------------------------------------------------------------
 
-    async def create(self, saga: Saga, event: RecordedEvent, fingerprint: str) -> tuple[Saga, bool]:
+    async def create(
+        self, saga: Saga, event: RecordedEvent, fingerprint: str, replica: str | None = None
+    ) -> tuple[Saga, bool]:
         """Store a new saga with its first event; see ``SagaStore.create``.
 
         A definition version no saga ran before is registered with it, at the saga's creation
@@ -254,6 +254,8 @@ class SqliteStore:
                     connection, saga.definition, definition_id, to_micros(saga.created_at)
                 )
             connection.execute(INSERT_SAGA, saga_row(saga, definition_id, fingerprint))
+            if replica is not None:
+                connection.execute(_HOLD_NEW, (replica, saga.saga_id))
             connection.executemany(INSERT_STEP, steps)
             if labels:
                 connection.executemany(INSERT_LABEL, labels)
@@ -268,21 +270,34 @@ class SqliteStore:
         return saga, True
 
     async def commit(
-        self, saga: Saga, event: RecordedEvent, changed_steps: Sequence[int] | None = None
+        self,
+        saga: Saga,
+        event: RecordedEvent,
+        changed_steps: Sequence[int] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         """Store the saga's new state with its event; see ``SagaStore.commit``."""
         self._check_open()
         check_commit(saga, event)
         update = saga_update(saga)
+        statement = UPDATE_SAGA
+        settled = fence is not None and saga.state.is_settled
+        if fence is not None:
+            statement = _UPDATE_FENCED
+            update = (*update, fence.replica, fence.epoch, fence.replica)
         steps = step_updates(
             saga, range(len(saga.steps)) if changed_steps is None else changed_steps
         )
         event_params = (*event_row(event), saga.state.value)
 
         def commit(connection: sqlite3.Connection) -> None:
-            if connection.execute(UPDATE_SAGA, update).rowcount != 1:
+            if connection.execute(statement, update).rowcount != 1:
+                if fence is not None:
+                    raise stale(saga, leases.refused(connection, saga.saga_id, fence))
                 found = connection.execute(_SELECT_VERSION, (saga.saga_id,)).fetchone()
                 raise stale(saga, None if found is None else found[0])
+            if settled:
+                connection.execute(leases.SETTLED, (saga.saga_id,))
             if steps:
                 connection.executemany(UPDATE_STEP, steps)
             connection.execute(INSERT_FEED_EVENT, event_params)
@@ -365,14 +380,49 @@ class SqliteStore:
 
         return await self._read(events_page, f"reading the events of saga {saga_id}")
 
-    async def unfinished(self) -> Sequence[Saga]:
-        """Every saga that is RUNNING or COMPENSATING, oldest first."""
+    # --- replicas and leases (see ``sqlite_leases``) ----------------------------------------
+
+    async def join(self, replica: str, lease: timedelta) -> None:
+        """Start the replica's lease; see ``SagaStore.join``."""
+        self._check_open()
+        await self._writer.submit(
+            lambda c: leases.join(c, replica, lease),
+            f"starting the lease of {replica} in {self._path}",
+        )
+
+    async def renew(self, replica: str, lease: timedelta) -> bool:
+        """Extend the replica's lease unless it ran out; see ``SagaStore.renew``."""
+        self._check_open()
+        return await self._writer.submit(
+            lambda c: leases.renew(c, replica, lease),
+            f"renewing the lease of {replica} in {self._path}",
+        )
+
+    async def leave(self, replica: str) -> int:
+        """End the lease and let go of the replica's sagas; see ``SagaStore.leave``."""
+        self._check_open()
+        return await self._writer.submit(
+            lambda c: leases.leave(c, replica), f"ending the lease of {replica} in {self._path}"
+        )
+
+    async def claim(self, replica: str, limit: int) -> Sequence[Claimed]:
+        """Take unfinished sagas no live replica holds, oldest first; see ``SagaStore.claim``."""
+        self._check_open()
+        check_limit(limit)
         definitions = self._definitions
+        return await self._writer.submit(
+            lambda c: leases.claim(c, definitions, replica, limit),
+            f"claiming sagas for {replica} in {self._path}",
+        )
 
-        def unfinished(connection: sqlite3.Connection) -> Sequence[Saga]:
-            return tuple(read_sagas(connection, definitions, _SELECT_UNFINISHED, ()))
-
-        return await self._read(unfinished, "reading the unfinished sagas")
+    async def take(self, replica: str, saga_id: str) -> Claimed | None:
+        """Take one saga whoever holds it; see ``SagaStore.take``."""
+        self._check_open()
+        definitions = self._definitions
+        return await self._writer.submit(
+            lambda c: leases.take(c, definitions, replica, saga_id),
+            f"taking saga {saga_id} in {self._path}",
+        )
 
     async def oldest_unfinished(self) -> datetime | None:
         """When the oldest saga that has not ended (running, compensating, parked) was created."""

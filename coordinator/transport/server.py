@@ -36,6 +36,16 @@ class CoordinatorServer:
     health: health.aio.HealthServicer
     port: int
 
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING, or NOT_SERVING (the store is unreachable: requests would fail)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", COORDINATOR_SERVICE):
+            await self.health.set(service, status)
+
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, stop taking RPCs, and let running ones finish within ``grace``."""
         await self.health.enter_graceful_shutdown()
@@ -180,6 +190,6 @@ async def start_server(
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     await server.start()
-    for service in ("", COORDINATOR_SERVICE):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return CoordinatorServer(server, health_servicer, port)
+    started = CoordinatorServer(server, health_servicer, port)
+    await started.set_serving(True)
+    return started

@@ -185,14 +185,30 @@ def wait_healthy(target: str, timeout: float, process: ManagedProcess | None = N
 
 def healthy(target: str, timeout: float = 1.0) -> bool:
     """Whether the server at ``target`` answers its health check SERVING right now."""
+    return health_status(target, timeout) == "SERVING"
+
+
+def health_status(target: str, timeout: float = 1.0) -> str | None:
+    """What the server at ``target`` answers its health check (``SERVING``, ``NOT_SERVING``),
+    or None when it does not answer."""
     with grpc.insecure_channel(target) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )
         except grpc.RpcError:
-            return False
-        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+            return None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def wait_health(target: str, wanted: str, timeout: float = 20.0) -> bool:
+    """Wait until the server answers its health check ``wanted``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health_status(target) == wanted:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @dataclass(frozen=True)

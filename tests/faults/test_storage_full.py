@@ -30,9 +30,10 @@ from tests.faults.support import (
     Deployment,
     deploy,
     details_of,
-    healthy,
+    health_status,
     one_step_definition,
     stored_sagas,
+    wait_health,
     wait_settled,
 )
 from tests.support.coordinator import (
@@ -172,10 +173,13 @@ def test_a_full_filesystem_refuses_creation_pauses_sagas_and_resumes_when_space_
                 stub.CreateSaga(big, timeout=30)
             details = details_of(raised.value)
             time.sleep(2.5)  # the sagas in flight get answers they cannot store
-            assert healthy(deployment.target), f"a full disk stopped it:\n{deployment.log_tail()}"
+            assert deployment.coordinator.alive, f"a full disk stopped it:\n{deployment.log_tail()}"
+            # It tells its health checks the store is gone: no traffic should come its way.
+            assert health_status(deployment.target) == "NOT_SERVING", deployment.log_tail()
             paused = stored_sagas(database)
         finally:
             filler.unlink()
+        assert wait_health(deployment.target, "SERVING"), deployment.log_tail()
         assert details.code is grpc.StatusCode.UNAVAILABLE, details
         assert details.reason == "STORAGE_UNAVAILABLE", details
         assert "disk full" in details.message, details

@@ -21,9 +21,10 @@ from tests.faults.support import (
     Deployment,
     deploy,
     details_of,
-    healthy,
+    health_status,
     one_step_definition,
     stored_sagas,
+    wait_health,
     wait_settled,
 )
 from tests.torture.checker import check_coordinator, read_only
@@ -76,12 +77,15 @@ def test_a_lock_held_past_the_busy_timeout_refuses_creation_and_pauses_sagas_in_
                     stub.CreateSaga(request, timeout=10)
                 refused.append((details_of(raised.value), time.monotonic() - started))
             time.sleep(2.5)  # the sagas in flight answer, and cannot store the answer
-            assert healthy(deployment.target), "the coordinator must survive a locked database"
+            assert deployment.coordinator.alive, "the coordinator must survive a locked database"
+            # It tells its health checks the store is gone: no traffic should come its way.
+            assert health_status(deployment.target) == "NOT_SERVING"
             paused = stored_sagas(deployment.database)
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
             released_ns = time.time_ns()
+        assert wait_health(deployment.target, "SERVING")
 
         for details, took in refused:
             assert details.code is grpc.StatusCode.UNAVAILABLE, details

@@ -242,3 +242,24 @@ def test_serve_refuses_a_bad_retention(
 
     assert result.returncode == 2
     assert problem in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "problem"),
+    [
+        (("--lease", "10"), "flags: lease: expected a duration like 90s"),
+        (("--lease", "100ms"), "flags: lease: at least 500ms"),
+        (("--replica", "two words"), "flags: replica: 1 to 100 letters, digits"),
+        ((), "saga.yaml: lease: at least 500ms"),
+    ],
+)
+def test_serve_refuses_a_bad_lease_or_replica_name(
+    tmp_path: Path, where: tuple[str, ...], problem: str
+) -> None:
+    config = tmp_path / "saga.yaml"
+    config.write_text("listen: 127.0.0.1:0\n" + ("" if where else "lease: 0.1\n"))
+
+    result = saga("serve", "--config", str(config), *where)
+
+    assert result.returncode == 2
+    assert problem in result.stderr

@@ -498,7 +498,7 @@ class StoreContract:
         assert await store.get("s-2") is None
         assert await store.events("s-2") == ()
 
-    async def test_unfinished_returns_exactly_the_running_and_compensating_sagas(
+    async def test_claim_returns_exactly_the_running_and_compensating_sagas(
         self, store: SagaStore
     ) -> None:
         for i, (state, answers) in enumerate(ANSWERS_BY_STATE.items()):
@@ -506,7 +506,8 @@ class StoreContract:
             assert history.last.state is state
             await store_history(store, history)
 
-        unfinished = await store.unfinished()
+        await store.join("recovery", timedelta(minutes=5))
+        unfinished = [claimed.saga for claimed in await store.claim("recovery", 100)]
 
         assert [(saga.saga_id, saga.state) for saga in unfinished] == [
             ("running", SagaState.RUNNING),
@@ -1026,7 +1027,8 @@ class StoreContract:
 
         for history in histories:
             assert await store.get(history.saga_id) == history.last
-        assert len(await store.unfinished()) == 500
+        await store.join("recovery", timedelta(minutes=5))
+        assert len(await store.claim("recovery", 1000)) == 500
         sample = histories[::50]
         assert [await store.events(h.saga_id) for h in sample] == [h.log for h in sample]
 

@@ -1,0 +1,16 @@
+-- Schema 5: leases. One replica (one `saga serve` process) at a time moves a saga forward: the
+-- one that holds it, at the saga's current epoch, while the replica's own lease runs. Leases are
+-- judged by the database's clock, in microseconds since 1970. Taking a saga over moves its epoch
+-- on, so every write of the replica that held it before is refused.
+
+CREATE TABLE replicas (
+    replica_id  TEXT    NOT NULL PRIMARY KEY,
+    lease_until INTEGER NOT NULL
+) STRICT;
+
+ALTER TABLE sagas ADD COLUMN owner TEXT;
+ALTER TABLE sagas ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+
+-- A saga is held only while it moves (its owner is cleared once it ends or parks): the index
+-- stays as small as the sagas in flight.
+CREATE INDEX sagas_by_owner ON sagas (owner) WHERE owner IS NOT NULL;
