@@ -32,7 +32,7 @@ clients/node/node_modules/.installed: clients/node/package.json clients/node/pac
 
 ## The main job: onboard a corporate client, once succeeding and once compensating.
 demo: install
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(ARGS)
 
 ## Lint, type checks, layer contracts, the contract's lint, stubs drift, then every test:
 ## the Node.js SDK's with Node's own runner, then the Python suite (which runs Node processes).

@@ -17,7 +17,7 @@ from coordinator.crashpoints import CrashPoints
 from coordinator.engine import Engine, EngineSettings
 from coordinator.observability import Observability, configure_observability, observe_store
 from coordinator.ports import SagaStore
-from coordinator.store import open_store
+from coordinator.store import open_store, redacted_url
 from coordinator.transport.definition_files import load_definitions
 from coordinator.transport.participant_gateway import GrpcParticipantGateway
 from coordinator.transport.server import CoordinatorServer, start_server
@@ -112,7 +112,7 @@ async def start_coordinator(settings: Settings) -> Coordinator:
     log.info(
         "coordinator serving on port %d (store %s, %d definitions, %d sagas resumed)",
         server.port,
-        settings.database,
+        redacted_url(settings.database),
         len(engine.catalog.all()),
         resumed,
     )

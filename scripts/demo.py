@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.rule import Rule
 
 from coordinator.console import console, saga_panel, update_line
+from coordinator.store import redacted_url
 from saga_sdk.client import SagaClient
 from saga_sdk.model import SagaState
 
@@ -123,24 +124,44 @@ def main() -> int:
         help="leave the services and the coordinator running after the two sagas, to try the "
         "saga command on them (SAGA_TARGET is printed); Ctrl-C stops them",
     )
+    parser.add_argument(
+        "--database",
+        metavar="URL",
+        help="the coordinator's store (default: a SQLite file in the work directory), e.g. "
+        "postgresql://saga@127.0.0.1:5432/sagas",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="coordinator processes sharing the store (PostgreSQL): sagas are created on the "
+        "first and watched on the last",
+    )
     args = parser.parse_args()
+    if args.replicas < 1 or (args.replicas > 1 and not args.database):
+        parser.error("--replicas above 1 needs a shared --database (postgresql://...)")
     out = console()
     workdir: Path = args.workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
 
-    ports = {name: free_port() for name in (*SERVICES, "coordinator")}
-    config = workdir / "saga.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "database": f"sqlite:///{workdir / 'saga.db'}",
-                "listen": f"127.0.0.1:{ports['coordinator']}",
-                "definitions": str(HERE / "definitions"),
-                "participants": {name: f"127.0.0.1:{ports[name]}" for name in SERVICES},
-            }
+    ports = {name: free_port() for name in SERVICES}
+    coordinators = [free_port() for _ in range(args.replicas)]
+    database = args.database or f"sqlite:///{workdir / 'saga.db'}"
+    configs = []
+    for index, port in enumerate(coordinators):
+        config = workdir / f"saga-{index + 1}.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "database": database,
+                    "listen": f"127.0.0.1:{port}",
+                    "definitions": str(HERE / "definitions"),
+                    "participants": {name: f"127.0.0.1:{ports[name]}" for name in SERVICES},
+                }
+            )
         )
-    )
+        configs.append(config)
     processes = Processes(workdir)
     started_at = time.monotonic()
     try:
@@ -153,26 +174,32 @@ def main() -> int:
             out.print(
                 f"  {name:<11} on 127.0.0.1:{ports[name]}  ({language}, {workdir / f'{name}.db'})"
             )
-        target = f"127.0.0.1:{ports['coordinator']}"
-        processes.start(
-            "coordinator",
-            [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(config)],
-            target,
-        )
-        out.print(f"  coordinator on {target}  ({workdir / 'saga.db'})")
+        targets = [f"127.0.0.1:{port}" for port in coordinators]
+        shown = redacted_url(database)
+        for index, (target, config) in enumerate(zip(targets, configs, strict=True)):
+            name = "coordinator" if len(targets) == 1 else f"coordinator-{index + 1}"
+            processes.start(
+                name,
+                [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(config)],
+                target,
+            )
+            out.print(f"  {name:<11} on {target}  ({shown})")
+        target = targets[0]
 
         outcomes = []
-        with SagaClient(target) as client:
+        with SagaClient(targets[0]) as client, SagaClient(targets[-1]) as watcher:
             for saga_id, payload in CLIENTS:
                 out.print(Rule(f"Onboarding {payload['company']}"))
                 result = client.create("onboard-corporate-client", payload, saga_id=saga_id)
-                out.print(f"started sagas/{result.saga.saga_id}")
+                out.print(f"started sagas/{result.saga.saga_id} on {targets[0]}")
+                if len(targets) > 1:
+                    out.print(f"watching it on {targets[-1]}")
                 events = []
-                for update in client.watch(saga_id):
+                for update in watcher.watch(saga_id):
                     out.print("  ", update_line(update))
                     if update.event is not None:
                         events.append(update.event)
-                saga = client.get(saga_id)
+                saga = watcher.get(saga_id)
                 out.print(saga_panel(saga, events))
                 outcomes.append(saga.state)
         expected = [SagaState.SUCCEEDED, SagaState.COMPENSATED]

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from coordinator.ports import SagaStore
 from coordinator.store.errors import InvalidStoreUrl
 
-__all__ = ["open_store", "sqlite_path"]
+__all__ = ["open_store", "redacted_url", "sqlite_path"]
 
 _SQLITE = "sqlite:///"
 _POSTGRES = ("postgresql://", "postgres://")
@@ -51,7 +52,7 @@ async def open_store(url: str, **options: Any) -> SagaStore:
                 "install saga-coordinator[postgresql]"
             ) from error
         return await PostgresStore.open(url, **options)
-    raise InvalidStoreUrl(f"unsupported store URL {url!r}: use {_ACCEPTED}")
+    raise InvalidStoreUrl(f"unsupported store URL {redacted_url(url)!r}: use {_ACCEPTED}")
 
 
 def sqlite_path(url: str) -> Path:
@@ -73,3 +74,13 @@ def sqlite_path(url: str) -> Path:
             f"invalid SQLite URL {url!r}: pass options as settings, not in the URL"
         )
     return Path(path)
+
+
+def redacted_url(url: str) -> str:
+    """The store's URL as logs and messages may show it: any password replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = urllib.parse.quote(parts.username or "", safe="")
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

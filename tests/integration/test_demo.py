@@ -59,3 +59,42 @@ def test_the_demo_onboards_one_client_and_compensates_the_other(tmp_path: Path) 
     with sqlite3.connect(tmp_path / "billing.db") as db:
         subscriptions = db.execute("SELECT saga, status FROM subscriptions").fetchall()
     assert subscriptions == [("acme-corp", "active")]
+
+
+def test_the_demo_runs_on_postgresql_with_two_replicas(tmp_path: Path, postgres_url: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "demo.py"),
+            "--workdir",
+            str(tmp_path),
+            "--database",
+            postgres_url,
+            "--replicas",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    words = " ".join(result.stdout.split())
+    assert "acme-corp SUCCEEDED, globex-corp COMPENSATED" in words
+    first, second = (line.split()[2] for line in words.split("coordinator-")[1:3])
+    # Created on the first replica, told step by step by the second.
+    assert f"started sagas/acme-corp on {first} watching it on {second}" in words
+    assert "emits SubscriptionCreated -> SUCCEEDED" in words
+    assert "compensation succeeded create-user DeactivateUser attempt 1 -> COMPENSATED" in words
+
+
+def test_the_demo_refuses_replicas_without_a_shared_store(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--replicas", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "--replicas above 1 needs a shared --database" in result.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.store import open_store, sqlite_path
+from coordinator.store import open_store, redacted_url, sqlite_path
 from coordinator.store.errors import InvalidStoreUrl
 from coordinator.store.memory import MemoryStore
 from coordinator.store.sqlite import SqliteStore
@@ -74,3 +74,20 @@ async def test_an_invalid_sqlite_url_is_refused_saying_why(url: str, why: str) -
 async def test_the_memory_store_takes_no_options() -> None:
     with pytest.raises(TypeError, match="no options"):
         await open_store("memory:", synchronous="FULL")
+
+
+def test_a_password_in_a_store_url_is_never_shown() -> None:
+    assert (
+        redacted_url("postgresql://saga:s3cr%40t@db.internal:5432/sagas")
+        == "postgresql://saga:***@db.internal:5432/sagas"
+    )
+    assert redacted_url("postgresql://saga@db/sagas") == "postgresql://saga@db/sagas"
+    assert redacted_url("sqlite:///data/sagas.db") == "sqlite:///data/sagas.db"
+
+
+async def test_an_unsupported_url_is_refused_without_its_password() -> None:
+    with pytest.raises(InvalidStoreUrl) as refused:
+        await open_store("mysql://saga:hunter2@db/sagas")
+
+    assert "hunter2" not in refused.value.message
+    assert "mysql://saga:***@db/sagas" in refused.value.message
