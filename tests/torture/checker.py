@@ -1,24 +1,29 @@
-"""The offline checker: reads what the run left on disk and counts every broken promise.
+"""The offline checker: reads what the run left behind and counts every broken promise.
 
-Its inputs are the client's acknowledgement log, the coordinator's SQLite file (opened read-only)
-and each participant's barrier database (effects) and delivery ledger. Every figure in
-``MUST_BE_ZERO`` counts violations of a guarantee; the rest describes the run.
+Its inputs are the client's acknowledgement log, the coordinators' store (a SQLite file, checked
+with ``PRAGMA integrity_check`` first, or a PostgreSQL database; either read through the store
+port once every coordinator has stopped) and each participant's barrier database (effects) and
+delivery ledger. Every figure in ``MUST_BE_ZERO`` counts violations of a guarantee; the rest
+describes the run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import sqlite3
 import urllib.parse
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from coordinator.core.errors import SagaError
 from coordinator.core.events import (
     CompleteRequested,
     Event,
@@ -29,10 +34,11 @@ from coordinator.core.events import (
 )
 from coordinator.core.machine import decide, start
 from coordinator.core.model import Saga, SagaState, StepKind, StepState
+from coordinator.ports import ListCursor, SagaFilter
+from coordinator.store import open_store
 from coordinator.store.errors import StoreCorrupt
-from coordinator.store.sqlite_rows import Definitions, read_events, read_saga
 from tests.torture.feed_check import FIGURES as FEED_FIGURES
-from tests.torture.feed_check import check_feed
+from tests.torture.feed_check import StoredChange, check_feed
 from tests.torture.scenario import STEP_NAMES, plan_of_input
 
 MUST_BE_ZERO = (
@@ -150,54 +156,59 @@ def read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True)
 
 
+Database = Path | str
+"""The coordinators' store: a SQLite file, or a store URL (``postgresql://...``)."""
+
+
 def input_digest(data: bytes) -> str:
     """How the client log identifies the request it had acknowledged."""
     return hashlib.sha256(data).hexdigest()
 
 
 def check_run(
-    database: Path,
+    database: Database,
     client_log: Path,
     participant_dirs: Mapping[str, Path],
     feed_consumer_dir: Path | None = None,
 ) -> CheckReport:
-    """Check one run's files; see the module docstring. With ``feed_consumer_dir``, also what
-    the change feed's consumer recorded (``tests.torture.feed_check``)."""
+    """Check one run's files and store; see the module docstring. With ``feed_consumer_dir``,
+    also what the change feed's consumer recorded (``tests.torture.feed_check``)."""
     report = CheckReport()
     for directory in participant_dirs.values():
         for name in ("barrier.db", "ledger.db"):
             _integrity(report, directory / name)
-    sagas = _check_coordinator(report, database, client_log)
+    stored = _check_coordinator(report, database, client_log)
+    sagas = stored.sagas
     effects = [e for name, d in participant_dirs.items() for e in _read_effects(name, d)]
     deliveries = [x for name, d in participant_dirs.items() for x in _read_deliveries(name, d)]
     _check_effects(report, sagas, effects, deliveries)
     _check_answers(report, sagas, deliveries)
     _describe(report, sagas, effects, deliveries, participant_dirs)
     if feed_consumer_dir is not None:
-        with contextlib.closing(read_only(database)) as db:
-            check_feed(report, db, feed_consumer_dir)
+        check_feed(report, stored.feed, feed_consumer_dir)
     return report
 
 
-def check_coordinator(database: Path, client_log: Path) -> CheckReport:
-    """Check the coordinator's file alone: its integrity, that every acknowledged saga is
-    stored once, and that every saga's log folds legally into its row."""
+def check_coordinator(database: Database, client_log: Path) -> CheckReport:
+    """Check the coordinator's store alone: its integrity (a SQLite file's), that every
+    acknowledged saga is stored once, and that every saga's log folds legally into its row."""
     report = CheckReport()
-    sagas = _check_coordinator(report, database, client_log)
+    sagas = _check_coordinator(report, database, client_log).sagas
     report.info["sagas_by_state"] = dict(Counter(s.state.value for s in sagas.values()))
     return report
 
 
-def _check_coordinator(report: CheckReport, database: Path, client_log: Path) -> dict[str, Saga]:
-    _integrity(report, database)
-    sagas, logs = _read_coordinator(report, database)
-    _check_client_log(report, client_log, sagas, logs)
-    for saga_id, saga in sagas.items():
-        _check_replay(report, saga, logs.get(saga_id, []))
-    return sagas
+def _check_coordinator(report: CheckReport, database: Database, client_log: Path) -> Stored:
+    if isinstance(database, Path):
+        _integrity(report, database)
+    stored = _read_coordinator(report, database)
+    _check_client_log(report, client_log, stored.sagas, stored.logs)
+    for saga_id, saga in stored.sagas.items():
+        _check_replay(report, saga, stored.logs.get(saga_id, []))
+    return stored
 
 
-# --- the coordinator's file ----------------------------------------------------------------------
+# --- the coordinator's store ---------------------------------------------------------------------
 
 
 def _integrity(report: CheckReport, path: Path) -> None:
@@ -215,48 +226,91 @@ def _integrity(report: CheckReport, path: Path) -> None:
 RecordedRow = tuple[int, datetime, Event]
 
 
-def _read_coordinator(
-    report: CheckReport, database: Path
-) -> tuple[dict[str, Saga], dict[str, list[RecordedRow]]]:
-    sagas: dict[str, Saga] = {}
-    logs: dict[str, list[RecordedRow]] = defaultdict(list)
+@dataclass
+class Stored:
+    """What the coordinator's store holds, read through the store port."""
+
+    sagas: dict[str, Saga] = field(default_factory=dict)
+    logs: dict[str, list[RecordedRow]] = field(default_factory=lambda: defaultdict(list))
+    feed: list[StoredChange] = field(default_factory=list)
+    """Every change of the feed, in its order."""
+
+
+def store_url(database: Database) -> str:
+    """The store URL of ``database``: a SQLite file's, or the URL itself."""
+    return f"sqlite:///{database}" if isinstance(database, Path) else database
+
+
+def _read_coordinator(report: CheckReport, database: Database) -> Stored:
+    stored = Stored()
+    where = database if isinstance(database, Path) else _without_password(database)
     try:
-        _read_rows(report, database, sagas, logs)
-    except sqlite3.DatabaseError as error:
-        report.violation("integrity_check_failures", f"{database}: unreadable: {error}")
-    for saga_id in set(logs) - set(sagas):
-        report.violation("replay_mismatches", f"{saga_id}: events without a saga row")
-    return sagas, logs
+        _in_a_loop_of_its_own(lambda: _read_store(report, store_url(database), stored))
+    except (SagaError, sqlite3.DatabaseError) as error:
+        report.violation("integrity_check_failures", f"{where}: unreadable: {error}")
+    return stored
 
 
-def _read_rows(
-    report: CheckReport,
-    database: Path,
-    sagas: dict[str, Saga],
-    logs: dict[str, list[RecordedRow]],
-) -> None:
-    definitions = Definitions()
-    with contextlib.closing(read_only(database)) as db:
-        for (saga_id,) in db.execute("SELECT saga_id FROM sagas").fetchall():
+async def _read_store(report: CheckReport, url: str, stored: Stored) -> None:
+    """Every saga (listed with no filter), its event log, and the change feed, read through
+    the store port as a coordinator reads them; the store is opened here and closed again."""
+    store = await open_store(url)
+    try:
+        after: ListCursor | None = None
+        while True:
             try:
-                saga = read_saga(db, definitions, saga_id)
+                page = await store.list(SagaFilter(), _PAGE, after)
             except StoreCorrupt as error:
-                report.violation("replay_mismatches", f"{saga_id}: row undecodable: {error}")
-                continue
-            assert saga is not None
-            sagas[saga_id] = saga
+                report.violation("replay_mismatches", f"sagas undecodable: {error}")
+                break
+            stored.sagas.update((saga.saga_id, saga) for saga in page.sagas)
+            after = page.next_cursor
+            if after is None:
+                break
+        for saga_id in stored.sagas:
             try:
-                events = read_events(db, definitions, saga)
+                events = await store.events(saga_id)
             except (StoreCorrupt, ValueError) as error:
                 report.violation("replay_mismatches", f"{saga_id}: events undecodable: {error}")
                 continue
-            logs[saga_id].extend((e.sequence, e.recorded_at, e.event) for e in events)
-        orphans = db.execute(
-            "SELECT DISTINCT saga_id FROM saga_events"
-            " WHERE saga_id NOT IN (SELECT saga_id FROM sagas)"
-        )
-        for (saga_id,) in orphans:
-            logs.setdefault(saga_id, [])
+            stored.logs[saga_id].extend((e.sequence, e.recorded_at, e.event) for e in events)
+        pruned, newest = await store.feed_bounds()
+        position = pruned
+        while True:
+            feed = await store.feed(position, _PAGE)
+            stored.feed.extend((c.position, c.saga_id, c.record.sequence) for c in feed.changes)
+            if not feed.changes:
+                break
+            position = feed.position
+    finally:
+        await store.close()
+    # The feed shows each event with its saga, at positions without gaps (pruning aside): a
+    # position it skips holds an event whose saga row is missing.
+    shown = {position for position, _, _ in stored.feed}
+    for position in range(pruned + 1, newest + 1):
+        if position not in shown:
+            report.violation("replay_mismatches", f"@{position}: an event without a saga row")
+
+
+_PAGE = 500
+"""Sagas, and changes of the feed, read at a time."""
+
+
+def _without_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path}"
+
+
+def _in_a_loop_of_its_own(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``work`` to the end in an event loop of its own (in a thread of its own when the
+    caller runs one already): the checker is called from plain and from asynchronous code."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(work())
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checker") as thread:
+        thread.submit(asyncio.run, work()).result()
 
 
 def _check_replay(report: CheckReport, stored: Saga, log: Sequence[RecordedRow]) -> None:

@@ -1,6 +1,6 @@
 """The change feed's part of the offline checker: what a consumer killed at random instants and
 resumed from its stored position recorded (``tests.torture.feed_consumer``), against every
-event the coordinator's file holds.
+change of the feed the coordinators' store holds.
 
 After dedupe by position, the consumer must hold every change of every saga exactly once, each
 under the position, saga and sequence the store gave it, and each saga's changes in the order
@@ -10,8 +10,8 @@ they were committed. Within one life of the consumer the positions only grow.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +22,9 @@ FIGURES = (
     "feed_positions_out_of_commit_order",
 )
 
+StoredChange = tuple[int, str, int]
+"""(position, saga id, sequence) of one change of the feed, as the store gives it."""
+
 
 class Report(Protocol):
     """The part of the checker's report this check writes to."""
@@ -31,10 +34,10 @@ class Report(Protocol):
     def violation(self, figure: str, example: str, count: int = 1) -> None: ...
 
 
-def check_feed(report: Report, db: sqlite3.Connection, consumer_dir: Path) -> None:
-    """Count the feed's broken promises into ``report``, reading the coordinator's file from
-    ``db``; see the module docstring."""
-    stored = _stored_changes(report, db)
+def check_feed(report: Report, feed: Sequence[StoredChange], consumer_dir: Path) -> None:
+    """Count the feed's broken promises into ``report``, given every change of the ``feed`` as
+    the store holds it; see the module docstring."""
+    stored = _stored_changes(report, feed)
     lines = _consumer_lines(consumer_dir / "changes.jsonl")
     seen: dict[int, tuple[str, int]] = {}
     last_in_life: dict[int, int] = {}
@@ -76,15 +79,12 @@ def check_feed(report: Report, db: sqlite3.Connection, consumer_dir: Path) -> No
     }
 
 
-def _stored_changes(report: Report, db: sqlite3.Connection) -> dict[int, tuple[str, int]]:
-    """Every event of the file by its position; checks positions follow each log's order."""
-    rows = db.execute(
-        "SELECT position, saga_id, sequence FROM saga_events ORDER BY saga_id, sequence"
-    ).fetchall()
+def _stored_changes(report: Report, feed: Sequence[StoredChange]) -> dict[int, tuple[str, int]]:
+    """Every change of the feed by its position; checks positions follow each log's order."""
     changes: dict[int, tuple[str, int]] = {}
     last: dict[str, int] = defaultdict(int)
-    for position, saga_id, sequence in rows:
-        if position is None or position <= last[saga_id]:
+    for position, saga_id, sequence in sorted(feed, key=lambda change: change[1:]):
+        if position <= last[saga_id]:
             report.violation(
                 "feed_positions_out_of_commit_order",
                 f"{saga_id}#{sequence}: position {position} after {last[saga_id]}",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import psycopg
 import pytest
 
 from coordinator.core.events import (
@@ -34,6 +35,8 @@ from coordinator.core.events import (
 )
 from coordinator.core.machine import decide, pending_call, start
 from coordinator.core.model import Operation, Saga, SagaState
+from coordinator.ports import SagaStore
+from coordinator.store import open_store
 from coordinator.store.sqlite import SqliteStore
 from coordinator.transport.definition_files import parse_definition
 from tests.torture.checker import MUST_BE_ZERO, CheckReport, check_run, input_digest
@@ -52,6 +55,9 @@ class World:
 
     root: Path
 
+    database_url: str | None = None
+    """The coordinator's PostgreSQL database; None: its SQLite file (``database``)."""
+
     @property
     def database(self) -> Path:
         return self.root / "coordinator" / "saga.db"
@@ -65,7 +71,7 @@ class World:
 
     def check(self) -> CheckReport:
         return check_run(
-            self.database,
+            self.database_url or self.database,
             self.client_log,
             {name: self.participant_dir(name) for name in PARTICIPANTS},
         )
@@ -92,7 +98,7 @@ class _Writer:
     """Runs sagas through the real state machine into a real store, and writes the effects and
     deliveries the participants would have recorded."""
 
-    def __init__(self, world: World, store: SqliteStore) -> None:
+    def __init__(self, world: World, store: SagaStore) -> None:
         self.world = world
         self.store = store
         self.now = datetime(2026, 1, 1, tzinfo=UTC)
@@ -189,32 +195,32 @@ def _new_world(root: Path) -> World:
     return world
 
 
+async def _write_pristine(world: World) -> None:
+    store = await open_store(world.database_url or f"sqlite:///{world.database}")
+    writer = _Writer(world, store)
+    try:
+        done = await writer.saga("ok", {}, [(s, OK) for s, _ in STEPS])
+        assert done.state is SagaState.SUCCEEDED
+        undone = await writer.saga(
+            "undone",
+            {"reject": "s2"},
+            [("s0", OK), ("s1", OK), ("s2", NO), ("s2", OK), ("s1", OK), ("s0", OK)],
+        )
+        assert undone.state is SagaState.COMPENSATED
+        stuck = await writer.saga(
+            "stuck",
+            {"reject": "s2", "stuck": "s0"},
+            [("s0", OK), ("s1", OK), ("s2", NO), ("s2", OK), ("s1", OK), ("s0", NO)],
+        )
+        assert stuck.state is SagaState.NEEDS_ATTENTION
+    finally:
+        await store.close()
+
+
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> World:
     world = _new_world(tmp_path_factory.mktemp("pristine"))
-
-    async def write() -> None:
-        store = await SqliteStore.open(world.database)
-        writer = _Writer(world, store)
-        try:
-            done = await writer.saga("ok", {}, [(s, OK) for s, _ in STEPS])
-            assert done.state is SagaState.SUCCEEDED
-            undone = await writer.saga(
-                "undone",
-                {"reject": "s2"},
-                [("s0", OK), ("s1", OK), ("s2", NO), ("s2", OK), ("s1", OK), ("s0", OK)],
-            )
-            assert undone.state is SagaState.COMPENSATED
-            stuck = await writer.saga(
-                "stuck",
-                {"reject": "s2", "stuck": "s0"},
-                [("s0", OK), ("s1", OK), ("s2", NO), ("s2", OK), ("s1", OK), ("s0", NO)],
-            )
-            assert stuck.state is SagaState.NEEDS_ATTENTION
-        finally:
-            await store.close()
-
-    asyncio.run(write())
+    asyncio.run(_write_pristine(world))
     return world
 
 
@@ -310,6 +316,11 @@ DAMAGE: dict[str, tuple[str, str, Callable[[sqlite3.Connection], None] | None]] 
         "db",
         _execute("UPDATE sagas SET version = 99 WHERE saga_id = 'ok'"),
     ),
+    "an event whose saga row is gone": (
+        "replay_mismatches",
+        "db",
+        _execute("DELETE FROM sagas WHERE saga_id = 'ok'"),
+    ),
     "a stored answer no participant gave": (
         "answers_nobody_gave",
         "ledger:s1",
@@ -391,6 +402,42 @@ def test_a_damaged_database_fails_its_integrity_check(world: World) -> None:
     report = world.check()
 
     assert report.figures["integrity_check_failures"] >= 1, nonzero(report)
+
+
+# --- the store on PostgreSQL ---------------------------------------------------------------------
+
+
+@pytest.fixture
+async def postgres_world(tmp_path: Path, postgres_url: str) -> World:
+    world = _new_world(tmp_path / "world")
+    world.database_url = postgres_url
+    await _write_pristine(world)
+    return world
+
+
+async def test_a_store_on_postgresql_is_read_through_the_port_with_every_figure_at_zero(
+    postgres_world: World,
+) -> None:
+    report = postgres_world.check()  # from a running event loop, as the harness calls it
+
+    assert nonzero(report) == {}, report.examples
+    assert report.info["sagas_by_state"] == {
+        "COMPENSATED": 1,
+        "NEEDS_ATTENTION": 1,
+        "SUCCEEDED": 1,
+    }
+
+
+def test_a_row_on_postgresql_that_differs_from_its_folded_log_is_counted(
+    postgres_world: World,
+) -> None:
+    assert postgres_world.database_url is not None
+    with psycopg.connect(postgres_world.database_url, autocommit=True) as db:
+        db.execute("UPDATE sagas SET version = 99 WHERE saga_id = 'ok'")
+
+    report = postgres_world.check()
+
+    assert nonzero(report) == {"replay_mismatches": 1}, dict(report.examples)
 
 
 # --- logs with operators' actions ----------------------------------------------------------------

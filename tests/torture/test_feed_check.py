@@ -4,29 +4,15 @@ replays after a restart are what dedupe by position is for."""
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.torture.checker import CheckReport
-from tests.torture.feed_check import check_feed
+from tests.torture.feed_check import StoredChange, check_feed
 
-STORED = [(1, "a", 1), (2, "b", 1), (3, "a", 2), (4, "b", 2), (5, "a", 3)]
-"""(position, saga, sequence) as the coordinator's file holds them."""
-
-
-@pytest.fixture
-def db() -> Iterator[sqlite3.Connection]:
-    connection = sqlite3.connect(":memory:")
-    connection.execute("CREATE TABLE saga_events (saga_id TEXT, sequence INT, position INT)")
-    connection.executemany(
-        "INSERT INTO saga_events (position, saga_id, sequence) VALUES (?, ?, ?)", STORED
-    )
-    yield connection
-    connection.close()
+STORED: list[StoredChange] = [(1, "a", 1), (2, "b", 1), (3, "a", 2), (4, "b", 2), (5, "a", 3)]
+"""(position, saga, sequence) as the store's feed gives them."""
 
 
 def delivered(directory: Path, lives: Sequence[Sequence[tuple[int, str, int]]]) -> Path:
@@ -40,9 +26,9 @@ def delivered(directory: Path, lives: Sequence[Sequence[tuple[int, str, int]]]) 
     return directory
 
 
-def check(db: sqlite3.Connection, directory: Path) -> CheckReport:
+def check(directory: Path, feed: Sequence[StoredChange] = STORED) -> CheckReport:
     report = CheckReport()
-    check_feed(report, db, directory)
+    check_feed(report, feed, directory)
     return report
 
 
@@ -50,10 +36,8 @@ def broken(report: CheckReport) -> dict[str, Any]:
     return {name: count for name, count in report.figures.items() if count}
 
 
-def test_replays_after_restarts_are_deduped_by_position(
-    db: sqlite3.Connection, tmp_path: Path
-) -> None:
-    report = check(db, delivered(tmp_path, [STORED[:3], STORED[2:4], STORED[3:]]))
+def test_replays_after_restarts_are_deduped_by_position(tmp_path: Path) -> None:
+    report = check(delivered(tmp_path, [STORED[:3], STORED[2:4], STORED[3:]]))
 
     assert broken(report) == {}
     assert report.info["feed"] == {
@@ -65,50 +49,38 @@ def test_replays_after_restarts_are_deduped_by_position(
     }
 
 
-def test_a_change_no_life_delivered_is_missed(db: sqlite3.Connection, tmp_path: Path) -> None:
-    report = check(db, delivered(tmp_path, [STORED[:2], STORED[3:]]))
+def test_a_change_no_life_delivered_is_missed(tmp_path: Path) -> None:
+    report = check(delivered(tmp_path, [STORED[:2], STORED[3:]]))
 
     assert broken(report) == {"feed_changes_missed": 1}
     assert report.examples["feed_changes_missed"] == ["@3: ('a', 2)"]
 
 
-def test_a_change_under_another_position_is_misdelivered(
-    db: sqlite3.Connection, tmp_path: Path
-) -> None:
+def test_a_change_under_another_position_is_misdelivered(tmp_path: Path) -> None:
     wrong = [*STORED[:4], (5, "b", 3)]
 
-    report = check(db, delivered(tmp_path, [wrong]))
+    report = check(delivered(tmp_path, [wrong]))
 
     assert broken(report) == {"feed_changes_misdelivered": 1}
 
 
-def test_a_feed_going_backwards_within_a_life_is_an_order_violation(
-    db: sqlite3.Connection, tmp_path: Path
-) -> None:
-    report = check(db, delivered(tmp_path, [[STORED[0], STORED[2], STORED[1], *STORED[3:]]]))
+def test_a_feed_going_backwards_within_a_life_is_an_order_violation(tmp_path: Path) -> None:
+    report = check(delivered(tmp_path, [[STORED[0], STORED[2], STORED[1], *STORED[3:]]]))
 
     assert broken(report) == {"feed_order_violations": 1}
 
 
-def test_a_saga_seen_out_of_its_commit_order_is_an_order_violation(
-    db: sqlite3.Connection, tmp_path: Path
-) -> None:
+def test_a_saga_seen_out_of_its_commit_order_is_an_order_violation(tmp_path: Path) -> None:
     # The second life starts after position 3 but the first never delivered it: a's change #2
     # arrives after its #3.
-    report = check(db, delivered(tmp_path, [[STORED[0], STORED[1], STORED[4]], STORED[2:4]]))
+    report = check(delivered(tmp_path, [[STORED[0], STORED[1], STORED[4]], STORED[2:4]]))
 
     assert broken(report) == {"feed_order_violations": 1}
 
 
 def test_positions_that_do_not_follow_a_log_are_out_of_commit_order(tmp_path: Path) -> None:
-    connection = sqlite3.connect(":memory:")
-    connection.execute("CREATE TABLE saga_events (saga_id TEXT, sequence INT, position INT)")
-    connection.executemany(
-        "INSERT INTO saga_events (position, saga_id, sequence) VALUES (?, ?, ?)",
-        [(2, "a", 1), (1, "a", 2)],
-    )
+    feed: list[StoredChange] = [(1, "a", 2), (2, "a", 1)]
 
-    report = check(connection, delivered(tmp_path, [[(2, "a", 1), (1, "a", 2)]]))
+    report = check(delivered(tmp_path, [feed]), feed)
 
     assert report.figures["feed_positions_out_of_commit_order"] == 1
-    connection.close()
