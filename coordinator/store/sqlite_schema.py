@@ -8,6 +8,7 @@ time on a store of any size; ``check_integrity`` scans the whole file on demand.
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import urllib.parse
@@ -62,8 +63,13 @@ def open_writer(
     synchronous: str,
     busy_timeout_ms: int,
 ) -> sqlite3.Connection:
-    """The connection that writes: the file checked, in WAL mode, migrated to ``migrations``."""
+    """The connection that writes: the file checked, in WAL mode, migrated to ``migrations``.
+
+    A new file is created readable and writable by its owner only (SQLite gives its -wal and
+    -shm files the same permissions): sagas carry business payloads.
+    """
     _check_header(path)
+    _create_private(path)
     connection = _connect(path, busy_timeout_ms, "opening the saga store")
     try:
         applied = _applied_migrations(connection, path, migrations)
@@ -77,6 +83,16 @@ def open_writer(
         connection.close()
         raise
     return connection
+
+
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if it does not exist (an existing file is kept as
+    it is: its owner chose its permissions)."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:  # it exists, or cannot be made: opening it says which, as it always did
+        return
+    os.close(descriptor)
 
 
 def open_reader(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:

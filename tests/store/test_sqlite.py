@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import random
 import sqlite3
+import stat
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
@@ -936,3 +937,26 @@ async def test_a_schema_2_row_that_cannot_be_read_stops_the_upgrade_and_names_it
 
     assert query(db, "SELECT max(version) FROM schema_migrations") == [(2,)]
     assert "saga_labels" not in {name for (name,) in query(db, "SELECT name FROM sqlite_master")}
+
+
+async def test_a_new_store_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    db = tmp_path / "private.db"
+    store = await SqliteStore.open(db)
+    await store_history(store, run_history("s-1", [OK]))
+    try:
+        for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    finally:
+        await store.close()
+
+
+async def test_an_existing_store_file_keeps_the_permissions_its_owner_gave_it(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "shared.db"
+    await (await SqliteStore.open(db)).close()
+    db.chmod(0o640)
+
+    await (await SqliteStore.open(db)).close()
+
+    assert stat.S_IMODE(db.stat().st_mode) == 0o640
