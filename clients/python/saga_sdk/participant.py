@@ -11,7 +11,7 @@
     def close_account(ctx: CompensateContext) -> None:
         ctx.tx.execute("DELETE FROM accounts WHERE id = ?", (ctx.execute_output["account"],))
 
-    participant.run("0.0.0.0:50051")
+    participant.run("0.0.0.0:50051", tls=ServerTLS.from_files("accounts.pem", "accounts.key"))
 
 Handlers may be plain functions (run in a worker thread, so they never block the event loop)
 or coroutine functions. With a barrier, each handler runs inside the barrier's transaction and
@@ -28,6 +28,10 @@ How answers map to the contract:
 
 A call whose deadline expired still completes and commits its effect; the coordinator retries
 it with the same request_id, and the barrier answers the retry with the stored answer.
+
+Serving: plaintext by default, for development on loopback; `tls=ServerTLS(...)` serves TLS,
+and with its `client_ca` only callers with a certificate from that CA get through the
+handshake (mTLS), so only the coordinator reaches the handlers.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import ipaddress
 import json
 import logging
 import signal
@@ -56,6 +61,7 @@ from saga.v1 import participant_service_pb2, participant_service_pb2_grpc
 from saga_sdk.barrier import Barrier, BarrierKey
 from saga_sdk.errors import Rejected
 from saga_sdk.requests import encode_payload
+from saga_sdk.tls import ServerTLS as ServerTLS  # re-exported: what start() takes
 
 log = logging.getLogger(__name__)
 
@@ -271,14 +277,34 @@ class Participant:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
 
     async def start(
-        self, address: str = "127.0.0.1:0", *, credentials: grpc.ServerCredentials | None = None
+        self,
+        address: str = "127.0.0.1:0",
+        *,
+        tls: ServerTLS | None = None,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> int:
-        """Serve on `address` ("host:port"; port 0 picks one) and return the bound port."""
+        """Serve on `address` ("host:port"; port 0 picks one) and return the bound port.
+
+        `tls` serves TLS with its certificate, and requires callers' certificates from its
+        `client_ca` when it has one (mTLS); `credentials` takes any gRPC server credentials
+        instead. Neither: plaintext, meant for loopback (a warning is logged otherwise).
+        """
         if self._server is not None:
             raise RuntimeError(f"participant {self.name!r} is already serving")
+        if tls is not None and credentials is not None:
+            raise ValueError("pass tls or credentials, not both")
+        if tls is not None:
+            credentials = tls.credentials()
         server = grpc.aio.server()
         self.add_to_server(server)
         if credentials is None:
+            if not _is_loopback(address):
+                log.warning(
+                    "participant %s serves plaintext on %s: anyone who reaches it can call it "
+                    "unencrypted; pass tls=ServerTLS(...) to serve TLS",
+                    self.name,
+                    address,
+                )
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, credentials)
@@ -287,7 +313,16 @@ class Participant:
         assert self._health is not None
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("participant %s serving on port %d", self.name, port)
+        log.info(
+            "participant %s serving on port %d (%s)",
+            self.name,
+            port,
+            "plaintext"
+            if credentials is None
+            else "mTLS"
+            if tls is not None and tls.requires_client_certificate
+            else "TLS",
+        )
         return port
 
     async def stop(self, grace: float | None = 5.0) -> None:
@@ -300,9 +335,17 @@ class Participant:
             await self._health.enter_graceful_shutdown()
         await server.stop(grace)
 
-    async def serve(self, address: str, *, grace: float = 5.0) -> None:
-        """Serve on `address` until SIGTERM or SIGINT, then stop gracefully."""
-        await self.start(address)
+    async def serve(
+        self,
+        address: str,
+        *,
+        grace: float = 5.0,
+        tls: ServerTLS | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        """Serve on `address` until SIGTERM or SIGINT, then stop gracefully; `tls` and
+        `credentials` as in `start`."""
+        await self.start(address, tls=tls, credentials=credentials)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT)
@@ -315,9 +358,16 @@ class Participant:
                 loop.remove_signal_handler(sig)
             await self.stop(grace)
 
-    def run(self, address: str, *, grace: float = 5.0) -> None:
+    def run(
+        self,
+        address: str,
+        *,
+        grace: float = 5.0,
+        tls: ServerTLS | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
         """Blocking form of `serve`, for a script's last line."""
-        asyncio.run(self.serve(address, grace=grace))
+        asyncio.run(self.serve(address, grace=grace, tls=tls, credentials=credentials))
 
     # --- dispatch -----------------------------------------------------------------------------
 
@@ -501,6 +551,16 @@ class Participant:
             self.name,
             {kind: name},
         )
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if address.startswith("unix:") or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> Mapping[str, str]:
