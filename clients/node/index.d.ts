@@ -474,6 +474,8 @@ export type CompensationHandler<Payload = any> = (
 export interface Logger {
   info(...args: unknown[]): void;
   error(...args: unknown[]): void;
+  /** Warnings (serving plaintext on a non-loopback address); `info` when absent. */
+  warn?(...args: unknown[]): void;
 }
 
 export interface ParticipantOptions {
@@ -485,8 +487,23 @@ export interface ParticipantOptions {
   logger?: Logger;
 }
 
+/** What a participant serves TLS with, in PEM (Buffers, or strings). */
+export interface ServerTls {
+  /** The participant's certificate, then any intermediate CAs'. */
+  certChain: Buffer | string;
+  /** The certificate's private key, unencrypted. */
+  privateKey: Buffer | string;
+  /**
+   * CA certificates that callers' certificates must be signed by: set, a caller without one is
+   * refused in the handshake and no handler runs (mTLS). Omitted: callers need no certificate.
+   */
+  clientCa?: Buffer | string | null;
+}
+
 export interface StartOptions {
-  /** TLS; plaintext when omitted. */
+  /** Serve TLS (mTLS with `clientCa`). Neither this nor `credentials`: plaintext, for loopback. */
+  tls?: ServerTls;
+  /** Any grpc-js server credentials, instead of `tls`. */
   credentials?: grpc.ServerCredentials;
   serverOptions?: grpc.ServerOptions;
 }
@@ -496,6 +513,8 @@ export const SERVICE_NAME: 'saga.v1.ParticipantService';
 /** A domain service's side of the saga contract, built from handlers. */
 export class Participant {
   constructor(name: string, options?: ParticipantOptions);
+  /** Server credentials for `tls`, for a server of your own (see addToServer). */
+  static serverCredentials(tls: ServerTls): grpc.ServerCredentials;
   readonly name: string;
   readonly barrier: Barrier | null;
   /** Register the handler of an Execute action; `raw` passes bytes instead of JSON. */

@@ -6,7 +6,13 @@
 //     return { account_id: ctx.sagaId };
 //   });
 //   participant.compensation('CloseAccount', async (ctx) => (db) => { ... });
-//   await participant.serve('0.0.0.0:50062');
+//   await participant.serve('0.0.0.0:50062', {
+//     tls: {
+//       certChain: fs.readFileSync('accounts.pem'),
+//       privateKey: fs.readFileSync('accounts.key'),
+//       clientCa: fs.readFileSync('coordinator-ca.pem'), // optional: require callers' certificates
+//     },
+//   });
 //
 // A handler gets a context (saga, step, request_id, decoded input...) and returns the output,
 // or, to write to the barrier's database, a synchronous function `(db) => output` that the
@@ -20,6 +26,10 @@
 //   no handler for the action    -> UNIMPLEMENTED (the step fails, no retry)
 //   the payload is not JSON      -> INVALID_ARGUMENT + BadRequest (the step fails, no retry)
 //   any other exception          -> INTERNAL, logged (transient: the coordinator retries)
+//
+// Serving is plaintext by default, for development on loopback. `tls` serves TLS; with its
+// `clientCa` a caller without a certificate signed by that CA is refused in the handshake, so
+// no handler runs for it (mTLS: only the coordinator gets through).
 
 import grpc from '@grpc/grpc-js';
 import { loadContract } from './contract.js';
@@ -68,6 +78,39 @@ function metadataObject(metadata) {
     if (typeof value === 'string') out[key] = value;
   }
   return Object.freeze(out);
+}
+
+const CERTIFICATE = /-----BEGIN CERTIFICATE-----/;
+// gRPC reads unencrypted keys only: PKCS#8, or the traditional EC and RSA forms.
+const PRIVATE_KEY = /-----BEGIN (RSA |EC )?PRIVATE KEY-----/;
+
+/**
+ * What a participant serves TLS with, in PEM.
+ *
+ * @typedef {{certChain: Buffer | string, privateKey: Buffer | string,
+ *   clientCa?: Buffer | string | null}} ServerTls
+ */
+
+function pem(value, field, block) {
+  if (typeof value !== 'string' && !(value instanceof Uint8Array)) {
+    throw new TypeError(`tls.${field} must be PEM, as a Buffer or a string`);
+  }
+  const bytes = Buffer.from(value);
+  if (!block.test(bytes.toString('latin1'))) {
+    const kind = field === 'privateKey' ? 'unencrypted private key' : 'certificate';
+    throw new TypeError(`tls.${field} holds no PEM ${kind}`);
+  }
+  return bytes;
+}
+
+function isLoopback(address) {
+  const host = address.slice(0, address.lastIndexOf(':')).replace(/^\[|\]$/g, '');
+  return (
+    address.startsWith('unix:') ||
+    host === 'localhost' ||
+    host === '::1' ||
+    /^127\.\d+\.\d+\.\d+$/.test(host)
+  );
 }
 
 function stripSagaName(saga) {
@@ -158,6 +201,26 @@ export class Participant {
 
   // --- serving -------------------------------------------------------------------------------
 
+  /**
+   * Server credentials serving TLS with `certChain` and `privateKey` (PEM), and, given
+   * `clientCa`, requiring every caller to present a certificate signed by it (mTLS). For a
+   * server of your own (see addToServer); start() and serve() take `{tls}` directly.
+   *
+   * @param {ServerTls} tls
+   */
+  static serverCredentials(tls) {
+    if (tls === null || typeof tls !== 'object') {
+      throw new TypeError('tls must be {certChain, privateKey, clientCa?}');
+    }
+    const { certChain, privateKey, clientCa = null } = tls;
+    const pair = {
+      cert_chain: pem(certChain, 'certChain', CERTIFICATE),
+      private_key: pem(privateKey, 'privateKey', PRIVATE_KEY),
+    };
+    const roots = clientCa == null ? null : pem(clientCa, 'clientCa', CERTIFICATE);
+    return grpc.ServerCredentials.createSsl(roots, [pair], roots !== null);
+  }
+
   /** Mount the ParticipantService and the standard gRPC health service on a grpc-js server. */
   addToServer(server) {
     this.#health = new HealthService({ '': SERVING, [SERVICE_NAME]: SERVING });
@@ -170,12 +233,24 @@ export class Participant {
 
   /**
    * Serve on `address` ("host:port"; port 0 picks a free one) and return the bound port.
+   * `tls` serves TLS (see serverCredentials); `credentials` takes any grpc-js server
+   * credentials instead. Neither: plaintext, meant for loopback (a note is logged otherwise).
    *
    * @param {string} [address]
-   * @param {{credentials?: grpc.ServerCredentials, serverOptions?: object}} [options]
+   * @param {{tls?: ServerTls, credentials?: grpc.ServerCredentials, serverOptions?: object}} [options]
    */
-  async start(address = '127.0.0.1:0', { credentials, serverOptions } = {}) {
+  async start(address = '127.0.0.1:0', { tls, credentials, serverOptions } = {}) {
     if (this.#server) throw new Error(`participant '${this.name}' is already serving`);
+    if (tls && credentials) throw new TypeError('pass tls or credentials, not both');
+    if (tls) credentials = Participant.serverCredentials(tls);
+    if (!credentials && !isLoopback(address)) {
+      const warn = this.#logger.warn ?? this.#logger.info;
+      warn.call(
+        this.#logger,
+        `participant ${this.name} serves plaintext on ${address}: anyone who reaches it can ` +
+          'call it unencrypted; pass {tls} to serve TLS',
+      );
+    }
     const server = new grpc.Server(serverOptions);
     this.addToServer(server);
     try {
