@@ -35,9 +35,31 @@ class ParticipantEndpoint:
     address: str
     """``host:port`` of the participant's gRPC server."""
     tls: bool = False
-    """Dial with TLS."""
+    """Dial with TLS; never falls back to plaintext. A participant whose certificate is
+    expired, signed by another CA or made out to another name is never called: the handshake
+    fails and the call is retried as a transient error."""
     root_certificates: bytes | None = None
     """PEM roots to verify the participant with (TLS only); None means the system's roots."""
+    client_certificate: bytes | None = None
+    """PEM certificate chain the coordinator presents to the participant (mTLS; TLS only,
+    with ``client_key``)."""
+    client_key: bytes | None = None
+    """PEM private key of ``client_certificate``."""
+    server_name: str | None = None
+    """The name the participant's certificate must be made out to, when it is not the host of
+    ``address`` (TLS only)."""
+
+    def __post_init__(self) -> None:
+        # TLS settings without TLS would be ignored, and the calls sent in plaintext.
+        given = [
+            name
+            for name in ("root_certificates", "client_certificate", "client_key", "server_name")
+            if getattr(self, name) is not None
+        ]
+        if given and not self.tls:
+            raise ValueError(f"{', '.join(given)} need tls")
+        if (self.client_certificate is None) != (self.client_key is None):
+            raise ValueError("client_certificate and client_key go together")
 
 
 EVENT_LOOPS = ("asyncio", "uvloop")
@@ -118,13 +140,25 @@ def parse_duration(value: str) -> timedelta:
 _TOP_LEVEL = set(Settings.__dataclass_fields__)
 
 
+# Each TLS file of a participant, and the PEM block it must hold (gRPC takes keys unencrypted).
+_TLS_FILES = {
+    "root_certificates": ("certificates", re.compile(rb"-----BEGIN CERTIFICATE-----")),
+    "client_certificate": ("certificate", re.compile(rb"-----BEGIN CERTIFICATE-----")),
+    "client_key": (
+        "unencrypted private key",
+        re.compile(rb"-----BEGIN (RSA |EC )?PRIVATE KEY-----"),
+    ),
+}
+_SERVER_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
 def _endpoint(name: str, raw: Any, source: str, base: Path) -> ParticipantEndpoint:
     where = f"{source}: participants.{name}"
     if isinstance(raw, str):
         raw = {"address": raw}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected an address or a mapping with 'address'")
-    unknown = set(raw) - {"address", "tls", "root_certificates"}
+    unknown = set(raw) - {"address", "tls", "server_name", *_TLS_FILES}
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     address = raw.get("address")
@@ -133,14 +167,40 @@ def _endpoint(name: str, raw: Any, source: str, base: Path) -> ParticipantEndpoi
     tls = raw.get("tls", False)
     if not isinstance(tls, bool):
         raise ConfigError(f"{where}.tls: expected true or false")
-    roots = None
-    if raw.get("root_certificates") is not None:
-        path = base / str(raw["root_certificates"])
+    given = [key for key in ("server_name", *_TLS_FILES) if raw.get(key) is not None]
+    if given and not tls:
+        # TLS settings with tls off would be ignored, and the calls sent in plaintext.
+        raise ConfigError(f"{where}: {', '.join(given)} need tls: true")
+    if ("client_certificate" in given) != ("client_key" in given):
+        raise ConfigError(
+            f"{where}: client_certificate and client_key go together (mTLS): set both or neither"
+        )
+    server_name = raw.get("server_name")
+    if server_name is not None and (
+        not isinstance(server_name, str) or not _SERVER_NAME.match(server_name)
+    ):
+        raise ConfigError(f"{where}.server_name: expected a host name, got {server_name!r}")
+    files: dict[str, bytes | None] = {}
+    for key, (kind, block) in _TLS_FILES.items():
+        files[key] = None
+        if raw.get(key) is None:
+            continue
+        path = base / str(raw[key])
         try:
-            roots = path.read_bytes()
+            pem = path.read_bytes()
         except OSError as error:
-            raise ConfigError(f"{where}.root_certificates: cannot read {path}: {error}") from None
-    return ParticipantEndpoint(address, tls, roots)
+            raise ConfigError(f"{where}.{key}: cannot read {path}: {error}") from None
+        if not block.search(pem):
+            raise ConfigError(f"{where}.{key}: {path} holds no PEM {kind}")
+        files[key] = pem
+    return ParticipantEndpoint(
+        address,
+        tls,
+        files["root_certificates"],
+        client_certificate=files["client_certificate"],
+        client_key=files["client_key"],
+        server_name=server_name,
+    )
 
 
 def load_settings(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:

@@ -88,13 +88,21 @@ class GrpcParticipantGateway:
         endpoint = self._endpoints.get(participant)
         if endpoint is None:
             return None
-        options = [
+        options: list[tuple[str, str | int]] = [
             ("grpc.max_send_message_length", self._max_message_bytes),
             ("grpc.max_receive_message_length", self._max_message_bytes),
             ("grpc.keepalive_time_ms", 30_000),
         ]
         if endpoint.tls:
-            credentials = grpc.ssl_channel_credentials(root_certificates=endpoint.root_certificates)
+            # A failed handshake (unknown CA, expired, another name, no client certificate
+            # accepted) answers UNAVAILABLE: transient, and the participant was never called.
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=endpoint.root_certificates,
+                private_key=endpoint.client_key,
+                certificate_chain=endpoint.client_certificate,
+            )
+            if endpoint.server_name is not None:
+                options.append(("grpc.ssl_target_name_override", endpoint.server_name))
             channel = grpc.aio.secure_channel(
                 endpoint.address, credentials, options=options, interceptors=self._interceptors
             )
