@@ -18,7 +18,13 @@ from rich.table import Table
 from rich.text import Text
 
 from coordinator.bench import run as bench
-from coordinator.config import ConfigError, ParticipantEndpoint, load_settings
+from coordinator.config import (
+    AuthSettings,
+    ConfigError,
+    ParticipantEndpoint,
+    ServerTls,
+    load_settings,
+)
 from coordinator.config import parse_duration as config_duration
 from coordinator.console import (
     SAGA_STYLE,
@@ -208,6 +214,34 @@ def _parser() -> argparse.ArgumentParser:
         metavar="AGE",
         help="prune sagas that ended SUCCEEDED or COMPENSATED longer ago than this (30d, 12h); "
         "default: keep them",
+    )
+    serve.add_argument(
+        "--tls-certificate", metavar="PEM", help="serve TLS with this certificate (chain)"
+    )
+    serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    serve.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require client certificates signed by this CA (mTLS)",
+    )
+    serve.add_argument(
+        "--tokens",
+        metavar="FILE",
+        help="require bearer tokens listed in this file (see saga token new)",
+    )
+    serve.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=None,
+        help="serve plaintext on an address other than loopback: anyone on the network can "
+        "read and forge calls",
+    )
+    serve.add_argument(
+        "--no-reflection",
+        dest="reflection",
+        action="store_false",
+        default=None,
+        help="do not serve gRPC reflection",
     )
     serve.add_argument(
         "--replica",
@@ -492,6 +526,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tls_flags(args: argparse.Namespace, configured: ServerTls | None) -> ServerTls | None:
+    """TLS from the flags (over the file's), or None when no flag names it."""
+    if not (args.tls_certificate or args.tls_key or args.tls_client_ca):
+        return None
+    certificate = args.tls_certificate or (configured and str(configured.certificate))
+    key = args.tls_key or (configured and str(configured.key))
+    if not certificate or not key:
+        raise ConfigError("flags: --tls-certificate and --tls-key go together")
+    client_ca = args.tls_client_ca or (configured and configured.client_ca)
+    return ServerTls(
+        Path(certificate),
+        Path(key),
+        None if not client_ca else Path(client_ca),
+        configured.allowed_clients if configured else (),
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from coordinator.serve import run
 
@@ -518,6 +569,10 @@ def _serve(args: argparse.Namespace) -> int:
                 "retention": args.retention,
                 "replica": args.replica,
                 "lease": args.lease,
+                "tls": _tls_flags(args, settings.tls),
+                "auth": None if args.tokens is None else AuthSettings(tokens=Path(args.tokens)),
+                "insecure_plaintext": args.insecure_plaintext,
+                "reflection": args.reflection,
             },
         )
     except ConfigError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,40 @@ class ParticipantEndpoint:
             raise ValueError("client_certificate and client_key go together")
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS on the coordinator's port: its certificate and key files, and optionally the CA
+    of its clients (mTLS) and the client identities admitted."""
+
+    certificate: Path
+    key: Path
+    client_ca: Path | None = None
+    """Require a client certificate signed by this CA (mTLS)."""
+    allowed_clients: tuple[str, ...] = ()
+    """Admit only client certificates with one of these identities: ``CN=name``,
+    ``DNS:host.name``, ``URI:spiffe://...`` or ``IP:10.0.0.7`` (empty: any from the CA)."""
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    """Bearer tokens that are signed JWTs."""
+
+    key: Path
+    """The issuer's public key (PEM), or the shared secret for HS256/384/512."""
+    algorithms: tuple[str, ...] = ("RS256",)
+    issuer: str | None = None
+    audience: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Who may call: bearer tokens from a file of static tokens, signed JWTs, or both."""
+
+    tokens: Path | None = None
+    """The file of static tokens (their SHA-256, names, roles, definitions)."""
+    jwt: JwtSettings | None = None
+
+
 EVENT_LOOPS = ("asyncio", "uvloop")
 """The event loops ``saga serve`` can run on."""
 
@@ -120,6 +155,23 @@ class Settings:
     """Sagas that ended SUCCEEDED or COMPENSATED longer ago than this are pruned, with their
     events, in the background (``30d``, ``12h``); unset: kept for ever. Parked and running
     sagas are never pruned."""
+    tls: ServerTls | None = None
+    """TLS (and optionally mTLS) on ``listen``. Without it the port is plaintext, which is
+    allowed only on a loopback address unless ``insecure_plaintext`` says otherwise."""
+    auth: AuthSettings | None = None
+    """Bearer tokens every call must carry; unset: callers are not authenticated."""
+    insecure_plaintext: bool = False
+    """Serve plaintext (the gRPC port, the metrics endpoint) on an address other than loopback:
+    anyone on the network can then read and forge calls."""
+    reflection: bool = True
+    """Serve gRPC reflection (it lists the services served, nothing else)."""
+    max_streams_per_caller: int = 100
+    """Watches and change feeds one caller may hold open at once."""
+    create_rate_per_caller: float = 0.0
+    """Sagas one caller may create per second, on average (0: no limit); above it, creations
+    are refused with RESOURCE_EXHAUSTED and a RetryInfo."""
+    create_burst_per_caller: int = 100
+    """Creations one caller may make at once above its rate."""
     replica: str | None = None
     """This process's name among the replicas on one store. Unset: the host's name and the
     listening port, which a restarted process keeps (it then takes its sagas up at once)."""
@@ -233,6 +285,10 @@ def load_settings(path: Path | None, overrides: Mapping[str, Any] | None = None)
             str(name): _endpoint(str(name), value, source, base)
             for name, value in participants.items()
         }
+        if raw.get("tls") is not None:
+            values["tls"] = _server_tls(raw.pop("tls"), source, base)
+        if raw.get("auth") is not None:
+            values["auth"] = _auth(raw.pop("auth"), source, base)
         if "definitions" in raw:
             values["definitions"] = base / str(raw.pop("definitions"))
         if isinstance(raw.get("database"), str) and raw["database"].startswith("sqlite:///"):
@@ -265,6 +321,11 @@ def _checked(settings: Settings, source: str) -> Settings:
         ("feed_stall_timeout", (int, float)),
         ("service_name", str),
         ("event_loop", str),
+        ("insecure_plaintext", bool),
+        ("reflection", bool),
+        ("max_streams_per_caller", int),
+        ("create_rate_per_caller", (int, float)),
+        ("create_burst_per_caller", int),
     ):
         value = getattr(settings, name)
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
@@ -285,6 +346,25 @@ def _checked(settings: Settings, source: str) -> Settings:
         raise ConfigError(f"{source}: feed_stall_timeout: must be positive")
     if not ADDRESS_PATTERN.match(settings.listen):
         raise ConfigError(f"{source}: listen: expected host:port, got {settings.listen!r}")
+    if settings.max_streams_per_caller < 1 or settings.create_burst_per_caller < 1:
+        raise ConfigError(
+            f"{source}: max_streams_per_caller and create_burst_per_caller: at least 1"
+        )
+    if settings.create_rate_per_caller < 0:
+        raise ConfigError(f"{source}: create_rate_per_caller: 0 (no limit) or more")
+    if not settings.insecure_plaintext:
+        if settings.tls is None and not is_loopback(settings.listen):
+            raise ConfigError(
+                f"{source}: listen: {settings.listen} is not a loopback address, and the port "
+                "would be plaintext: anyone on the network could read and forge calls. Give "
+                "tls: (certificate and key), or, knowingly, --insecure-plaintext"
+            )
+        if settings.metrics_listen is not None and not is_loopback(settings.metrics_listen):
+            raise ConfigError(
+                f"{source}: metrics_listen: {settings.metrics_listen} is not a loopback "
+                "address and the metrics endpoint is plaintext HTTP; serve it on 127.0.0.1 "
+                "(behind a proxy that adds TLS), or, knowingly, --insecure-plaintext"
+            )
     if settings.synchronous.upper() not in ("FULL", "NORMAL"):
         raise ConfigError(f"{source}: synchronous: expected FULL or NORMAL")
     if settings.max_payload_bytes <= 0 or settings.max_payload_bytes > settings.max_message_bytes:
@@ -324,3 +404,80 @@ def _checked(settings: Settings, source: str) -> Settings:
         retention=retention or None,
         lease=lease,
     )
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` (or a ``unix:`` socket) is reachable from this machine only."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _server_tls(raw: Any, source: str, base: Path) -> ServerTls:
+    where = f"{source}: tls"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected certificate, key and optionally client_ca")
+    unknown = set(raw) - {"certificate", "key", "client_ca", "allowed_clients"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    for name in ("certificate", "key"):
+        if not isinstance(raw.get(name), str):
+            raise ConfigError(f"{where}.{name}: the PEM file's path")
+    allowed = raw.get("allowed_clients") or []
+    if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+        raise ConfigError(f"{where}.allowed_clients: a list like ['CN=orders', 'DNS:a.b']")
+    for name in allowed:
+        if not name.startswith(("CN=", "DNS:", "URI:", "IP:")) or len(name) < 4:
+            raise ConfigError(
+                f"{where}.allowed_clients: {name!r} is not an identity: write CN=name, "
+                "DNS:host.name, URI:spiffe://... or IP:10.0.0.7"
+            )
+    client_ca = raw.get("client_ca")
+    if allowed and client_ca is None:
+        raise ConfigError(f"{where}.allowed_clients: needs client_ca (client certificates)")
+    return ServerTls(
+        base / raw["certificate"],
+        base / raw["key"],
+        None if client_ca is None else base / str(client_ca),
+        tuple(allowed),
+    )
+
+
+def _auth(raw: Any, source: str, base: Path) -> AuthSettings:
+    where = f"{source}: auth"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected tokens: FILE and/or jwt: {{key, algorithms}}")
+    unknown = set(raw) - {"tokens", "jwt"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    tokens = raw.get("tokens")
+    if tokens is not None and not isinstance(tokens, str):
+        raise ConfigError(f"{where}.tokens: the path of the tokens file")
+    jwt_raw = raw.get("jwt")
+    jwt = None
+    if jwt_raw is not None:
+        if not isinstance(jwt_raw, dict) or not isinstance(jwt_raw.get("key"), str):
+            raise ConfigError(f"{where}.jwt: expected key: FILE and algorithms: [RS256]")
+        unknown = set(jwt_raw) - {"key", "algorithms", "issuer", "audience"}
+        if unknown:
+            raise ConfigError(f"{where}.jwt: unknown field(s) {', '.join(sorted(unknown))}")
+        algorithms = jwt_raw.get("algorithms", ["RS256"])
+        if isinstance(algorithms, str):
+            algorithms = [algorithms]
+        if not isinstance(algorithms, list) or not all(isinstance(a, str) for a in algorithms):
+            raise ConfigError(f"{where}.jwt.algorithms: a list such as [RS256]")
+        jwt = JwtSettings(
+            base / jwt_raw["key"],
+            tuple(algorithms),
+            jwt_raw.get("issuer"),
+            jwt_raw.get("audience"),
+        )
+    if tokens is None and jwt is None:
+        raise ConfigError(f"{where}: give tokens: FILE, jwt: {{...}}, or both")
+    return AuthSettings(None if tokens is None else base / tokens, jwt)

@@ -37,6 +37,7 @@ from coordinator.core.model import Saga, SagaState
 from coordinator.engine import Engine
 from coordinator.ports import ChangeFilter, FeedChange, ListCursor, RegisteredDefinition, SagaFilter
 from coordinator.telemetry import SagaTelemetry, headers_of, now_ns
+from coordinator.transport.access import current_caller
 from coordinator.transport.convert import (
     Renderings,
     definition_from_proto,
@@ -176,6 +177,13 @@ def saga_filter(
         stuck_on_participant=request.stuck_on_participant or None,
         stuck_on_step=request.stuck_on_step or None,
     )
+
+
+def actor_of(asked: str) -> str:
+    """Who an action is recorded as taken by: the authenticated caller when calls are
+    authenticated (what a request says is then ignored), else what the request says."""
+    identity = current_caller().identity
+    return identity or asked
 
 
 def _action_violations(reason: str, actor: str) -> list[FieldViolation]:
@@ -323,6 +331,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         """Return one saga."""
 
         saga = await self._engine.get_saga(saga_id_of(request.name))
+        current_caller().check_definition(saga.definition.name)
         return pb.GetSagaResponse(saga=self._saga(saga))
 
     async def ListSagas(
@@ -352,6 +361,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         context: grpc.aio.ServicerContext[pb.WatchSagaRequest, pb.WatchSagaResponse],
     ) -> AsyncIterator[pb.WatchSagaResponse]:
         """Stream the saga's state, then every change until it settles; or the ending only."""
+        await self._in_scope(saga_id_of(request.name))
         changes = self._engine.watch(saga_id_of(request.name), ending_only=request.ending_only)
         async for change in changes:
             yield self._watch_response(change)
@@ -378,8 +388,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             raise InvalidArgument(
                 "actor is too long", (FieldViolation("actor", f"at most {MAX_ACTOR} characters"),)
             )
+        await self._in_scope(saga_id_of(request.name))
         saga = await self._engine.cancel_saga(
-            saga_id_of(request.name), request.reason, request.actor
+            saga_id_of(request.name), request.reason, actor_of(request.actor)
         )
         return pb.CancelSagaResponse(saga=self._saga(saga))
 
@@ -407,6 +418,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             raise InvalidArgument("invalid ListSagaEvents request", tuple(violations))
         size = request.page_size or DEFAULT_PAGE_SIZE
         saga, events = await self._engine.saga_events(saga_id, after, size + 1)
+        current_caller().check_definition(saga.definition.name)
         page = events[:size]
         token = ""
         if len(events) > size:
@@ -445,11 +457,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         if violations:
             raise InvalidArgument(f"invalid {verb} request", tuple(violations))
 
+        await self._in_scope(saga_id)
+        actor = actor_of(request.actor)
+
         def build(saga: Saga, in_flight: bool) -> OperatorEvent:
             index = step_index(saga, step, verb)
-            return event(index, request.actor, request.reason, in_flight)
+            return event(index, actor, request.reason, in_flight)
 
         return await self._engine.act(saga_id, build, request.expected_version)
+
+    async def _in_scope(self, saga_id: str) -> None:
+        """Refuse a caller limited to some definitions a saga of another (PERMISSION_DENIED)."""
+        caller = current_caller()
+        if caller.definitions is not None:
+            saga = await self._engine.get_saga(saga_id)
+            caller.check_definition(saga.definition.name)
 
     async def RetrySagaStep(
         self,
@@ -556,7 +578,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             )
         registered = await self._engine.definitions(request.name or None)
         summaries: dict[str, pb.DefinitionSummary] = {}
+        caller = current_caller()
         for entry in registered:
+            if not caller.may_use(entry.definition.name):
+                continue
             summary = summaries.setdefault(
                 entry.definition.name, pb.DefinitionSummary(name=entry.definition.name)
             )

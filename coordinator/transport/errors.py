@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -25,11 +27,15 @@ from coordinator.core.errors import (
     StorageUnavailable,
     WatcherTooSlow,
 )
+from coordinator.transport.access import PermissionDenied, TooManyRequests, Unauthenticated
 
 ERROR_DOMAIN = "saga.coordinator"
 
 # Checked in order: the first class that matches wins (subclasses before their parents).
 STATUS_OF: tuple[tuple[type[SagaError], grpc.StatusCode], ...] = (
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (SagaNotFound, grpc.StatusCode.NOT_FOUND),
     (DefinitionNotFound, grpc.StatusCode.NOT_FOUND),
@@ -60,12 +66,20 @@ def rich_status(
     message: str,
     reason: str,
     violations: tuple[FieldViolation, ...] = (),
+    retry_after: timedelta | None = None,
 ) -> grpc.Status:
-    """A status carrying an ErrorInfo and, for invalid input, a BadRequest."""
+    """A status carrying an ErrorInfo and, for invalid input, a BadRequest; with
+    ``retry_after``, a RetryInfo saying when to try again."""
     details = []
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
     details.append(info)
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(retry_after)
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
     if violations:
         bad_request = any_pb2.Any()
         bad_request.Pack(
@@ -87,4 +101,5 @@ def rich_status(
 def status_of(error: SagaError) -> grpc.Status:
     """The rich status for one of the coordinator's errors."""
     violations = error.violations if isinstance(error, InvalidArgument) else ()
-    return rich_status(status_code_of(error), error.message, error.reason, violations)
+    retry_after = error.retry_after if isinstance(error, TooManyRequests) else None
+    return rich_status(status_code_of(error), error.message, error.reason, violations, retry_after)
