@@ -513,7 +513,10 @@ def _parser() -> argparse.ArgumentParser:
             help="measure sagas/s, latency and CPU against floors of the same calls",
             description="Measure four-step sagas through a fresh coordinator process against "
             "two floors, the same calls made directly and with one SQLite commit per call; "
-            "each side runs in a process of its own. Exits 1 if a case made the wrong calls.",
+            "each side runs in a process of its own. With --database or --postgresql, also "
+            "replicas sharing one PostgreSQL database (1, 2 and 3 of them, or --replicas), "
+            "beside the coordinator on SQLite. Exits 1 if a case made the wrong calls, 2 if "
+            "it could not run.",
         )
     )
 

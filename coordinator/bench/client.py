@@ -6,7 +6,8 @@ Run as ``python -m coordinator.bench.client --mode MODE --variant VARIANT ...``.
 prints one JSON line: elapsed seconds, latency percentiles, its own CPU seconds over that window
 and how many sagas ended wrong. Modes:
 
-- ``coordinator``: CreateSaga then wait for the ending, through the coordinator at ``--target``;
+- ``coordinator``: CreateSaga then wait for the ending, through the coordinator at ``--target``
+  (with several ``--target``, replicas of one store: saga ``i`` goes to the ``i % n``-th);
 - ``direct``: the calls the coordinator would make, straight to the participants;
 - ``durable``: as ``direct``, plus one SQLite commit (WAL) per call, on one writer thread.
 """
@@ -63,24 +64,36 @@ class Runner(Protocol):
     async def close(self) -> None: ...
 
 
-class ThroughCoordinator:
-    """Each saga: ``AsyncSagaClient.create``, then ``AsyncSagaClient.wait``."""
+def round_robin(index: int, targets: Sequence[str]) -> str:
+    """The coordinator that runs saga ``index``: each in turn, so each gets an equal share."""
+    return targets[index % len(targets)]
 
-    def __init__(self, target: str, variant: str) -> None:
-        self._client = AsyncSagaClient(target)
+
+class ThroughCoordinator:
+    """Each saga: ``AsyncSagaClient.create``, then ``AsyncSagaClient.wait``, on one coordinator.
+
+    With several targets (replicas of one store), the sagas are spread over them round robin;
+    a saga is awaited where it was created, on the replica that holds it.
+    """
+
+    def __init__(self, targets: Sequence[str], variant: str) -> None:
+        self._targets = list(targets)
+        self._clients = {target: AsyncSagaClient(target) for target in self._targets}
         self._definition = DEFINITION[variant]
         self._expected = SagaState.SUCCEEDED if variant == SUCCEEDING else SagaState.COMPENSATED
 
     async def one(self, case: str, index: int) -> str | None:
         """Start the saga and wait for its ending."""
+        client = self._clients[round_robin(index, self._targets)]
         key = saga_id(case, index)
-        result = await self._client.create(self._definition, {"n": index}, saga_id=key)
-        saga = await self._client.wait(result.saga.saga_id, timeout=120)
+        result = await client.create(self._definition, {"n": index}, saga_id=key)
+        saga = await client.wait(result.saga.saga_id, timeout=120)
         return None if saga.state is self._expected else f"ended {saga.state.value}"
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self._client.close()
+        """Close the channels."""
+        for client in self._clients.values():
+            await client.close()
 
 
 class Journal:
@@ -248,7 +261,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sagas", type=int, required=True)
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--warmup", type=int, default=40, help="sagas before the measurement")
-    parser.add_argument("--target", help="the coordinator (mode coordinator)")
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        help="the coordinator (mode coordinator); repeated: replicas, used round robin",
+    )
     parser.add_argument(
         "--participant", type=_address, action="append", default=[], metavar="NAME=HOST:PORT"
     )

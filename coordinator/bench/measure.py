@@ -32,6 +32,30 @@ def cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float:
     return parse_stat_ticks((proc / str(pid) / "stat").read_text()) / CLOCK_TICKS
 
 
+def parse_reaped_ticks(stat: str) -> int:
+    """cutime + cstime, in clock ticks: the CPU of the children a process has waited for."""
+    fields = stat[stat.rindex(")") + 1 :].split()
+    return int(fields[13]) + int(fields[14])
+
+
+def server_cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float:
+    """CPU seconds a server and its children have used so far: a server like PostgreSQL's,
+    whose work is done in children it forks (one per connection) and reaps when they end.
+
+    The children that ended count through the server's reaped-children times; those still
+    running, by their own. A child that ends between the two readings may count twice or not
+    at all: a connection that closes while the bench measures is rare.
+    """
+    stat = (proc / str(pid) / "stat").read_text()
+    ticks = parse_stat_ticks(stat) + parse_reaped_ticks(stat)
+    for child in children(pid, proc):
+        try:
+            ticks += parse_stat_ticks((proc / str(child) / "stat").read_text())
+        except OSError:  # it ended meanwhile
+            continue
+    return ticks / CLOCK_TICKS
+
+
 def children(pid: int, proc: Path = Path("/proc")) -> list[int]:
     """The pids of a process's children (from /proc/PID/task/*/children, else by ppid)."""
     found: list[int] = []

@@ -11,7 +11,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from coordinator.bench.shape import COORDINATOR, DIRECT, DURABLE
+from coordinator.bench.shape import COORDINATOR, DIRECT, DURABLE, replicas_mode
 from coordinator.bench.shape import COORDINATOR_OTLP as OTLP
 from coordinator.console import console
 
@@ -57,6 +57,16 @@ def ratios(case: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
+def over_sqlite(replicas: dict[str, Any], sqlite: dict[str, Any]) -> dict[str, float | None]:
+    """Replicas on PostgreSQL against the one coordinator on SQLite of the same case."""
+    return {
+        "sagas_per_second": _ratio(replicas["sagas_per_second"], sqlite["sagas_per_second"]),
+        "coordinator_cpu": _ratio(
+            replicas["cpu_ms_per_saga"]["coordinator"], sqlite["cpu_ms_per_saga"]["coordinator"]
+        ),
+    }
+
+
 def document(
     *,
     settings: dict[str, Any],
@@ -72,6 +82,16 @@ def document(
                 if (concurrency, variant, mode) in figures:
                     case[mode] = figures[(concurrency, variant, mode)]
             case["ratios"] = ratios(case)
+            if "postgresql" in settings:
+                case["postgresql"] = [
+                    {
+                        **figures[(concurrency, variant, replicas_mode(count))],
+                        "over_sqlite": over_sqlite(
+                            figures[(concurrency, variant, replicas_mode(count))], case[COORDINATOR]
+                        ),
+                    }
+                    for count in settings["postgresql"]["replicas"]
+                ]
             cases.append(case)
     return {
         "machine": machine(),
@@ -201,8 +221,74 @@ def render(report: dict[str, Any]) -> None:
             _number(ratio["coordinator_cpu_over_direct_client_cpu"], 1),
         )
     out.print(floors)
+    if "postgresql" in settings:
+        out.print()
+        _render_replicas(report)
     if report["mismatches"]:
         out.print(f"[bold red]{len(report['mismatches'])} mismatches[/] (listed on stderr)")
     else:
         out.print("[green]verified[/]: every case made exactly the calls it should have")
     sys.stdout.flush()
+
+
+def _render_replicas(report: dict[str, Any]) -> None:
+    """The replicas on one PostgreSQL database, each case under its SQLite coordinator."""
+    out = console()
+    postgresql = report["settings"]["postgresql"]
+    server = postgresql["settings"]
+    where = postgresql["server"]
+    out.print(
+        f"PostgreSQL {postgresql['version'] or '?'}, {where}: "
+        + ", ".join(f"{name}={value}" for name, value in sorted(server.items()))
+    )
+    out.print(
+        "PG ×N: N saga serve replicas on one fresh database, the client's sagas spread over "
+        "them round robin"
+    )
+    syncs = (
+        "PG: the server's WAL syncs (pg_stat_wal)"
+        if postgresql["wal_syncs_counted_with"]
+        else "PG: not counted (no pg_stat_wal)"
+    )
+    server_cpu = (
+        "PG: the PostgreSQL server's processes"
+        if postgresql["server_cpu_counted"]
+        else "PG: not read (a server the bench did not start)"
+    )
+    table = _table(
+        "Replicas on one PostgreSQL database, against one coordinator on SQLite",
+        "latency in ms; ÷SQLite: sagas/s over the SQLite coordinator's;\n"
+        f"CPU ms per saga: coord. summed over the replicas; {server_cpu};\n"
+        f"syncs per saga: SQLite: the coordinator's fsyncs; {syncs}",
+        *("C", "variant", "store", "sagas/s", "÷SQLite", "p50", "p95", "p99"),
+        *("coord.", "PG", "syncs"),
+    )
+    for case in report["cases"]:
+        sqlite = case[COORDINATOR]
+        rows = [("SQLite", sqlite, sqlite["fsyncs_per_saga"], 1.0, None)]
+        rows.extend(
+            (
+                f"PG ×{replicas['replicas']}",
+                replicas,
+                replicas["wal_syncs_per_saga"],
+                replicas["over_sqlite"]["sagas_per_second"],
+                replicas["cpu_ms_per_saga"]["postgresql"],
+            )
+            for replicas in case["postgresql"]
+        )
+        for index, (label, figures, syncs_per_saga, speed, database_cpu) in enumerate(rows):
+            latency = figures["latency_ms"]
+            table.add_row(
+                str(case["concurrency"]) if index == 0 else "",
+                case["variant"] if index == 0 else "",
+                label,
+                _number(figures["sagas_per_second"]),
+                _number(speed, 2),
+                _number(latency["p50"]),
+                _number(latency["p95"]),
+                _number(latency["p99"]),
+                _number(figures["cpu_ms_per_saga"]["coordinator"], 2),
+                "" if index == 0 else _number(database_cpu, 2),
+                _number(syncs_per_saga, 2),
+            )
+    out.print(table)

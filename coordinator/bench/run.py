@@ -4,6 +4,10 @@ The participants run in one process for the whole run; each coordinator case get
 coordinator process on a fresh SQLite file; each measurement gets a client process. While a
 client measures, this process only waits for its answer, so the CPU time of each side is its
 own: read from /proc for the coordinator and the participants, reported by the client itself.
+
+With a PostgreSQL server (``--database`` or ``--postgresql``), each concurrency and variant also
+gets one case per replica count: that many coordinator processes on one fresh database, the
+client's sagas spread over them, measured beside the SQLite coordinator of the same run.
 """
 
 from __future__ import annotations
@@ -12,33 +16,26 @@ import argparse
 import contextlib
 import itertools
 import json
-import os
-import select
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
-
-import yaml
+from typing import Any
 
 from coordinator.bench import report
-from coordinator.bench.measure import (
-    TRANSACTIONS,
-    WRITES,
-    Strace,
-    children,
-    command_line,
-    count_syncs,
-    cpu_seconds,
-    scrape,
+from coordinator.bench.measure import TRANSACTIONS, WRITES, Strace, cpu_seconds
+from coordinator.bench.postgresql import SCHEMES, PostgreSQL, shown, throwaway_server
+from coordinator.bench.processes import (
+    BenchError,
+    Coordinator,
+    Coordinators,
+    LineReader,
+    Participants,
 )
 from coordinator.bench.shape import (
     COORDINATOR,
@@ -46,13 +43,16 @@ from coordinator.bench.shape import (
     DIRECT,
     DURABLE,
     VARIANTS,
-    definition,
+    replicas_mode,
 )
 from coordinator.bench.verify import mismatches
 
-
-class BenchError(Exception):
-    """A process of the bench did not do its part; the message says which and where its log is."""
+DEFAULT_REPLICAS = (1, 2, 3)
+POOL_CONNECTIONS = 10
+"""Connections one ``saga serve`` opens to PostgreSQL at most (its store's pool)."""
+STATS_SETTLE = 1.2
+"""Seconds to wait before reading PostgreSQL's statistics: its backends report them at most
+once a second, and on going idle."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,18 @@ class Options:
     fsyncs: bool = True
     """Count the coordinator's fsyncs by running it under strace, when strace is here."""
     warmup: int = 40
+    database: str | None = None
+    """A PostgreSQL server (``postgresql://USER@HOST:PORT/DB``) to also run replicas on: each
+    of their cases gets a fresh database created there, and dropped after."""
+    start_postgresql: bool = False
+    """Start a throwaway PostgreSQL server (durable defaults) to run the replicas on."""
+    replicas: tuple[int, ...] = ()
+    """The replica counts measured on PostgreSQL, one case each; empty without PostgreSQL."""
+
+    @property
+    def postgresql(self) -> bool:
+        """Whether the replicas are measured too."""
+        return self.database is not None or self.start_postgresql
 
 
 def _list_of(convert: Callable[[str], Any], allowed: tuple[str, ...] = ()) -> Callable[[str], Any]:
@@ -95,6 +107,14 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
     return number
+
+
+def _postgresql_url(value: str) -> str:
+    if not value.startswith(SCHEMES):
+        raise argparse.ArgumentTypeError(
+            f"expected postgresql://USER@HOST:PORT/DATABASE, got {shown(value)!r}"
+        )
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,10 +173,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="sagas each client runs before it is measured (default 40)",
     )
+    server = parser.add_mutually_exclusive_group()
+    server.add_argument(
+        "--database",
+        type=_postgresql_url,
+        metavar="URL",
+        help="also measure replicas sharing one PostgreSQL database, on the server at "
+        "postgresql://USER@HOST:PORT/DATABASE: each of their cases gets a fresh database "
+        "created there (the user needs CREATEDB) and dropped after",
+    )
+    server.add_argument(
+        "--postgresql",
+        dest="start_postgresql",
+        action="store_true",
+        help="as --database, on a throwaway PostgreSQL server the bench starts in a temporary "
+        "directory, with PostgreSQL's durable defaults (fsync and synchronous_commit on)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=_list_of(_positive),
+        metavar="N,N,...",
+        help="with --database or --postgresql: the replica counts, one case each, beside the "
+        "SQLite coordinator (default 1,2,3)",
+    )
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    """The options parsed by ``add_arguments``."""
+    """The options parsed by ``add_arguments``; BenchError for --replicas without PostgreSQL."""
+    postgresql = args.database is not None or args.start_postgresql
+    if args.replicas is not None and not postgresql:
+        raise BenchError("--replicas needs --database postgresql://... or --postgresql")
+    replicas = tuple(args.replicas or DEFAULT_REPLICAS) if postgresql else ()
     return Options(
         sagas=args.sagas,
         concurrency=tuple(args.concurrency),
@@ -168,200 +215,10 @@ def options_from(args: argparse.Namespace) -> Options:
         event_loop=args.event_loop,
         fsyncs=args.fsyncs,
         warmup=max(0, args.warmup),
+        database=args.database,
+        start_postgresql=args.start_postgresql,
+        replicas=replicas,
     )
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class LineReader:
-    """Lines from a child's stdout, each awaited with a deadline."""
-
-    def __init__(self, stream: IO[bytes] | None, what: str, log: Path) -> None:
-        assert stream is not None
-        self._fd = stream.fileno()
-        self._buffer = b""
-        self._what = what
-        self._log = log
-
-    def line(self, timeout: float) -> str:
-        """The next line; BenchError when none comes in time or the stream ends."""
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BenchError(f"{self._what} said nothing for {timeout:.0f}s (see {self._log})")
-            readable, _, _ = select.select([self._fd], [], [], remaining)
-            if readable:
-                chunk = os.read(self._fd, 65536)
-                if not chunk:
-                    raise BenchError(f"{self._what} ended early (see {self._log})")
-                self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line.decode().strip()
-
-
-def _stop(process: subprocess.Popen[bytes], pid: int, timeout: float = 30) -> None:
-    """SIGTERM ``pid`` (``process``, or strace's tracee), wait for ``process``; kill if stuck."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        if pid != process.pid and sig == signal.SIGKILL:
-            process.kill()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            continue
-
-
-class Participants:
-    """The four no-op participants' process, for the whole run."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.log = workdir / "participants.log"
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "coordinator.bench.participants"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
-        self._reader = LineReader(self.process.stdout, "the participants", self.log)
-        self.addresses: dict[str, str] = json.loads(self._reader.line(60))
-
-    @property
-    def pid(self) -> int:
-        """The participants' pid."""
-        return self.process.pid
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """The calls counted so far, by case key."""
-        assert self.process.stdin is not None
-        self.process.stdin.write(b"counts\n")
-        self.process.stdin.flush()
-        counts: dict[str, dict[str, int]] = json.loads(self._reader.line(60))
-        return counts
-
-    def stop(self) -> None:
-        """SIGTERM the participants and wait for them."""
-        _stop(self.process, self.process.pid)
-
-
-class Coordinator:
-    """A fresh ``saga serve`` on a fresh SQLite file, under strace when it can count fsyncs."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        addresses: dict[str, str],
-        options: Options,
-        extra: dict[str, object],
-        strace: Strace | None,
-    ) -> None:
-        (workdir / "definitions").mkdir(parents=True)
-        for variant in VARIANTS:
-            spec = definition(variant)
-            (workdir / "definitions" / f"{spec['name']}.yaml").write_text(yaml.safe_dump(spec))
-        self.target = f"127.0.0.1:{free_port()}"
-        metrics_port = free_port()
-        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        if options.event_loop is not None:
-            extra = {"event_loop": options.event_loop, **extra}
-        config = workdir / "saga.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "database": f"sqlite:///{workdir / 'saga.db'}",
-                    "listen": self.target,
-                    "definitions": "definitions",
-                    "participants": addresses,
-                    "synchronous": options.synchronous,
-                    "log_level": "ERROR",
-                    "shutdown_grace": 2.0,
-                    "metrics_listen": f"127.0.0.1:{metrics_port}",
-                    **extra,
-                }
-            )
-        )
-        command = [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(config)]
-        self.trace = workdir / "fsyncs.strace" if strace is not None else None
-        self.log = workdir / "coordinator.log"
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                strace.wrap(command, self.trace) if strace and self.trace else command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.pid = self.process.pid
-        try:
-            if strace is not None:
-                self.pid = self._tracee(command)
-            self._wait_serving()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _tracee(self, command: list[str]) -> int:
-        # strace may fork short-lived children of its own (to probe seccomp, for one): the
-        # coordinator is the child that runs the command.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            for child in children(self.process.pid):
-                if command_line(child) == command:
-                    return child
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.01)
-        raise BenchError(f"the coordinator did not start under strace (see {self.log})")
-
-    def _wait_serving(self) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + 60
-        with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise BenchError(f"the coordinator exited at start (see {self.log})")
-                try:
-                    answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.05)
-        raise BenchError(f"the coordinator was not SERVING within 60s (see {self.log})")
-
-    def store_counts(self) -> dict[str, float]:
-        """The store's commits and writes so far, scraped from the coordinator's /metrics."""
-        try:
-            return scrape(self.metrics_url)
-        except OSError as error:
-            raise BenchError(f"cannot read {self.metrics_url}: {error} (see {self.log})") from None
-
-    def trace_size(self) -> int | None:
-        """Bytes strace has written so far (None without strace)."""
-        return None if self.trace is None else self.trace.stat().st_size
-
-    def syncs_between(self, start: int | None, end: int | None) -> int | None:
-        """fsync and fdatasync calls strace wrote between two sizes of its output."""
-        if self.trace is None or start is None or end is None:
-            return None
-        with self.trace.open("rb") as trace:
-            trace.seek(start)
-            return count_syncs(trace.read(end - start))
-
-    def stop(self) -> None:
-        """SIGTERM the coordinator (strace then ends with it) and wait."""
-        _stop(self.process, self.pid, timeout=60)
 
 
 @dataclass(frozen=True)
@@ -369,7 +226,15 @@ class Reading:
     """The CPU seconds of the other processes at one instant."""
 
     participants_cpu: float
-    coordinator_cpu: float | None
+    each_coordinator_cpu: list[float] | None
+    """Each coordinator process's (one, or each replica's); None without a coordinator."""
+    postgresql_cpu: float | None = None
+    """The PostgreSQL server's processes', when the bench started it."""
+
+    @property
+    def coordinator_cpu(self) -> float | None:
+        """Summed over the coordinator processes."""
+        return None if self.each_coordinator_cpu is None else sum(self.each_coordinator_cpu)
 
 
 def _per_saga(
@@ -388,16 +253,21 @@ def measure(
     options: Options,
     workdir: Path,
     participants: Participants,
-    coordinator: Coordinator | None,
+    coordinators: Coordinators | None,
+    postgresql: PostgreSQL | None = None,
 ) -> dict[str, Any]:
-    """One measurement: a client process runs the case; the figures of its window."""
+    """One measurement: a client process runs the case; the figures of its window.
+
+    ``postgresql``: the server the ``coordinators`` share a database of; its WAL syncs and
+    (when known) its CPU time are read too.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
         "-m",
         "coordinator.bench.client",
         "--mode",
-        COORDINATOR if coordinator is not None else mode,
+        COORDINATOR if coordinators is not None else mode,
         "--variant",
         variant,
         "--case",
@@ -411,8 +281,8 @@ def measure(
         "--synchronous",
         options.synchronous,
     ]
-    if coordinator is not None:
-        command += ["--target", coordinator.target]
+    if coordinators is not None:
+        command += [f"--target={target}" for target in coordinators.targets]
     else:
         command += [f"--participant={n}={a}" for n, a in participants.addresses.items()]
     if mode == DURABLE:
@@ -431,21 +301,30 @@ def measure(
         def read() -> Reading:
             return Reading(
                 participants_cpu=cpu_seconds(participants.pid),
-                coordinator_cpu=None if coordinator is None else cpu_seconds(coordinator.pid),
+                each_coordinator_cpu=None if coordinators is None else coordinators.cpu_each(),
+                postgresql_cpu=None if postgresql is None else postgresql.cpu_seconds(),
             )
+
+        def wal_syncs() -> int | None:
+            if postgresql is None:
+                return None
+            time.sleep(STATS_SETTLE)  # so that the counts of the warm-up, or the run, are in
+            return postgresql.wal_syncs()
 
         # Scrape before the CPU reading at the start and after it at the end, so that the
         # scrapes' own work falls outside the measured window.
-        store_before = coordinator.store_counts() if coordinator else {}
-        size_before = coordinator.trace_size() if coordinator else None
+        wal_before = wal_syncs()
+        store_before = coordinators.store_counts() if coordinators else {}
+        sizes_before = coordinators.trace_sizes() if coordinators else []
         before = read()
         assert client.stdin is not None
         client.stdin.write(b"go\n")
         client.stdin.flush()
         answer = reader.line(600 + options.sagas * 0.5)
         after = read()
-        size_after = coordinator.trace_size() if coordinator else None
-        store_after = coordinator.store_counts() if coordinator else {}
+        sizes_after = coordinators.trace_sizes() if coordinators else []
+        store_after = coordinators.store_counts() if coordinators else {}
+        wal_after = wal_syncs()
         client.wait(60)
     finally:
         if client.poll() is None:
@@ -454,12 +333,12 @@ def measure(
     figures: dict[str, Any] = json.loads(answer)
     sagas = options.sagas
     commits = writes = fsyncs = None
-    if coordinator is not None:
+    if coordinators is not None:
         commits = _per_saga(store_before.get(TRANSACTIONS), store_after.get(TRANSACTIONS), sagas)
         writes = _per_saga(store_before.get(WRITES), store_after.get(WRITES), sagas)
-        syncs = coordinator.syncs_between(size_before, size_after)
+        syncs = coordinators.syncs_between(sizes_before, sizes_after)
         fsyncs = None if syncs is None else syncs / sagas
-    return {
+    measured: dict[str, Any] = {
         "sagas_per_second": sagas / figures["elapsed_s"],
         "latency_ms": figures["latency_ms"],
         "cpu_ms_per_saga": {
@@ -475,6 +354,27 @@ def measure(
         "problems": figures["problems"],
         "warmup_wrong_endings": figures["warmup_wrong"],
     }
+    if postgresql is not None and coordinators is not None:
+        cpu = measured["cpu_ms_per_saga"]
+        cpu["postgresql"] = _per_saga(before.postgresql_cpu, after.postgresql_cpu, sagas, 1000)
+        assert before.each_coordinator_cpu is not None
+        assert after.each_coordinator_cpu is not None
+        cpu["each_replica"] = {
+            member.name: _per_saga(start, end, sagas, 1000)
+            for member, start, end in zip(
+                coordinators.members,
+                before.each_coordinator_cpu,
+                after.each_coordinator_cpu,
+                strict=True,
+            )
+        }
+        measured["replicas"] = len(coordinators.members)
+        measured["wal_syncs_per_saga"] = _per_saga(
+            None if wal_before is None else float(wal_before),
+            None if wal_after is None else float(wal_after),
+            sagas,
+        )
+    return measured
 
 
 def _median(runs: list[Any]) -> Any:
@@ -497,8 +397,10 @@ def _merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def _settings(options: Options, strace: Strace | None) -> dict[str, Any]:
-    return {
+def _settings(
+    options: Options, strace: Strace | None, postgresql: PostgreSQL | None
+) -> dict[str, Any]:
+    settings: dict[str, Any] = {
         "sagas": options.sagas,
         "concurrency": list(options.concurrency),
         "variants": list(options.variants),
@@ -513,6 +415,64 @@ def _settings(options: Options, strace: Strace | None) -> dict[str, Any]:
         if strace is not None
         else ("--no-fsyncs" if not options.fsyncs else "strace is not available"),
     }
+    if postgresql is not None:
+        facts = postgresql.facts()
+        settings["postgresql"] = {
+            "server": "started by the bench"
+            if options.start_postgresql
+            else shown(options.database or postgresql.url),
+            "version": facts.pop("server_version", None),
+            "settings": facts,
+            "replicas": list(options.replicas),
+            "spread": "round robin (each saga awaited where it was created)",
+            "wal_syncs_counted_with": "pg_stat_wal (the whole server)"
+            if postgresql.counts_wal_syncs
+            else None,
+            "server_cpu_counted": postgresql.pid is not None,
+        }
+    return settings
+
+
+def _coordinator_settings(options: Options, extra: Mapping[str, object]) -> dict[str, object]:
+    """What a coordinator of the bench is configured with, beyond its addresses."""
+    settings: dict[str, object] = {"synchronous": options.synchronous}
+    if options.event_loop is not None:
+        settings["event_loop"] = options.event_loop
+    return {**settings, **extra}
+
+
+def _coordinators(
+    mode: str,
+    replicas: int,
+    options: Options,
+    workdir: Path,
+    participants: Participants,
+    strace: Strace | None,
+    database: str | None,
+) -> Coordinators | None:
+    """The fresh coordinator processes of a case: none, one on SQLite, or replicas on
+    ``database``, started one after another (each registers the definitions)."""
+    if mode in (COORDINATOR, COORDINATOR_OTLP):
+        extra: dict[str, object] = {}
+        if mode == COORDINATOR_OTLP:
+            extra = {"otlp_endpoint": options.otlp_endpoint, "otlp_timeout": 1.0}
+        settings = _coordinator_settings(options, extra)
+        return Coordinators([Coordinator(workdir, participants.addresses, settings, strace)])
+    if not replicas:
+        return None
+    started: list[Coordinator] = []
+    try:
+        for number in range(1, replicas + 1):
+            settings = _coordinator_settings(
+                options, {"database": database, "replica": f"bench-{number}"}
+            )
+            started.append(
+                Coordinator(workdir / f"replica-{number}", participants.addresses, settings, strace)
+            )
+    except BaseException:
+        Coordinators(started).stop()
+        raise
+    return Coordinators(started)
 
 
 def _case(
@@ -524,21 +484,39 @@ def _case(
     workdir: Path,
     participants: Participants,
     strace: Strace | None,
+    postgresql: PostgreSQL | None = None,
+    replicas: int = 0,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Measure one case, with a fresh coordinator when it goes through one; check its calls."""
-    coordinator = None
-    if mode in (COORDINATOR, COORDINATOR_OTLP):
-        extra: dict[str, object] = {}
-        if mode == COORDINATOR_OTLP:
-            extra = {"otlp_endpoint": options.otlp_endpoint, "otlp_timeout": 1.0}
-        coordinator = Coordinator(workdir, participants.addresses, options, extra, strace)
+    """Measure one case, with fresh coordinators when it goes through them; check its calls.
+
+    ``replicas``: that many coordinators on a fresh database of ``postgresql``.
+    """
+    database = None
+    if replicas:
+        assert postgresql is not None
+        database = postgresql.create_database()
     try:
-        figures = measure(
-            mode, variant, concurrency, case, options, workdir, participants, coordinator
+        coordinators = _coordinators(
+            mode, replicas, options, workdir, participants, strace, database
         )
+        try:
+            figures = measure(
+                mode,
+                variant,
+                concurrency,
+                case,
+                options,
+                workdir,
+                participants,
+                coordinators,
+                postgresql if replicas else None,
+            )
+        finally:
+            if coordinators is not None:
+                coordinators.stop()
     finally:
-        if coordinator is not None:
-            coordinator.stop()
+        if database is not None and postgresql is not None:
+            postgresql.drop_database(database)
     counted = participants.counts().get(case, {})
     wrong = mismatches(variant, options.sagas, counted, figures["wrong_endings"])
     wrong += [f"{n} sagas: {problem}" for problem, n in figures.pop("problems").items()]
@@ -548,6 +526,29 @@ def _case(
     return figures, wrong
 
 
+@contextlib.contextmanager
+def _postgresql(options: Options) -> Iterator[PostgreSQL | None]:
+    """The PostgreSQL server of the replicas' cases: started here, or the one named; None
+    without one."""
+    if not options.postgresql:
+        yield None
+        return
+    if options.database is not None:
+        server = PostgreSQL(options.database)
+        try:
+            yield server
+        finally:
+            server.close()
+        return
+    most = max(options.replicas)
+    with throwaway_server(max_connections=most * POOL_CONNECTIONS + 20) as started:
+        server = PostgreSQL(started.url(), started.pid)
+        try:
+            yield server
+        finally:
+            server.close()
+
+
 def run(options: Options) -> dict[str, Any]:
     """Measure every case; the report's JSON document (with ``mismatches``, empty when right)."""
     strace = Strace.find() if options.fsyncs else None
@@ -555,34 +556,48 @@ def run(options: Options) -> dict[str, Any]:
     modes = [DIRECT, DURABLE, COORDINATOR]
     if options.otlp_endpoint:
         modes.append(COORDINATOR_OTLP)
+    replicas_of = {replicas_mode(count): count for count in options.replicas}
+    modes.extend(replicas_of)
     runs: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
     problems: list[str] = []
-    participants = Participants(root)
-    try:
-        for repeat, concurrency, variant, mode in itertools.product(
-            range(1, options.repeat + 1), options.concurrency, options.variants, modes
-        ):
-            case = f"r{repeat}-c{concurrency}-{variant}-{mode.replace('_', '-')}"
-            figures, wrong = _case(
-                mode, variant, concurrency, case, options, root / case, participants, strace
-            )
-            problems.extend(f"{case}: {line}" for line in wrong)
-            runs.setdefault((concurrency, variant, mode), []).append(figures)
-            print(report.progress_line(case, figures), file=sys.stderr, flush=True)
-    finally:
-        participants.stop()
+    # The logs stay when the run fails: the error names the one to read.
+    with _postgresql(options) as postgresql:
+        settings = _settings(options, strace, postgresql)
+        participants = Participants(root)
+        try:
+            for repeat, concurrency, variant, mode in itertools.product(
+                range(1, options.repeat + 1), options.concurrency, options.variants, modes
+            ):
+                case = f"r{repeat}-c{concurrency}-{variant}-{mode.replace('_', '-')}"
+                figures, wrong = _case(
+                    mode,
+                    variant,
+                    concurrency,
+                    case,
+                    options,
+                    root / case,
+                    participants,
+                    strace,
+                    postgresql,
+                    replicas_of.get(mode, 0),
+                )
+                problems.extend(f"{case}: {line}" for line in wrong)
+                runs.setdefault((concurrency, variant, mode), []).append(figures)
+                print(report.progress_line(case, figures), file=sys.stderr, flush=True)
+        finally:
+            participants.stop()
     shutil.rmtree(root, ignore_errors=True)
     return report.document(
-        settings=_settings(options, strace),
+        settings=settings,
         figures={key: _merged(values) for key, values in runs.items()},
         mismatches=problems,
     )
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``saga bench``; exit 1 when a case did not verify."""
-    options = options_from(args)
+    """Run ``saga bench``; exit 1 when a case did not verify, 2 when it could not run."""
     try:
+        options = options_from(args)
         document = run(options)
     except BenchError as error:
         print(f"saga bench: {error}", file=sys.stderr)

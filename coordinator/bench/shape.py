@@ -36,6 +36,11 @@ COORDINATOR_OTLP = "coordinator_otlp"
 """The extra case: through a coordinator that exports traces and metrics over OTLP."""
 
 
+def replicas_mode(replicas: int) -> str:
+    """The extra case of ``replicas`` coordinators sharing one PostgreSQL database."""
+    return f"postgresql_x{replicas}"
+
+
 @dataclass(frozen=True)
 class Step:
     """One step of a bench saga."""

@@ -82,6 +82,11 @@ def test_every_case_is_reported_and_verified(report: dict[str, Any]) -> None:
     assert len(report["cases"]) == len(cases)
 
 
+def test_without_postgresql_no_replicas_are_measured_or_reported(report: dict[str, Any]) -> None:
+    assert "postgresql" not in report["settings"]
+    assert all("postgresql" not in case for case in report["cases"])
+
+
 def test_every_case_has_every_figure(report: dict[str, Any]) -> None:
     for case in report["cases"]:
         _check_figures(case["coordinator"], through_coordinator=True)
