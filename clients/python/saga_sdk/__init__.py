@@ -5,6 +5,7 @@
 
 from saga_sdk.barrier import Barrier, BarrierKey, Operation, Outcome, OutcomeKind
 from saga_sdk.client import AsyncSagaClient, SagaClient
+from saga_sdk.connection import Connection, TokenFile
 from saga_sdk.errors import (
     Aborted,
     AlreadyExists,
@@ -14,9 +15,11 @@ from saga_sdk.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Rejected,
     SagaRpcError,
     SagaSdkError,
+    Unauthenticated,
     Unavailable,
     WaitTimeout,
 )
@@ -46,6 +49,7 @@ from saga_sdk.model import (
 )
 from saga_sdk.participant import CompensateContext, ExecuteContext, Participant
 from saga_sdk.sqlite_barrier import SqliteBarrier
+from saga_sdk.tls import ClientTLS, ServerTLS
 
 __all__ = [
     "Aborted",
@@ -54,7 +58,9 @@ __all__ = [
     "AuditEntry",
     "Barrier",
     "BarrierKey",
+    "ClientTLS",
     "CompensateContext",
+    "Connection",
     "CreateResult",
     "DeadlineExceeded",
     "DefinitionSummary",
@@ -71,6 +77,7 @@ __all__ = [
     "Outcome",
     "OutcomeKind",
     "Participant",
+    "PermissionDenied",
     "PruneResult",
     "RegisterResult",
     "RegisteredDefinition",
@@ -87,11 +94,14 @@ __all__ = [
     "SagaSdkError",
     "SagaState",
     "SagaUpdate",
+    "ServerTLS",
     "SqliteBarrier",
     "StepDefinition",
     "StepKind",
     "StepRun",
     "StepState",
+    "TokenFile",
+    "Unauthenticated",
     "Unavailable",
     "WaitTimeout",
 ]

@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -22,6 +23,12 @@ import grpc
 import grpc.aio
 from saga.v1 import coordinator_service_pb2_grpc, saga_pb2
 
+from saga_sdk.connection import (
+    AsyncTokenSource,
+    BearerToken,
+    Connection,
+    TokenSource,
+)
 from saga_sdk.errors import WaitTimeout, error_from_aio, error_from_call
 from saga_sdk.model import (
     CreateResult,
@@ -67,6 +74,7 @@ from saga_sdk.requests import (
     trace_headers,
     watch_request,
 )
+from saga_sdk.tls import ClientTLS
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -88,13 +96,51 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
+def _dialing(
+    target: str | None,
+    channel: object | None,
+    credentials: grpc.ChannelCredentials | None,
+    tls: ClientTLS | None,
+    options: ChannelOptions,
+) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None]:
+    """The channel options and credentials a client opens its channel with."""
+    if (target is None) == (channel is None):
+        raise ValueError("give exactly one of target and channel")
+    if tls is not None and credentials is not None:
+        raise ValueError("give tls or credentials, not both")
+    if channel is not None and (tls is not None or credentials is not None):
+        raise ValueError("a channel passed in has its own credentials: give no tls or credentials")
+    if tls is None:
+        return list(options), credentials
+    return [*options, *tls.channel_options()], tls.credentials()
+
+
+def _checked_metadata(metadata: Metadata, token: object | None) -> tuple[tuple[str, str], ...]:
+    entries = tuple((key, value) for key, value in metadata)
+    if token is not None and any(key.lower() == "authorization" for key, _ in entries):
+        raise ValueError("give token or an authorization entry in metadata, not both")
+    return entries
+
+
+def _shown(kind: str, target: str | None, tls: ClientTLS | None, token: object | None) -> str:
+    where = repr(target) if target is not None else "channel=..."
+    secured = f", tls={tls!r}" if tls is not None else ""
+    authorized = ", token=<hidden>" if token is not None else ""
+    return f"{kind}({where}{secured}{authorized})"
+
+
 class SagaClient:
     """A blocking client of the coordinator's `CoordinatorService`.
 
-    Give either `target` ("host:port"; TLS when `credentials` are given) or an existing
-    `channel`. A channel passed in stays the caller's: `close()` closes only a channel the client
-    opened itself. `timeout` is the deadline of each unary call, in seconds (None: no deadline);
-    `metadata` is sent with every call (e.g. an authorization header).
+    Give either `target` ("host:port") or an existing `channel`. A channel passed in stays the
+    caller's: `close()` closes only a channel the client opened itself. `tls` (a `ClientTLS`)
+    dials TLS, or mTLS with a client certificate; `credentials` takes any gRPC channel
+    credentials instead; with neither the channel is plaintext. `token` is sent as
+    `authorization: Bearer <token>` with every call, streams and their reconnections included:
+    a string, or a callable asked for a fresh token before each call (e.g. a `TokenFile`).
+    `timeout` is the deadline of each unary call, in seconds (None: no deadline); `metadata` is
+    sent with every call. `SagaClient.from_environment()` takes all this from the environment
+    and a config file (see `saga_sdk.connection`).
     """
 
     def __init__(
@@ -103,29 +149,67 @@ class SagaClient:
         *,
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: ClientTLS | None = None,
+        token: TokenSource | None = None,
         options: ChannelOptions = (),
         timeout: float | None = DEFAULT_TIMEOUT,
         metadata: Metadata = (),
     ) -> None:
-        if (target is None) == (channel is None):
-            raise ValueError("give exactly one of target and channel")
+        channel_options, credentials = _dialing(target, channel, credentials, tls, options)
+        self._metadata = _checked_metadata(metadata, token)
+        self._token = None if token is None else BearerToken(token)
         self._owns_channel = channel is None
         if channel is None:
             assert target is not None
             if credentials is None:
-                channel = grpc.insecure_channel(target, options=list(options))
+                channel = grpc.insecure_channel(target, options=channel_options)
             else:
-                channel = grpc.secure_channel(target, credentials, options=list(options))
+                channel = grpc.secure_channel(target, credentials, options=channel_options)
         self._channel = channel
         self._stub = coordinator_service_pb2_grpc.CoordinatorServiceStub(channel)
         self._timeout = timeout
-        self._metadata = tuple(metadata)
+        self._shown = (target, tls)
+
+    @classmethod
+    def from_environment(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        config_file: str | Path | None = None,
+        options: ChannelOptions = (),
+        timeout: float | None = DEFAULT_TIMEOUT,
+        metadata: Metadata = (),
+    ) -> Self:
+        """A client to the coordinator that `SAGA_TARGET`, `SAGA_TLS_CA`, `SAGA_TLS_CERT`,
+        `SAGA_TLS_KEY`, `SAGA_TLS_SERVER_NAME`, `SAGA_TOKEN` or `SAGA_TOKEN_FILE` name, else
+        the config file (`config_file`, else `SAGA_CLIENT_CONFIG`, else
+        ~/.config/saga/client.yaml when there is one); see `saga_sdk.connection`. ValueError
+        for settings that cannot work (an unreadable file, a key without its certificate, a
+        token with whitespace), naming where they came from.
+        """
+        connection = Connection.from_environment(environ, config_file=config_file)
+        return cls(
+            connection.target,
+            tls=connection.tls,
+            token=connection.token,
+            options=options,
+            timeout=timeout,
+            metadata=metadata,
+        )
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        if self._token is None:
+            return self._metadata
+        return (*self._metadata, self._token.header())
+
+    def __repr__(self) -> str:  # never the token
+        return _shown(type(self).__name__, *self._shown, self._token)
 
     def _call(
         self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
     ) -> _Response:
         try:
-            return method(request, timeout=self._timeout, metadata=self._metadata)
+            return method(request, timeout=self._timeout, metadata=self._call_metadata())
         except grpc.RpcError as exc:
             raise error_from_call(exc) from None
 
@@ -155,7 +239,7 @@ class SagaClient:
         )
         try:
             response = self._stub.CreateSaga(
-                request, timeout=self._timeout, metadata=self._metadata + trace_headers()
+                request, timeout=self._timeout, metadata=self._call_metadata() + trace_headers()
             )
         except grpc.RpcError as exc:
             raise error_from_call(exc) from None
@@ -165,7 +249,7 @@ class SagaClient:
         """Return the saga with this id; `NotFound` when there is none."""
         try:
             response = self._stub.GetSaga(
-                get_request(saga_id), timeout=self._timeout, metadata=self._metadata
+                get_request(saga_id), timeout=self._timeout, metadata=self._call_metadata()
             )
         except grpc.RpcError as exc:
             raise error_from_call(exc) from None
@@ -314,7 +398,7 @@ class SagaClient:
         def stream() -> Iterator[SagaChange]:
             pause = _RESUME_FIRST
             while True:
-                call = self._stub.WatchChanges(request, metadata=self._metadata)
+                call = self._stub.WatchChanges(request, metadata=self._call_metadata())
                 try:
                     for response in call:
                         for change in response.changes:
@@ -397,7 +481,7 @@ class SagaClient:
         request = watch_request(saga_id)
 
         def stream() -> Iterator[SagaUpdate]:
-            call = self._stub.WatchSaga(request, metadata=self._metadata)
+            call = self._stub.WatchSaga(request, metadata=self._call_metadata())
             try:
                 for response in call:
                     yield update_from_proto(response)
@@ -423,7 +507,7 @@ class SagaClient:
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 raise WaitTimeout(saga_id, timeout)
-            call = self._stub.WatchSaga(request, timeout=remaining, metadata=self._metadata)
+            call = self._stub.WatchSaga(request, timeout=remaining, metadata=self._call_metadata())
             try:
                 for response in call:
                     saga = settled_saga_from_response(response)
@@ -483,7 +567,7 @@ class SagaClient:
             while True:
                 try:
                     response = self._stub.ListSagas(
-                        query.page(token), timeout=self._timeout, metadata=self._metadata
+                        query.page(token), timeout=self._timeout, metadata=self._call_metadata()
                     )
                 except grpc.RpcError as exc:
                     raise error_from_call(exc) from None
@@ -515,9 +599,9 @@ class SagaClient:
 class AsyncSagaClient:
     """An asyncio client of the coordinator's `CoordinatorService`; the twin of `SagaClient`.
 
-    Give either `target` ("host:port"; TLS when `credentials` are given) or an existing
-    `grpc.aio` `channel`, which then stays the caller's. Create it inside the event loop that
-    uses it.
+    Give either `target` ("host:port") or an existing `grpc.aio` `channel`, which then stays
+    the caller's; `tls`, `credentials`, `token` (here the callable may be a coroutine function),
+    `timeout` and `metadata` are as `SagaClient`'s. Create it inside the event loop that uses it.
     """
 
     def __init__(
@@ -526,29 +610,63 @@ class AsyncSagaClient:
         *,
         channel: grpc.aio.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: ClientTLS | None = None,
+        token: AsyncTokenSource | None = None,
         options: ChannelOptions = (),
         timeout: float | None = DEFAULT_TIMEOUT,
         metadata: Metadata = (),
     ) -> None:
-        if (target is None) == (channel is None):
-            raise ValueError("give exactly one of target and channel")
+        channel_options, credentials = _dialing(target, channel, credentials, tls, options)
+        self._metadata = _checked_metadata(metadata, token)
+        self._token = None if token is None else BearerToken(token)
         self._owns_channel = channel is None
         if channel is None:
             assert target is not None
             if credentials is None:
-                channel = grpc.aio.insecure_channel(target, options=list(options))
+                channel = grpc.aio.insecure_channel(target, options=channel_options)
             else:
-                channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+                channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
         self._channel = channel
         self._stub = coordinator_service_pb2_grpc.CoordinatorServiceStub(channel)
         self._timeout = timeout
-        self._metadata = tuple(metadata)
+        self._shown = (target, tls)
+
+    @classmethod
+    def from_environment(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        config_file: str | Path | None = None,
+        options: ChannelOptions = (),
+        timeout: float | None = DEFAULT_TIMEOUT,
+        metadata: Metadata = (),
+    ) -> Self:
+        """A client configured by the environment and the config file; see
+        `SagaClient.from_environment`. Call it inside the event loop that uses the client."""
+        connection = Connection.from_environment(environ, config_file=config_file)
+        return cls(
+            connection.target,
+            tls=connection.tls,
+            token=connection.token,
+            options=options,
+            timeout=timeout,
+            metadata=metadata,
+        )
+
+    async def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        if self._token is None:
+            return self._metadata
+        return (*self._metadata, await self._token.header_async())
+
+    def __repr__(self) -> str:  # never the token
+        return _shown(type(self).__name__, *self._shown, self._token)
 
     async def _call(
         self, method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
     ) -> _Response:
+        metadata = await self._call_metadata()
         try:
-            return await method(request, timeout=self._timeout, metadata=self._metadata)
+            return await method(request, timeout=self._timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise error_from_aio(exc) from None
 
@@ -569,9 +687,10 @@ class AsyncSagaClient:
             definition_version=definition_version,
             labels=labels,
         )
+        metadata = await self._call_metadata() + trace_headers()
         try:
             response = await self._stub.CreateSaga(
-                request, timeout=self._timeout, metadata=self._metadata + trace_headers()
+                request, timeout=self._timeout, metadata=metadata
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_aio(exc) from None
@@ -581,7 +700,7 @@ class AsyncSagaClient:
         """Return the saga with this id; `NotFound` when there is none."""
         try:
             response = await self._stub.GetSaga(
-                get_request(saga_id), timeout=self._timeout, metadata=self._metadata
+                get_request(saga_id), timeout=self._timeout, metadata=await self._call_metadata()
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_aio(exc) from None
@@ -696,7 +815,7 @@ class AsyncSagaClient:
         async def stream() -> AsyncIterator[SagaChange]:
             pause = _RESUME_FIRST
             while True:
-                call = self._stub.WatchChanges(request, metadata=self._metadata)
+                call = self._stub.WatchChanges(request, metadata=await self._call_metadata())
                 try:
                     async for response in call:
                         for change in response.changes:
@@ -766,7 +885,7 @@ class AsyncSagaClient:
         request = watch_request(saga_id)
 
         async def stream() -> AsyncIterator[SagaUpdate]:
-            call = self._stub.WatchSaga(request, metadata=self._metadata)
+            call = self._stub.WatchSaga(request, metadata=await self._call_metadata())
             try:
                 async for response in call:
                     yield update_from_proto(response)
@@ -787,7 +906,8 @@ class AsyncSagaClient:
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 raise WaitTimeout(saga_id, timeout)
-            call = self._stub.WatchSaga(request, timeout=remaining, metadata=self._metadata)
+            metadata = await self._call_metadata()
+            call = self._stub.WatchSaga(request, timeout=remaining, metadata=metadata)
             try:
                 async for response in call:
                     saga = settled_saga_from_response(response)
@@ -836,9 +956,10 @@ class AsyncSagaClient:
         async def pages() -> AsyncIterator[Saga]:
             token = ""
             while True:
+                metadata = await self._call_metadata()
                 try:
                     response = await self._stub.ListSagas(
-                        query.page(token), timeout=self._timeout, metadata=self._metadata
+                        query.page(token), timeout=self._timeout, metadata=metadata
                     )
                 except grpc.aio.AioRpcError as exc:
                     raise error_from_aio(exc) from None

@@ -9,6 +9,8 @@ The tree::
     │   ├── AlreadyExists             ALREADY_EXISTS
     │   ├── FailedPrecondition        FAILED_PRECONDITION (e.g. ACTION_NOT_ALLOWED)
     │   ├── Aborted                   ABORTED (e.g. SAGA_VERSION_MISMATCH)
+    │   ├── Unauthenticated           UNAUTHENTICATED: no valid bearer token
+    │   ├── PermissionDenied          PERMISSION_DENIED: the token's roles do not allow it
     │   ├── Unavailable               UNAVAILABLE
     │   └── DeadlineExceeded          DEADLINE_EXCEEDED
     ├── WaitTimeout                   wait() gave up (also a builtin TimeoutError)
@@ -112,6 +114,20 @@ class Aborted(SagaRpcError):
     grpc_code = grpc.StatusCode.ABORTED
 
 
+class Unauthenticated(SagaRpcError):
+    """The coordinator needs a valid bearer token and the call had none (missing, unknown or
+    expired); see `SagaClient`'s `token`."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(SagaRpcError):
+    """The caller is known, and its roles (or definitions, or client certificate) do not allow
+    this call; the message says what it needs."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Unavailable(SagaRpcError):
     """The coordinator could not be reached; the call may be retried."""
 
@@ -168,6 +184,8 @@ _BY_CODE: Mapping[grpc.StatusCode, type[SagaRpcError]] = {
         AlreadyExists,
         FailedPrecondition,
         Aborted,
+        Unauthenticated,
+        PermissionDenied,
         Unavailable,
         DeadlineExceeded,
     )
