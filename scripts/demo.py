@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import yaml
@@ -25,7 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.rule import Rule
 
 from coordinator.console import console, saga_panel, update_line
+from coordinator.devcerts import CertificateAuthority
 from coordinator.store import redacted_url
+from coordinator.transport.access import token_digest
 from saga_sdk.client import SagaClient
 from saga_sdk.model import SagaState
 
@@ -54,10 +58,19 @@ def free_port() -> int:
         return port
 
 
-def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
+def wait_serving(
+    address: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     """Wait until the process at ``address`` answers its health check."""
     deadline = time.monotonic() + 30
-    with grpc.insecure_channel(address) as channel:
+    with (
+        grpc.insecure_channel(address)
+        if credentials is None
+        else grpc.secure_channel(address, credentials)
+    ) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process.poll() is not None:
@@ -79,6 +92,8 @@ class Processes:
 
     workdir: Path
     started: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    credentials: grpc.ChannelCredentials | None = None
+    """How health checks reach the processes (TLS with --secure)."""
 
     def start(self, name: str, command: list[str], address: str) -> None:
         self.spawn(name, command)
@@ -92,7 +107,7 @@ class Processes:
 
     def wait(self, name: str, address: str) -> None:
         process = dict(self.started)[name]
-        wait_serving(address, process, self.workdir / f"{name}.log")
+        wait_serving(address, process, self.workdir / f"{name}.log", self.credentials)
 
     def stop_all(self) -> None:
         for _, process in reversed(self.started):
@@ -107,9 +122,83 @@ class Processes:
                 process.wait()
 
 
-def service_command(name: str, port: int, database: Path) -> list[str]:
+@dataclass(frozen=True)
+class Secrets:
+    """What --secure makes for a run: a CA, each process's certificate, the client's token."""
+
+    certs: Path
+    token: str
+
+    def service(self, name: str) -> list[str]:
+        """A service's flags: its certificate, and the coordinator's CA to require."""
+        return [
+            *("--tls-cert", str(self.certs / f"{name}.pem")),
+            *("--tls-key", str(self.certs / f"{name}.key")),
+            *("--client-ca", str(self.certs / "ca.pem")),
+        ]
+
+    def participant(self, address: str) -> dict[str, Any]:
+        """How the coordinator reaches a service: TLS, with its own client certificate."""
+        return {
+            "address": address,
+            "tls": True,
+            "root_certificates": str(self.certs / "ca.pem"),
+            "client_certificate": str(self.certs / "coordinator-client.pem"),
+            "client_key": str(self.certs / "coordinator-client.key"),
+        }
+
+    def coordinator(self) -> dict[str, Any]:
+        """The coordinator's own TLS (requiring the demo client's certificate) and tokens."""
+        return {
+            "tls": {
+                "certificate": str(self.certs / "coordinator.pem"),
+                "key": str(self.certs / "coordinator.key"),
+                "client_ca": str(self.certs / "ca.pem"),
+                "allowed_clients": ["CN=demo-client"],
+            },
+            "auth": {"tokens": str(self.certs / "tokens.yaml")},
+        }
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The demo client's TLS: the run's CA, and its own certificate."""
+        return grpc.ssl_channel_credentials(
+            (self.certs / "ca.pem").read_bytes(),
+            (self.certs / "demo-client.key").read_bytes(),
+            (self.certs / "demo-client.pem").read_bytes(),
+        )
+
+    def client(self, target: str) -> SagaClient:
+        """The demo's client: its certificate, and its token on every call."""
+        return SagaClient(
+            target,
+            credentials=self.credentials(),
+            metadata=(("authorization", f"Bearer {self.token}"),),
+        )
+
+
+def make_secrets(workdir: Path) -> Secrets:
+    """A CA for the run, a certificate for each process, and a token for the demo client."""
+    certs = workdir / "certs"
+    ca = CertificateAuthority("saga demo CA")
+    ca.write(certs)
+    local = {"dns": ("localhost",), "ips": ("127.0.0.1",)}
+    for name in (*SERVICES, "coordinator"):
+        ca.issue(name, **local).write(certs, name)  # type: ignore[arg-type]
+    ca.issue("coordinator", server=False).write(certs, "coordinator-client")
+    ca.issue("demo-client", server=False).write(certs, "demo-client")
+    token = secrets.token_urlsafe(32)
+    entry = {"name": "demo-client", "sha256": token_digest(token), "roles": ["client"]}
+    (certs / "tokens.yaml").write_text(yaml.safe_dump({"tokens": [entry]}))
+    return Secrets(certs, token)
+
+
+def service_command(
+    name: str, port: int, database: Path, security: Secrets | None = None
+) -> list[str]:
     """How to start one of the demo's services: Cards runs on Node.js, the others on Python."""
     arguments = ["--port", str(port), "--database", str(database)]
+    if security is not None:
+        arguments += security.service(name)
     if name == "cards":
         return ["node", str(NODE_CARDS), *arguments]
     return [sys.executable, str(HERE / "services.py"), name, *arguments]
@@ -137,6 +226,12 @@ def main() -> int:
         help="coordinator processes sharing the store (PostgreSQL): sagas are created on the "
         "first and watched on the last",
     )
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS on both hops with certificates made for the run (the coordinator requires "
+        "the demo client's, each service the coordinator's), and a bearer token",
+    )
     args = parser.parse_args()
     if args.replicas < 1 or (args.replicas > 1 and not args.database):
         parser.error("--replicas above 1 needs a shared --database (postgresql://...)")
@@ -148,6 +243,7 @@ def main() -> int:
     ports = {name: free_port() for name in SERVICES}
     coordinators = [free_port() for _ in range(args.replicas)]
     database = args.database or f"sqlite:///{workdir / 'saga.db'}"
+    security = make_secrets(workdir) if args.secure else None
     configs = []
     for index, port in enumerate(coordinators):
         config = workdir / f"saga-{index + 1}.yaml"
@@ -157,17 +253,27 @@ def main() -> int:
                     "database": database,
                     "listen": f"127.0.0.1:{port}",
                     "definitions": str(HERE / "definitions"),
-                    "participants": {name: f"127.0.0.1:{ports[name]}" for name in SERVICES},
+                    "participants": {
+                        name: (
+                            security.participant(f"127.0.0.1:{ports[name]}")
+                            if security
+                            else f"127.0.0.1:{ports[name]}"
+                        )
+                        for name in SERVICES
+                    },
+                    **(security.coordinator() if security else {}),
                 }
             )
         )
         configs.append(config)
-    processes = Processes(workdir)
+    processes = Processes(workdir, credentials=security.credentials() if security else None)
     started_at = time.monotonic()
     try:
         out.print(Rule("Starting the four services and the coordinator"))
         for name in SERVICES:  # all four start at once, then each is awaited
-            processes.spawn(name, service_command(name, ports[name], workdir / f"{name}.db"))
+            processes.spawn(
+                name, service_command(name, ports[name], workdir / f"{name}.db", security)
+            )
         for name in SERVICES:
             processes.wait(name, f"127.0.0.1:{ports[name]}")
             language = "Node.js" if name == "cards" else "Python"
@@ -187,7 +293,12 @@ def main() -> int:
         target = targets[0]
 
         outcomes = []
-        with SagaClient(targets[0]) as client, SagaClient(targets[-1]) as watcher:
+        connect = security.client if security else SagaClient
+        if security:
+            out.print(
+                f"  TLS on both hops, certificates and the client's token in {security.certs}"
+            )
+        with connect(targets[0]) as client, connect(targets[-1]) as watcher:
             for saga_id, payload in CLIENTS:
                 out.print(Rule(f"Onboarding {payload['company']}"))
                 result = client.create("onboard-corporate-client", payload, saga_id=saga_id)

@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from saga_sdk.errors import Rejected
 from saga_sdk.participant import CompensateContext, ExecuteContext, Participant
 from saga_sdk.sqlite_barrier import SqliteBarrier
+from saga_sdk.tls import ServerTLS
 
 
 def identity(participant: Participant) -> str:
@@ -138,11 +139,17 @@ def main() -> None:
     parser.add_argument("service", choices=sorted(SERVICES))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--database", type=Path, required=True)
+    parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate")
+    parser.add_argument("--tls-key", type=Path, help="the certificate's key")
+    parser.add_argument("--client-ca", type=Path, help="require client certificates of this CA")
     args = parser.parse_args()
+    tls = None
+    if args.tls_cert is not None:
+        tls = ServerTLS.from_files(args.tls_cert, args.tls_key, client_ca=args.client_ca)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.service}: %(message)s")
     tracing = tracer_provider(args.service)
     try:
-        build(args.service, args.database, tracing).run(f"127.0.0.1:{args.port}")
+        build(args.service, args.database, tracing).run(f"127.0.0.1:{args.port}", tls=tls)
     finally:
         if tracing is not None:
             tracing.shutdown()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 STORY_EVENTS = ("UserCreated", "AccountOpened", "CardIssued", "SubscriptionCreated")
 
@@ -98,3 +100,29 @@ def test_the_demo_refuses_replicas_without_a_shared_store(tmp_path: Path) -> Non
 
     assert result.returncode == 2
     assert "--replicas above 1 needs a shared --database" in result.stderr
+
+
+def test_the_demo_runs_with_tls_on_both_hops_and_a_token(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--secure", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    words = " ".join(result.stdout.split())
+    assert "TLS on both hops" in words
+    assert "acme-corp SUCCEEDED, globex-corp COMPENSATED" in words
+    config = yaml.safe_load((tmp_path / "saga-1.yaml").read_text())
+    assert config["tls"]["client_ca"]
+    assert config["tls"]["allowed_clients"] == ["CN=demo-client"]
+    assert config["auth"]["tokens"]
+    for name, endpoint in config["participants"].items():
+        assert endpoint["tls"] is True, name
+        assert endpoint["client_certificate"].endswith("coordinator-client.pem"), name
+    tokens = yaml.safe_load(Path(config["auth"]["tokens"]).read_text())["tokens"]
+    assert [(t["name"], t["roles"]) for t in tokens] == [("demo-client", ["client"])]
+    keys = sorted((tmp_path / "certs").glob("*.key"))
+    assert len(keys) == 7
+    assert all(key.stat().st_mode & 0o077 == 0 for key in keys)

@@ -1,11 +1,13 @@
 // The demo's Cards service: issues a virtual card per saga and cancels it on compensation.
 //
 //   node examples/cards.js --port 50063 --database cards.db [--host 127.0.0.1]
+//     [--tls-cert cards.pem --tls-key cards.key [--client-ca coordinator-ca.pem]]
 //
 // Serves saga.v1.ParticipantService and the gRPC health service, stops gracefully on SIGTERM,
 // and exports traces over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT is set.
 
 import { randomInt, randomUUID } from 'node:crypto';
+import fs from 'node:fs';
 import { parseArgs } from 'node:util';
 import { Participant, Rejected, SqliteBarrier } from '@saga-coordinator/sdk';
 import { setupTracing } from '@saga-coordinator/sdk/tracing';
@@ -19,6 +21,9 @@ const { values: args } = parseArgs({
     port: { type: 'string', default: '50063' },
     host: { type: 'string', default: '127.0.0.1' },
     database: { type: 'string', default: 'cards.db' },
+    'tls-cert': { type: 'string' },
+    'tls-key': { type: 'string' },
+    'client-ca': { type: 'string' },
   },
 });
 
@@ -69,6 +74,14 @@ cards.compensation('CancelCard', (ctx) => (db) => {
   ).run(ctx.executeRequestId);
 });
 
-await cards.serve(`${args.host}:${args.port}`);
+// With a certificate it serves TLS; with a client CA it also requires the coordinator's.
+const tls = args['tls-cert']
+  ? {
+      certChain: fs.readFileSync(args['tls-cert']),
+      privateKey: fs.readFileSync(args['tls-key']),
+      clientCa: args['client-ca'] ? fs.readFileSync(args['client-ca']) : null,
+    }
+  : undefined;
+await cards.serve(`${args.host}:${args.port}`, { tls });
 barrier.close();
 await tracing.shutdown();
