@@ -240,17 +240,59 @@ export function sagaName(sagaId: string): string;
 /** Pause before re-watching after the attempt-th broken stream: 50 ms doubling up to 2 s. */
 export function rewatchDelayMs(attempt: number): number;
 
+/** What a client dials TLS with, in PEM (Buffers or strings); every field is optional. */
+export interface ClientTls {
+  /** CA certificates the coordinator's certificate must be signed by; omitted: the system's. */
+  ca?: Buffer | string | null;
+  /** This client's certificate (then any intermediates'), for a coordinator requiring mTLS. */
+  certChain?: Buffer | string | null;
+  /** The certificate's private key, unencrypted; goes with `certChain`. */
+  privateKey?: Buffer | string | null;
+  /** The name the coordinator's certificate carries, when `target` names something else. */
+  serverName?: string | null;
+}
+
+/** A bearer token, or a function asked for a fresh one before every call. */
+export type TokenSource = string | (() => string | Promise<string>);
+
 export interface SagaClientOptions {
-  /** TLS credentials; plaintext when omitted. */
+  /** TLS (mTLS with `certChain` and `privateKey`); plaintext when neither this nor `credentials`. */
+  tls?: ClientTls;
+  /** Any grpc-js channel credentials, instead of `tls`. */
   credentials?: grpc.ChannelCredentials;
+  /**
+   * Sent as `authorization: Bearer <token>` with every call, streams and their reconnections
+   * included. Never shown in errors.
+   */
+  token?: TokenSource;
   channelOptions?: grpc.ChannelOptions;
   /** Deadline of each unary call; null for none. Default 30 000. */
   timeoutMs?: number | null;
-  /** Sent with every call, e.g. { authorization: 'Bearer ...' }. */
+  /** Sent with every call. */
   metadata?: Record<string, string>;
   /** Directory holding saga/v1/*.proto. */
   protosDir?: string;
 }
+
+/** The constructor's options that SagaClient.fromEnvironment takes, and the environment to read. */
+export interface FromEnvironmentOptions extends Omit<SagaClientOptions, 'tls' | 'credentials' | 'token'> {
+  /** Default process.env. */
+  env?: Record<string, string | undefined>;
+}
+
+/** The coordinator's address when nothing names one: 127.0.0.1:50051. */
+export const DEFAULT_TARGET: string;
+
+/**
+ * The target, TLS settings and token that SAGA_TARGET, SAGA_TLS_CA, SAGA_TLS_CERT, SAGA_TLS_KEY,
+ * SAGA_TLS_SERVER_NAME, SAGA_TLS, SAGA_TOKEN and SAGA_TOKEN_FILE name (files read now; a token
+ * file again whenever it changes). Throws a TypeError naming the variable at fault.
+ */
+export function connectionFromEnvironment(env?: Record<string, string | undefined>): {
+  target: string;
+  tls: ClientTls | null;
+  token: string | (() => string) | null;
+};
 
 export interface CreateResult {
   readonly saga: Saga;
@@ -270,6 +312,8 @@ export interface ListFilters {
 /** A client of the coordinator's CoordinatorService. */
 export class SagaClient {
   constructor(target: string, options?: SagaClientOptions);
+  /** A client of the coordinator the environment names (see connectionFromEnvironment). */
+  static fromEnvironment(options?: FromEnvironmentOptions): SagaClient;
   /**
    * Start a saga; idempotent with `sagaId`. `input`: a Buffer as is, null as empty, else JSON.
    * `definitionVersion` 0 means the newest.

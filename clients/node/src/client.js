@@ -4,11 +4,16 @@
 //   const { saga } = await client.create('onboard-client', { name: 'ACME' }, { sagaId: 'acme-1' });
 //   const done = await client.wait(saga.sagaId, { timeoutMs: 60_000 });
 //
+// A secured coordinator: `new SagaClient(target, { tls: { ca, certChain, privateKey }, token })`,
+// or `SagaClient.fromEnvironment()` (SAGA_TARGET, SAGA_TLS_*, SAGA_TOKEN(_FILE); see
+// connection.js).
+//
 // Every failed call throws a SagaRpcError carrying the status code and the rich
 // google.rpc.Status details (ErrorInfo reason, BadRequest field violations).
 
 import { setTimeout as sleep } from 'node:timers/promises';
 import grpc from '@grpc/grpc-js';
+import { bearer, clientCredentials, connectionFromEnvironment } from './connection.js';
 import { loadContract } from './contract.js';
 import { WaitTimeout, errorFromGrpc } from './errors.js';
 import { SagaState, changeFromProto, sagaFromProto, settledSagaFromResponse, updateFromProto } from './model.js';
@@ -55,33 +60,70 @@ function ignoreLateErrors() {}
 /**
  * A client of the coordinator's CoordinatorService.
  *
+ * `tls` dials TLS (`ca` to trust the coordinator by, `certChain` and `privateKey` for mTLS,
+ * `serverName` when its certificate names another host than `target`); `credentials` takes any
+ * grpc-js channel credentials instead; with neither the channel is plaintext. `token` is sent as
+ * `authorization: Bearer <token>` with every call, streams and their reconnections included: a
+ * string, or a function returning one (or a Promise of one), asked before each call.
  * `timeoutMs` is the deadline of each unary call (null: none); `metadata` (an object of string
- * values) is sent with every call, e.g. an authorization header, and the active OpenTelemetry
- * trace context is added to it. Without `credentials` the channel is plaintext.
+ * values) is sent with every call, and the active OpenTelemetry trace context is added to it.
  */
 export class SagaClient {
   #client;
   #timeoutMs;
   #metadata;
+  #authorization;
 
   /**
    * @param {string} target "host:port"
-   * @param {{credentials?: grpc.ChannelCredentials, channelOptions?: object,
+   * @param {{credentials?: grpc.ChannelCredentials, tls?: import('./connection.js').ClientTls,
+   *          token?: string | (() => string | Promise<string>), channelOptions?: object,
    *          timeoutMs?: number | null, metadata?: Record<string, string>,
    *          protosDir?: string}} [options]
    */
   constructor(
     target,
-    { credentials, channelOptions = {}, timeoutMs = DEFAULT_TIMEOUT_MS, metadata = {}, protosDir } = {},
+    {
+      credentials,
+      tls,
+      token,
+      channelOptions = {},
+      timeoutMs = DEFAULT_TIMEOUT_MS,
+      metadata = {},
+      protosDir,
+    } = {},
   ) {
+    if (tls != null && credentials != null) throw new TypeError('pass tls or credentials, not both');
+    const hasAuthorization = Object.keys(metadata).some((key) => key.toLowerCase() === 'authorization');
+    if (token != null && hasAuthorization) {
+      throw new TypeError('pass token or an authorization entry in metadata, not both');
+    }
+    this.#authorization = token == null ? null : bearer(token);
+    let options = channelOptions;
+    if (tls != null) {
+      const secured = clientCredentials(tls);
+      credentials = secured.credentials;
+      options = { ...channelOptions, ...secured.channelOptions };
+    }
     const { CoordinatorClient } = loadContract(protosDir);
-    this.#client = new CoordinatorClient(
-      target,
-      credentials ?? grpc.credentials.createInsecure(),
-      channelOptions,
-    );
+    this.#client = new CoordinatorClient(target, credentials ?? grpc.credentials.createInsecure(), options);
     this.#timeoutMs = timeoutMs;
     this.#metadata = { ...metadata };
+  }
+
+  /**
+   * A client of the coordinator the environment names: SAGA_TARGET, SAGA_TLS_CA, SAGA_TLS_CERT,
+   * SAGA_TLS_KEY, SAGA_TLS_SERVER_NAME, SAGA_TLS, SAGA_TOKEN or SAGA_TOKEN_FILE (see
+   * connection.js); the other options as the constructor's. Throws a TypeError naming the
+   * variable at fault (an unreadable file, a key without its certificate, a malformed token).
+   *
+   * @param {{env?: Record<string, string | undefined>, channelOptions?: object,
+   *          timeoutMs?: number | null, metadata?: Record<string, string>,
+   *          protosDir?: string}} [options]
+   */
+  static fromEnvironment({ env = process.env, ...options } = {}) {
+    const { target, tls, token } = connectionFromEnvironment(env);
+    return new SagaClient(target, { ...options, tls: tls ?? undefined, token: token ?? undefined });
   }
 
   /**
@@ -147,9 +189,9 @@ export class SagaClient {
    */
   watch(sagaId) {
     const request = { name: sagaName(sagaId) };
-    const open = () => this.#client.WatchSaga(request, this.#callMetadata());
+    const open = async () => this.#client.WatchSaga(request, await this.#callMetadata());
     return (async function* stream() {
-      const call = open();
+      const call = await open();
       call.on('error', ignoreLateErrors);
       try {
         for await (const response of call) yield updateFromProto(response);
@@ -192,7 +234,7 @@ export class SagaClient {
     const metadata = () => this.#callMetadata();
     return (async function* stream() {
       for (let broken = 1; !signal?.aborted; broken += 1) {
-        const call = client.WatchChanges(request, metadata());
+        const call = client.WatchChanges(request, await metadata());
         call.on('error', ignoreLateErrors);
         const abort = () => call.cancel();
         signal?.addEventListener('abort', abort, { once: true });
@@ -230,7 +272,7 @@ export class SagaClient {
       if (deadline !== null && deadline - Date.now() <= 0) throw new WaitTimeout(sagaId, timeoutMs);
       const call = this.#client.WatchSaga(
         request,
-        this.#callMetadata(),
+        await this.#callMetadata(),
         deadline === null ? {} : { deadline },
       );
       call.on('error', ignoreLateErrors);
@@ -258,16 +300,18 @@ export class SagaClient {
     this.#client.close();
   }
 
-  #callMetadata() {
+  async #callMetadata() {
     const metadata = new grpc.Metadata();
     for (const [key, value] of Object.entries(this.#metadata)) metadata.set(key, value);
+    if (this.#authorization !== null) metadata.set('authorization', await this.#authorization());
     return injectTraceContext(metadata);
   }
 
-  #unary(method, request) {
+  async #unary(method, request) {
+    const metadata = await this.#callMetadata();
     return new Promise((resolve, reject) => {
       const options = this.#timeoutMs === null ? {} : { deadline: Date.now() + this.#timeoutMs };
-      this.#client[method](request, this.#callMetadata(), options, (error, response) =>
+      this.#client[method](request, metadata, options, (error, response) =>
         error ? reject(errorFromGrpc(error)) : resolve(response),
       );
     });

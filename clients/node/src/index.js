@@ -1,6 +1,7 @@
 // Node.js SDK for the saga coordinator: the client, and participants with an idempotency barrier.
 
 export { SagaClient, DEFAULT_TIMEOUT_MS, sagaName, rewatchDelayMs } from './client.js';
+export { DEFAULT_TARGET, connectionFromEnvironment } from './connection.js';
 export { Participant, SERVICE_NAME } from './participant.js';
 export { SqliteBarrier, BarrierKey, Operation, OutcomeKind, DEFAULT_TABLE } from './barrier.js';
 export {

@@ -37,6 +37,7 @@ import { BarrierKey } from './barrier.js';
 import { Rejected } from './errors.js';
 import { HealthService, SERVING } from './health.js';
 import { decodeJson, encodePayload } from './payload.js';
+import { CERTIFICATE, PRIVATE_KEY, pem } from './pem.js';
 import { CODE_NAMES, statusError } from './rich_status.js';
 import { inParticipantSpan, recordOutcome } from './telemetry.js';
 
@@ -80,28 +81,12 @@ function metadataObject(metadata) {
   return Object.freeze(out);
 }
 
-const CERTIFICATE = /-----BEGIN CERTIFICATE-----/;
-// gRPC reads unencrypted keys only: PKCS#8, or the traditional EC and RSA forms.
-const PRIVATE_KEY = /-----BEGIN (RSA |EC )?PRIVATE KEY-----/;
-
 /**
  * What a participant serves TLS with, in PEM.
  *
  * @typedef {{certChain: Buffer | string, privateKey: Buffer | string,
  *   clientCa?: Buffer | string | null}} ServerTls
  */
-
-function pem(value, field, block) {
-  if (typeof value !== 'string' && !(value instanceof Uint8Array)) {
-    throw new TypeError(`tls.${field} must be PEM, as a Buffer or a string`);
-  }
-  const bytes = Buffer.from(value);
-  if (!block.test(bytes.toString('latin1'))) {
-    const kind = field === 'privateKey' ? 'unencrypted private key' : 'certificate';
-    throw new TypeError(`tls.${field} holds no PEM ${kind}`);
-  }
-  return bytes;
-}
 
 function isLoopback(address) {
   const host = address.slice(0, address.lastIndexOf(':')).replace(/^\[|\]$/g, '');

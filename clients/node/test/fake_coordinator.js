@@ -127,13 +127,16 @@ export class FakeCoordinator {
   }
 }
 
-/** Serve a FakeCoordinator on 127.0.0.1:0; stopped when the test ends. */
-export async function startFakeCoordinator(t) {
+/**
+ * Serve a FakeCoordinator on 127.0.0.1:0 (plaintext, or with the given server `credentials`);
+ * stopped when the test ends.
+ */
+export async function startFakeCoordinator(t, { credentials = grpc.ServerCredentials.createInsecure() } = {}) {
   const fake = new FakeCoordinator();
   const server = new grpc.Server();
   server.addService(loadContract().coordinatorService, fake.handlers());
   const port = await new Promise((resolve, reject) =>
-    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))),
+    server.bindAsync('127.0.0.1:0', credentials, (e, p) => (e ? reject(e) : resolve(p))),
   );
   t.after(() => server.forceShutdown());
   return { fake, port, target: `127.0.0.1:${port}` };

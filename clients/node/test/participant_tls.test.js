@@ -1,9 +1,7 @@
 // A participant serving TLS, and mTLS with `clientCa`: callers the handshake refuses never reach
-// a handler. Certificates come from a CA made here with the openssl command.
+// a handler. Certificates come from a CA made with the openssl command (test/pki.js).
 
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -11,64 +9,9 @@ import { test } from 'node:test';
 import grpc from '@grpc/grpc-js';
 import { Participant, loadContract } from '../src/index.js';
 import { call, executeRequest, silentLogger } from './helpers.js';
-
-const OPENSSL_CONFIG = `
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = unused
-[ca]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign
-[leaf]
-basicConstraints = critical,CA:FALSE
-extendedKeyUsage = serverAuth,clientAuth
-subjectAltName = IP:127.0.0.1,DNS:localhost
-`;
-
-function hasOpenssl() {
-  try {
-    execFileSync('openssl', ['version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
+import { certificateAuthority, hasOpenssl } from './pki.js';
 
 const skip = hasOpenssl() ? false : 'the openssl command is needed to make certificates';
-
-/** A CA in `dir`; `issue(name)` returns a {cert, key} (PEM Buffers) it signed for 127.0.0.1. */
-function certificateAuthority(dir, name) {
-  const config = path.join(dir, 'openssl.cnf');
-  fs.writeFileSync(config, OPENSSL_CONFIG);
-  const openssl = (...args) => execFileSync('openssl', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  const newKey = (file) =>
-    openssl('genpkey', '-algorithm', 'EC', '-pkeyopt', 'ec_paramgen_curve:P-256', '-out', file);
-  const caKey = path.join(dir, `${name}.key`);
-  const caCert = path.join(dir, `${name}.pem`);
-  newKey(caKey);
-  openssl(
-    'req', '-x509', '-new', '-key', caKey, '-subj', `/CN=${name}`, '-days', '2',
-    '-config', config, '-extensions', 'ca', '-out', caCert,
-  );
-  return {
-    pem: fs.readFileSync(caCert),
-    issue(leaf) {
-      const key = path.join(dir, `${name}-${leaf}.key`);
-      const csr = path.join(dir, `${name}-${leaf}.csr`);
-      const cert = path.join(dir, `${name}-${leaf}.pem`);
-      newKey(key);
-      openssl('req', '-new', '-key', key, '-subj', `/CN=${leaf}`, '-config', config, '-out', csr);
-      openssl(
-        'x509', '-req', '-in', csr, '-CA', caCert, '-CAkey', caKey, '-days', '2',
-        '-set_serial', `0x${crypto.randomBytes(8).toString('hex')}`,
-        '-extfile', config, '-extensions', 'leaf', '-out', cert,
-      );
-      return { cert: fs.readFileSync(cert), key: fs.readFileSync(key) };
-    },
-  };
-}
 
 let pki;
 function certificates() {

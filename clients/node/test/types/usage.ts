@@ -47,8 +47,20 @@ async function participant(): Promise<number> {
   return port;
 }
 
+function securedClients(ca: Buffer, certChain: Buffer, privateKey: string): SagaClient[] {
+  const rotating = async (): Promise<string> => 'a-fresh-token';
+  return [
+    new SagaClient('coordinator.internal:50051', {
+      tls: { ca, certChain, privateKey, serverName: 'coordinator.internal' },
+      token: rotating,
+    }),
+    new SagaClient('127.0.0.1:50051', { tls: {}, token: 'a-token', timeoutMs: null }),
+    SagaClient.fromEnvironment({ env: { SAGA_TARGET: '127.0.0.1:50051' }, timeoutMs: 5000 }),
+  ];
+}
+
 async function client(): Promise<Saga> {
-  const c = new SagaClient('127.0.0.1:50051', { timeoutMs: 5000, metadata: { authorization: 'x' } });
+  const c = new SagaClient('127.0.0.1:50051', { timeoutMs: 5000, metadata: { 'x-request': 'x' } });
   const { saga, created } = await c.create('onboard', { company: 'ACME' }, { sagaId: 'acme-1' });
   const ok: boolean = created && saga.settled;
   for await (const s of c.list({ states: ['RUNNING', 'SAGA_STATE_COMPENSATING'], pageSize: 10 })) {
@@ -75,4 +87,4 @@ async function client(): Promise<Saga> {
   }
 }
 
-export { client, participant };
+export { client, participant, securedClients };
