@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -21,6 +23,8 @@ _DURATION_UNITS = {
     "d": 86400.0,
     "w": 7 * 86400.0,
 }
+log = logging.getLogger("coordinator.config")
+
 _REPLICA = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 ADDRESS_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+|unix):[0-9A-Za-z/._-]+$")
 
@@ -244,6 +248,8 @@ def _endpoint(name: str, raw: Any, source: str, base: Path) -> ParticipantEndpoi
             raise ConfigError(f"{where}.{key}: cannot read {path}: {error}") from None
         if not block.search(pem):
             raise ConfigError(f"{where}.{key}: {path} holds no PEM {kind}")
+        if key == "client_key":
+            check_private_key_file(path)
         files[key] = pem
     return ParticipantEndpoint(
         address,
@@ -481,3 +487,17 @@ def _auth(raw: Any, source: str, base: Path) -> AuthSettings:
     if tokens is None and jwt is None:
         raise ConfigError(f"{where}: give tokens: FILE, jwt: {{...}}, or both")
     return AuthSettings(None if tokens is None else base / tokens, jwt)
+
+
+def check_private_key_file(path: Path) -> None:
+    """Warn when a private key file can be read by others than its owner."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning(
+            "the private key %s can be read by others than its owner (mode %o): chmod 600 it",
+            path,
+            stat.S_IMODE(mode),
+        )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,23 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from coordinator.config import ServerTls
+from coordinator.config import ServerTls, check_private_key_file
 
 log = logging.getLogger("coordinator.tls")
-
-
-def check_private_key_file(path: Path) -> None:
-    """Warn when a private key file can be read by others than its owner."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning(
-            "the private key %s can be read by others than its owner (mode %o): chmod 600 it",
-            path,
-            stat.S_IMODE(mode),
-        )
 
 
 def load_server_tls(tls: ServerTls) -> tuple[bytes, bytes, bytes | None]:

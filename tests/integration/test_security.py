@@ -546,3 +546,43 @@ def test_plaintext_is_refused_off_loopback_unless_asked_for(
     for loopback in ("127.0.0.1:50051", "[::1]:50051", "localhost:50051"):
         config.write_text(f"listen: '{loopback}'\n")
         assert load_settings(config).listen == loopback
+
+
+async def test_a_private_key_readable_by_others_is_warned_about_at_start(
+    tmp_path: Path,
+    pki: Pki,
+    participants: dict[str, ScriptedParticipant],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    certificate, key = pki.ca.issue("coordinator", dns=("localhost",)).write(tmp_path, "open")
+    key.chmod(0o644)
+    client_certificate, client_key = pki.ca.issue("coordinator", server=False).write(
+        tmp_path, "client"
+    )
+    client_key.chmod(0o640)
+    config = tmp_path / "saga.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "participants": {
+                    "accounts": {
+                        "address": "127.0.0.1:50062",
+                        "tls": True,
+                        "client_certificate": str(client_certificate),
+                        "client_key": str(client_key),
+                    }
+                }
+            }
+        )
+    )
+
+    load_settings(config)
+    async with running_coordinator(
+        tmp_path, participants, [four_step_definition("onboard")], tls=ServerTls(certificate, key)
+    ):
+        pass
+
+    warned = [r.getMessage() for r in caplog.records if "can be read by others" in r.getMessage()]
+    assert [str(key) in line for line in warned] == [False, True]
+    assert "(mode 640)" in warned[0]
+    assert "(mode 644)" in warned[1]
