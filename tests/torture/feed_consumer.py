@@ -8,7 +8,11 @@ change may be recorded twice (killed between the two writes), never missed. Each
 the consumer's life (``life``), so the checker can tell a replay after a restart from a feed that
 went backwards.
 
-    python -m tests.torture.feed_consumer --target 127.0.0.1:PORT --dir DIR
+With several ``--target`` (replicas on one store), it follows one of them and moves to the next
+when that one is down (killed, restarting or paused: it no longer answers its health check),
+resuming there from the stored position; each life starts on another replica.
+
+    python -m tests.torture.feed_consumer --target 127.0.0.1:PORT [--target ...] --dir DIR
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 from pathlib import Path
 
-from saga_sdk import SagaClient
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from saga_sdk import SagaClient, SagaSdkError
 
 CHANGES = "changes.jsonl"
 POSITION = "position"
@@ -29,6 +37,11 @@ OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 20),
     ("grpc.max_reconnect_backoff_ms", 200),
 )
+HEALTH_EVERY = 0.25
+"""Seconds between two health checks of the replica followed."""
+HEALTH_TIMEOUT = 0.5
+MISSED_HEALTH_CHECKS = 2
+"""Failed health checks in a row after which the replica followed is taken as down."""
 
 
 def stored_position(directory: Path) -> int:
@@ -48,27 +61,83 @@ def store_position(directory: Path, position: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--target", required=True)
+    parser.add_argument("--target", action="append", required=True, help="repeat per replica")
     parser.add_argument("--dir", type=Path, required=True)
     args = parser.parse_args()
+    targets: list[str] = args.target
     directory: Path = args.dir
     directory.mkdir(parents=True, exist_ok=True)
     life = len(list(directory.glob("life-*"))) + 1
     (directory / f"life-{life}").touch()
-    after = stored_position(directory)
     out = os.open(directory / CHANGES, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    with SagaClient(args.target, options=OPTIONS) as client:
-        for change in client.changes(after):
-            line = {
-                "life": life,
-                "position": change.position,
-                "saga_id": change.saga_id,
-                "sequence": change.event.sequence,
-                "type": change.event.type.name,
-                "state": change.state.name,
-            }
-            os.write(out, (json.dumps(line, sort_keys=True) + "\n").encode())
-            store_position(directory, change.position)
+    if len(targets) == 1:
+        # One coordinator: the SDK reopens the feed on it by itself when it restarts.
+        with SagaClient(targets[0], options=OPTIONS) as client:
+            consume(client, directory, life, out)
+        return
+    index = life % len(targets)
+    while True:
+        target = targets[index]
+        if healthy(target):
+            print(f"life {life}: following {target}", flush=True)
+            follow_while_up(target, directory, life, out)
+            print(f"life {life}: {target} is down", flush=True)
+        index = (index + 1) % len(targets)
+
+
+def consume(client: SagaClient, directory: Path, life: int, out: int) -> None:
+    """Record every change after the stored position, then store its position; for ever."""
+    for change in client.changes(stored_position(directory)):
+        line = {
+            "life": life,
+            "position": change.position,
+            "saga_id": change.saga_id,
+            "sequence": change.event.sequence,
+            "type": change.event.type.name,
+            "state": change.state.name,
+        }
+        os.write(out, (json.dumps(line, sort_keys=True) + "\n").encode())
+        store_position(directory, change.position)
+
+
+def follow_while_up(target: str, directory: Path, life: int, out: int) -> None:
+    """Consume the feed from ``target`` until it stops answering its health checks."""
+    channel = grpc.insecure_channel(target, options=list(OPTIONS))
+    down = threading.Event()
+    done = threading.Event()
+
+    def watch() -> None:
+        missed = 0
+        while not done.wait(HEALTH_EVERY):
+            missed = 0 if healthy(target) else missed + 1
+            if missed >= MISSED_HEALTH_CHECKS:
+                down.set()
+                channel.close()  # ends the stream, and the SDK's attempts to reopen it here
+                return
+
+    watchdog = threading.Thread(target=watch, name=f"health of {target}", daemon=True)
+    watchdog.start()
+    try:
+        consume(SagaClient(channel=channel), directory, life, out)
+    except (SagaSdkError, ValueError):  # cut off by the close, or reopened on a closed channel
+        if not down.is_set():
+            raise
+    finally:
+        done.set()
+        watchdog.join()
+        channel.close()
+
+
+def healthy(target: str) -> bool:
+    """Whether the coordinator at ``target`` answers its health check SERVING."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT
+            )
+        except grpc.RpcError:
+            return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 if __name__ == "__main__":

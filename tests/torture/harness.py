@@ -12,6 +12,14 @@ One run, from its seed:
 3. then the faults stop, everything drains until every acknowledged saga has settled, every
    process stops, and the offline checker (``tests.torture.checker``) reads what is left.
 
+With several replicas (``replicas`` > 1), several coordinators share the store (a PostgreSQL
+database, or the SQLite file) under short leases. The nemesis picks one replica at random for
+each of its turns: it kills that one's running process at a random instant, then runs it through
+lives that end at crash points, and leaves it running again; meanwhile the others serve, claim
+the sagas of the dead one and are paused now and then (SIGSTOP) for longer than their lease,
+so that their sagas are taken over and what they write on waking is refused. The client and
+the change feed's consumer move to another replica when theirs refuses or is down.
+
 A failing run is replayed with the same ``--seed``: the sagas and the faults are drawn from it
 (the exact interleaving, being real time, varies).
 """
@@ -23,7 +31,6 @@ import contextlib
 import json
 import os
 import random
-import sqlite3
 import statistics
 import tempfile
 import time
@@ -39,9 +46,11 @@ import yaml
 from saga.v1 import coordinator_service_pb2 as cpb
 from saga.v1 import coordinator_service_pb2_grpc as cpb_grpc
 
+from coordinator.config import parse_duration
 from coordinator.crashpoints import ENVIRONMENT_VARIABLE, CrashPoint
 from tests.support.processes import free_port
-from tests.torture.checker import CheckReport, check_run, input_digest, read_only
+from tests.torture.checker import CheckReport, check_run, input_digest
+from tests.torture.probe import ProbeFailed, StoreProbe
 from tests.torture.processes import ManagedProcess, wait_serving
 from tests.torture.proxy import FaultyLink
 from tests.torture.scenario import (
@@ -64,6 +73,12 @@ CLIENT_OPTIONS = [
 RETRIED_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
+REPLICA_RETRIED_CODES = RETRIED_CODES | {grpc.StatusCode.ABORTED}
+"""With replicas, ABORTED too: an action lost the saga to another replica (its lease), retry."""
+STALE_WRITE_LOGGED = "letting the saga go"
+"""What a replica logs when a write is refused because another replica holds the saga now."""
+LEASE_LAPSE_LOGGED = "ran out (was the process paused?)"
+"""What a replica logs when it finds that its own lease ran out."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,17 @@ class TortureSettings:
     network_faults: bool = True
     feed_consumer: bool = True
     """Follow the change feed with a consumer that is SIGKILLed at random instants too."""
+    replicas: int = 1
+    """Coordinator processes sharing the store. Above 1, each has its own port, its name
+    (``r0``, ``r1``...) and the short ``lease``; the nemesis kills one at a time, and the
+    others are paused now and then."""
+    database_url: str | None = None
+    """The store the coordinators share: a ``postgresql://`` URL; None: a SQLite file in the
+    run's directory."""
+    lease: str = "2s"
+    """Each replica's lease, with several replicas: short, so that takeovers happen in the run."""
+    min_pauses: int = 0
+    """With several replicas: pauses (SIGSTOP, longer than the lease) before the faults stop."""
     progress: Callable[[str], None] | None = None
     """Called with a line of progress now and then."""
 
@@ -118,6 +144,18 @@ class RunStats:
     fault_seconds: float = 0.0
     drain_seconds: float = 0.0
     final_exit_code: int | None = None
+    pauses: int = 0
+    """Replicas paused (SIGSTOP) for longer than their lease, then resumed."""
+    aborted_retries: int = 0
+    """Requests a replica refused as ABORTED (it lost the saga to another one), retried."""
+    stale_writes: int = 0
+    """Writes refused because another replica held the saga (from the replicas' logs)."""
+    lease_lapses: int = 0
+    """Times a replica found its own lease run out (from the replicas' logs)."""
+    sagas_claimed_again: int = 0
+    """Sagas claimed (or taken) after the hold they were created with, at least once."""
+    claims_after_creation: int = 0
+    """Claims and takes of sagas after their creation, in all (each moved the saga's epoch)."""
 
     @property
     def coordinator_kills(self) -> int:
@@ -136,6 +174,11 @@ class TortureReport:
     stats: RunStats
     links: dict[str, dict[str, int]]
     workdir: Path
+    replicas: int = 1
+    store: str = "sqlite"
+    """``sqlite`` or ``postgresql``."""
+    lease: str | None = None
+    """The replicas' lease (None: one coordinator, with the default lease)."""
 
     @property
     def figures(self) -> dict[str, int]:
@@ -163,6 +206,9 @@ class TortureReport:
         return {
             "seed": self.seed,
             "ok": self.ok,
+            "replicas": self.replicas,
+            "store": self.store,
+            "lease": self.lease,
             "must_be_zero": self.figures,
             "coordinator_kills": self.stats.coordinator_kills,
             "recovery_seconds": {
@@ -189,16 +235,34 @@ def _percentile(values: list[float], percent: int) -> float | None:
     return round(statistics.quantiles(values, n=100, method="inclusive")[percent - 1], 3)
 
 
+@dataclass(eq=False)
+class Replica:
+    """One coordinator process of the run, under its name, on its own port."""
+
+    name: str
+    port: int
+    config: Path
+    process: ManagedProcess
+
+    @property
+    def target(self) -> str:
+        """The replica's address."""
+        return f"127.0.0.1:{self.port}"
+
+
 class Torture:
     """One run; see the module docstring."""
 
     def __init__(self, settings: TortureSettings) -> None:
+        if settings.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, not {settings.replicas}")
         self.settings = settings
         self.rng = random.Random(settings.seed)
         self.stats = RunStats()
         work = settings.workdir
         self.coordinator_dir = work / "coordinator"
         self.database = self.coordinator_dir / "saga.db"
+        self.probe = StoreProbe(self.database, settings.database_url)
         self.client_log = work / "client" / "acks.jsonl"
         self.participant_dirs = {name: work / "participants" / name for name in PARTICIPANTS}
         self.participant_ports = {name: free_port() for name in PARTICIPANTS}
@@ -228,37 +292,59 @@ class Torture:
             )
             for name in PARTICIPANTS
         }
-        self.coordinator_port = free_port()
+        self.replicas = [self._replica(index) for index in range(settings.replicas)]
         self.feed_dir = work / "feed-consumer"
         self.feed_consumer = ManagedProcess(
             "feed consumer",
             [
                 "-m",
                 "tests.torture.feed_consumer",
-                "--target",
-                f"127.0.0.1:{self.coordinator_port}",
+                *(arg for replica in self.replicas for arg in ("--target", replica.target)),
                 "--dir",
                 str(self.feed_dir),
             ],
             self.feed_dir / "consumer.log",
             cwd=ROOT,
         )
-        self.coordinator = ManagedProcess(
-            "coordinator",
-            ["-m", "coordinator.cli", "serve", "--config", str(self.coordinator_dir / "saga.yaml")],
-            self.coordinator_dir / "coordinator.log",
-            cwd=ROOT,
-        )
+        self.lease_seconds = parse_duration(settings.lease).total_seconds()
+        self.dying: Replica | None = None
+        """The replica the coordinator nemesis is killing and restarting (never paused)."""
+        self.paused: Replica | None = None
+        """The replica stopped by SIGSTOP right now (never killed meanwhile)."""
+        self.recovering: set[Replica] = set()
+        """Replicas restarted by the nemesis that do not answer SERVING yet (never paused)."""
         self.unsettled = 0
         self.faults_over = asyncio.Event()
         self.submitting = True
+        self._stubs: list[cpb_grpc.CoordinatorServiceAsyncStub] = []
+        self._turn = 0
+        self._retried = RETRIED_CODES if settings.replicas == 1 else REPLICA_RETRIED_CODES
         self._log_fd = -1
         self._started = time.monotonic()
 
+    def _replica(self, index: int) -> Replica:
+        if self.settings.replicas == 1:  # as the run has always been laid out
+            name, config, log = "coordinator", "saga.yaml", "coordinator.log"
+        else:
+            name = f"r{index}"
+            config, log = f"{name}.yaml", f"{name}.log"
+        process = ManagedProcess(
+            name,
+            ["-m", "coordinator.cli", "serve", "--config", str(self.coordinator_dir / config)],
+            self.coordinator_dir / log,
+            cwd=ROOT,
+        )
+        return Replica(name, free_port(), self.coordinator_dir / config, process)
+
+    @property
+    def coordinator(self) -> ManagedProcess:
+        """The first (with one replica: the only) coordinator process."""
+        return self.replicas[0].process
+
     @property
     def target(self) -> str:
-        """The coordinator's address."""
-        return f"127.0.0.1:{self.coordinator_port}"
+        """The first (with one replica: the only) coordinator's address."""
+        return self.replicas[0].target
 
     def say(self, line: str) -> None:
         """Report progress."""
@@ -279,14 +365,21 @@ class Torture:
             for link in self.links.values():
                 await link.start()
             self._write_config()
-            self.coordinator.spawn()
-            if not await wait_serving(self.coordinator, self.target, 30):
-                raise RuntimeError(f"the coordinator did not start: see {self.coordinator.log}")
+            for replica in self.replicas:
+                replica.process.spawn()
+            for replica in self.replicas:
+                if not await wait_serving(replica.process, replica.target, 30):
+                    raise RuntimeError(
+                        f"the coordinator {replica.name} did not start: see {replica.process.log}"
+                    )
             await self._torture_then_drain()
         finally:
             await self._stop_everything()
+        self._read_replica_logs()
+        with contextlib.suppress(ProbeFailed):
+            self.stats.sagas_claimed_again, self.stats.claims_after_creation = self.probe.claims()
         check = check_run(
-            self.database,
+            self.settings.database_url or self.database,
             self.client_log,
             self.participant_dirs,
             self.feed_dir if self.settings.feed_consumer else None,
@@ -297,6 +390,9 @@ class Torture:
             self.stats,
             {name: asdict(link.stats) for name, link in self.links.items()},
             self.settings.workdir,
+            replicas=self.settings.replicas,
+            store="sqlite" if self.settings.database_url is None else "postgresql",
+            lease=self.settings.lease if self.settings.replicas > 1 else None,
         )
 
     def _prepare(self) -> None:
@@ -311,21 +407,32 @@ class Torture:
         self._log_fd = os.open(self.client_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def _write_config(self) -> None:
-        config = {
-            "database": f"sqlite:///{self.database}",
-            "listen": self.target,
-            "definitions": "definitions",
-            "shutdown_grace": 1.0,
-            "log_level": "WARNING",
-            "participants": {name: f"127.0.0.1:{link.port}" for name, link in self.links.items()},
-        }
-        (self.coordinator_dir / "saga.yaml").write_text(yaml.safe_dump(config))
+        for replica in self.replicas:
+            config: dict[str, Any] = {
+                "database": self.settings.database_url or f"sqlite:///{self.database}",
+                "listen": replica.target,
+                "definitions": "definitions",
+                "shutdown_grace": 1.0,
+                "log_level": "WARNING",
+                "participants": {
+                    name: f"127.0.0.1:{link.port}" for name, link in self.links.items()
+                },
+            }
+            if self.settings.replicas > 1:
+                config["replica"] = replica.name
+                config["lease"] = self.settings.lease
+            replica.config.write_text(yaml.safe_dump(config))
 
     async def _torture_then_drain(self) -> None:
         background = [
             asyncio.create_task(self._watch_backlog(), name="backlog"),
         ]
-        faults = [asyncio.create_task(self._kill_coordinator(), name="coordinator nemesis")]
+        if self.settings.replicas == 1:
+            faults = [asyncio.create_task(self._kill_coordinator(), name="coordinator nemesis")]
+        else:
+            faults = [asyncio.create_task(self._kill_replicas(), name="replica nemesis")]
+            faults.append(asyncio.create_task(self._pause_replicas(), name="pause nemesis"))
+            background.append(asyncio.create_task(self._watch_replicas(), name="replica exits"))
         if self.settings.participant_kills:
             faults.append(
                 asyncio.create_task(self._kill_participants(), name="participant nemesis")
@@ -345,7 +452,9 @@ class Torture:
             self.stats.fault_seconds = time.monotonic() - started
             self.say(
                 f"faults over: {self.stats.coordinator_kills} coordinator kills, "
-                f"{self.stats.participant_kills} participant kills; draining"
+                f"{self.stats.participant_kills} participant kills"
+                + (f", {self.stats.pauses} pauses" if self.settings.replicas > 1 else "")
+                + "; draining"
             )
             drain_started = time.monotonic()
             self.submitting = False  # the sagas already submitted are retried until answered
@@ -355,10 +464,16 @@ class Torture:
                 if not process.alive:
                     process.spawn()
                     await wait_serving(process, f"127.0.0.1:{self.participant_ports[name]}", 20)
-            if not self.coordinator.alive:
-                self.coordinator.spawn()
-            if not await wait_serving(self.coordinator, self.target, 30):
-                self.stats.unexpected_exits.append("the coordinator did not restart for the drain")
+            for replica in self.replicas:
+                if not replica.process.alive:
+                    replica.process.spawn()
+            for replica in self.replicas:
+                if not await wait_serving(replica.process, replica.target, 30):
+                    self.stats.unexpected_exits.append(
+                        f"the coordinator {replica.name} did not restart for the drain"
+                        if self.settings.replicas > 1
+                        else "the coordinator did not restart for the drain"
+                    )
             deadline = time.monotonic() + self.settings.drain_seconds
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.drain_seconds):
@@ -378,22 +493,40 @@ class Torture:
             await asyncio.gather(*faults, client, *background, return_exceptions=True)
 
     async def _stop_everything(self) -> None:
-        if self.coordinator.alive:
-            code = await self.coordinator.terminate(20)
-            self.stats.final_exit_code = code
-            if code != 0:
-                self.stats.unexpected_exits.append(f"SIGTERM at the end: exit code {code}")
-        else:
-            self.coordinator.kill()
-        self.feed_consumer.kill()
-        for process in self.participants.values():
+        for replica in self.replicas:
+            process = replica.process
+            process.resume()  # a pause cut short by a failure
             if process.alive:
-                await process.terminate(10)
+                code = await process.terminate(20)
+                self.stats.final_exit_code = code
+                if code != 0:
+                    self.stats.unexpected_exits.append(
+                        f"{self._named(replica)}SIGTERM at the end: exit code {code}"
+                    )
+            else:
+                process.kill()
+        self.feed_consumer.kill()
+        for participant in self.participants.values():
+            if participant.alive:
+                await participant.terminate(10)
         for link in self.links.values():
             await link.close()
         if self._log_fd >= 0:
             os.close(self._log_fd)
             self._log_fd = -1
+
+    def _named(self, replica: Replica) -> str:
+        """How a message about a replica starts: its name, when there are several."""
+        return f"{replica.name}: " if self.settings.replicas > 1 else ""
+
+    def _read_replica_logs(self) -> None:
+        """Count, from what the replicas logged, the writes refused for a lost lease and the
+        lapses of their own leases."""
+        for replica in self.replicas:
+            with contextlib.suppress(FileNotFoundError):
+                text = replica.process.log.read_text(errors="replace")
+                self.stats.stale_writes += text.count(STALE_WRITE_LOGGED)
+                self.stats.lease_lapses += text.count(LEASE_LAPSE_LOGGED)
 
     # --- the nemeses -----------------------------------------------------------------------------
 
@@ -407,6 +540,7 @@ class Torture:
             self.stats.coordinator_kills >= settings.kills
             and per_point >= settings.min_per_crash_point
             and self.stats.sagas_submitted >= settings.min_sagas
+            and (settings.replicas == 1 or self.stats.pauses >= settings.min_pauses)
         )
 
     def _pick_crash_point(self) -> CrashPoint:
@@ -418,56 +552,149 @@ class Torture:
 
     async def _kill_coordinator(self) -> None:
         """Kill the coordinator at a crash point or a random instant, restart it, repeat."""
-        self.coordinator.kill()
+        coordinator = self.replicas[0]
+        coordinator.process.kill()
         while not self._enough_kills():
             if self.rng.random() < self.settings.crash_point_share:
-                await self._life_ending_at_crash_point(self._pick_crash_point())
+                await self._life_ending_at_crash_point(coordinator, self._pick_crash_point())
             else:
-                await self._life_ending_at_random()
+                await self._life_ending_at_random(coordinator)
             kills = self.stats.coordinator_kills
             if kills % 25 == 0:
-                self.say(
-                    f"{kills} coordinator kills, {self.stats.sagas_submitted} sagas submitted, "
-                    f"{self.unsettled} unsettled"
-                )
+                self._say_kills()
 
-    async def _life_ending_at_crash_point(self, point: CrashPoint) -> None:
+    def _say_kills(self) -> None:
+        self.say(
+            f"{self.stats.coordinator_kills} coordinator kills, "
+            f"{self.stats.sagas_submitted} sagas submitted, {self.unsettled} unsettled"
+            + (f", {self.stats.pauses} pauses" if self.settings.replicas > 1 else "")
+        )
+
+    async def _kill_replicas(self) -> None:
+        """With several replicas: pick one at random, SIGKILL its running process at a random
+        instant (in the middle of its recovery if it was just restarted), run it through lives
+        that end at crash points (each drawn with the crash point share), and restart it: it
+        recovers while the next turn begins. The others serve meanwhile and take its sagas
+        over. Repeat."""
+        next_say = 25
+        recoveries: dict[Replica, asyncio.Task[None]] = {}
+        try:
+            while not self._enough_kills():
+                replica = self.rng.choice([r for r in self.replicas if r is not self.paused])
+                self.dying = replica
+                try:
+                    await self._turn_of(replica, recoveries.pop(replica, None))
+                finally:
+                    self.dying = None
+                recoveries[replica] = asyncio.create_task(self._recover_in_background(replica))
+                if self.stats.coordinator_kills >= next_say:
+                    next_say += 25
+                    self._say_kills()
+        finally:
+            for recovery in recoveries.values():
+                recovery.cancel()
+            await asyncio.gather(*recoveries.values(), return_exceptions=True)
+
+    async def _turn_of(self, replica: Replica, recovery: asyncio.Task[None] | None) -> None:
+        """One turn of the nemesis on ``replica``; ``recovery`` waits for its last restart."""
+        process = replica.process
+        await asyncio.sleep(self.rng.uniform(0.02, 0.8))
+        if process.alive:
+            if replica in self.recovering:
+                self.stats.kills_before_serving += 1
+            process.kill()
+            self.stats.random_kills += 1
+        else:
+            self._unexpected_exit(replica, process.returncode, "running")
+        if recovery is not None:
+            recovery.cancel()
+            await asyncio.gather(recovery, return_exceptions=True)
+        while not self._enough_kills() and self.rng.random() < self.settings.crash_point_share:
+            await self._life_ending_at_crash_point(replica, self._pick_crash_point())
+        process.spawn()
+
+    async def _recover_in_background(self, replica: Replica) -> None:
+        self.recovering.add(replica)
+        try:
+            await self._measure_recovery(replica)
+        finally:
+            self.recovering.discard(replica)
+
+    async def _watch_replicas(self) -> None:
+        """With several replicas: a replica that exits when nobody killed it is an unexpected
+        exit; it is restarted."""
+        while True:
+            await asyncio.sleep(0.5)
+            for replica in self.replicas:
+                process = replica.process
+                if replica is self.dying or process.alive or process.process is None:
+                    continue
+                self._unexpected_exit(replica, process.returncode, "running")
+                process.spawn()
+
+    async def _pause_replicas(self) -> None:
+        """With several replicas: now and then SIGSTOP one (never the one being killed) for
+        longer than its lease, so that the others claim its sagas, then SIGCONT it: what it
+        then tries to write for them must be refused."""
+        while True:
+            await asyncio.sleep(self.rng.uniform(4.0, 10.0))
+            candidates = [
+                r
+                for r in self.replicas
+                if r is not self.dying and r not in self.recovering and r.process.alive
+            ]
+            if not candidates:
+                continue
+            replica = self.rng.choice(candidates)
+            self.paused = replica
+            replica.process.pause()
+            try:
+                await asyncio.sleep(self.lease_seconds * self.rng.uniform(1.25, 2.0))
+            finally:
+                replica.process.resume()
+                self.paused = None
+            self.stats.pauses += 1
+
+    async def _life_ending_at_crash_point(self, replica: Replica, point: CrashPoint) -> None:
         count = self.rng.randint(1, 3)
-        self.coordinator.spawn({ENVIRONMENT_VARIABLE: f"{point.value}:{count}"})
-        await self._measure_recovery()
-        code = await self.coordinator.wait_exit(5.0)
+        replica.process.spawn({ENVIRONMENT_VARIABLE: f"{point.value}:{count}"})
+        await self._measure_recovery(replica)
+        code = await replica.process.wait_exit(5.0)
         if code is None:
-            self.coordinator.kill()
+            replica.process.kill()
             self.stats.crash_points_not_reached += 1
         elif code == -9:
             self.stats.crash_point_kills[point.value] += 1
         else:
-            self._unexpected_exit(code, f"armed at {point.value}:{count}")
+            self._unexpected_exit(replica, code, f"armed at {point.value}:{count}")
 
-    async def _life_ending_at_random(self) -> None:
-        self.coordinator.spawn()
+    async def _life_ending_at_random(self, replica: Replica) -> None:
+        process = replica.process
+        process.spawn()
         if self.rng.random() < 0.15:
             # Before (or while) it answers its health check: in the middle of recovery.
             await asyncio.sleep(self.rng.uniform(0.05, 0.7))
             self.stats.kills_before_serving += 1
         else:
-            await self._measure_recovery()
+            await self._measure_recovery(replica)
             await asyncio.sleep(self.rng.uniform(0.02, 0.8))
-        if not self.coordinator.alive:
-            code = self.coordinator.process.returncode if self.coordinator.process else None
-            self._unexpected_exit(code, "not armed")
+        if not process.alive:
+            code = process.process.returncode if process.process else None
+            self._unexpected_exit(replica, code, "not armed")
             return
-        self.coordinator.kill()
+        process.kill()
         self.stats.random_kills += 1
 
-    async def _measure_recovery(self) -> None:
-        if await wait_serving(self.coordinator, self.target, 30):
-            self.stats.recovery_seconds.append(time.monotonic() - self.coordinator.spawned_at)
+    async def _measure_recovery(self, replica: Replica) -> None:
+        if await wait_serving(replica.process, replica.target, 30):
+            self.stats.recovery_seconds.append(time.monotonic() - replica.process.spawned_at)
 
-    def _unexpected_exit(self, code: int | None, context: str) -> None:
-        tail = self.coordinator.log.read_text(errors="replace")[-1500:]
-        self.stats.unexpected_exits.append(f"exit code {code} ({context}): ...{tail}")
-        self.say(f"UNEXPECTED coordinator exit {code} ({context})")
+    def _unexpected_exit(self, replica: Replica, code: int | None, context: str) -> None:
+        tail = replica.process.log.read_text(errors="replace")[-1500:]
+        self.stats.unexpected_exits.append(
+            f"{self._named(replica)}exit code {code} ({context}): ...{tail}"
+        )
+        self.say(f"UNEXPECTED coordinator exit {code} ({self._named(replica)}{context})")
 
     async def _kill_participants(self) -> None:
         """SIGKILL a participant now and then; restart it after a short pause."""
@@ -508,10 +735,7 @@ class Torture:
         self.feed_consumer.kill()
 
     def _newest_position(self) -> int:
-        with contextlib.closing(read_only(self.database)) as db:
-            db.execute("PRAGMA busy_timeout = 2000")
-            row = db.execute("SELECT coalesce(max(position), 0) FROM saga_events").fetchone()
-        return int(row[0])
+        return self.probe.newest_position()
 
     async def _break_network(self) -> None:
         """Latency, black holes, late answers, resets and closes, on one link at a time."""
@@ -554,15 +778,8 @@ class Torture:
         os.fsync(self._log_fd)
 
     def _count_unsettled(self) -> int:
-        try:
-            with contextlib.closing(read_only(self.database)) as db:
-                db.execute("PRAGMA busy_timeout = 200")
-                row = db.execute(
-                    "SELECT count(*) FROM sagas WHERE state IN ('RUNNING', 'COMPENSATING')"
-                ).fetchone()
-        except sqlite3.Error:
-            return self.unsettled
-        self.unsettled = int(row[0])
+        with contextlib.suppress(ProbeFailed):
+            self.unsettled = self.probe.unsettled()
         return self.unsettled
 
     async def _watch_backlog(self) -> None:
@@ -570,10 +787,20 @@ class Torture:
             await asyncio.to_thread(self._count_unsettled)
             await asyncio.sleep(0.25)
 
+    def _stub(self) -> cpb_grpc.CoordinatorServiceAsyncStub:
+        """The replica for the next request: each in turn (with one, always the same)."""
+        stub = self._stubs[self._turn % len(self._stubs)]
+        self._turn += 1
+        return stub
+
     async def _client(self) -> None:
         """Submit sagas until told to stop; each until acknowledged."""
-        async with grpc.aio.insecure_channel(self.target, options=CLIENT_OPTIONS) as channel:
-            stub = cpb_grpc.CoordinatorServiceStub(channel)
+        async with contextlib.AsyncExitStack() as channels:
+            for replica in self.replicas:
+                channel = await channels.enter_async_context(
+                    grpc.aio.insecure_channel(replica.target, options=CLIENT_OPTIONS)
+                )
+                self._stubs.append(cpb_grpc.CoordinatorServiceStub(channel))
             slots = asyncio.Semaphore(self.settings.submitters)
             pending: set[asyncio.Task[None]] = set()
 
@@ -593,7 +820,7 @@ class Torture:
                 plan = plan_saga(self.settings.seed, index)
                 index += 1
                 self.stats.sagas_submitted += 1
-                task = asyncio.create_task(self._submit(stub, plan))
+                task = asyncio.create_task(self._submit(plan))
                 pending.add(task)
                 task.add_done_callback(finished)
             await asyncio.gather(*pending)
@@ -601,7 +828,7 @@ class Torture:
     def _may_submit(self) -> bool:
         return self.submitting
 
-    async def _submit(self, stub: cpb_grpc.CoordinatorServiceAsyncStub, plan: SagaPlan) -> None:
+    async def _submit(self, plan: SagaPlan) -> None:
         request = cpb.CreateSagaRequest(
             saga_id=plan.saga_id, definition=DEFINITION, input=plan.payload()
         )
@@ -609,7 +836,7 @@ class Torture:
         first_timeout = self.rng.uniform(0.0001, 0.005) if plan.hurried else 3.0
         answers = await asyncio.gather(
             *(
-                self._create_until_answered(stub, request, first_timeout)
+                self._create_until_answered(request, first_timeout)
                 for _ in range(1 + plan.duplicates)
             )
         )
@@ -634,50 +861,50 @@ class Torture:
                     }
                 )
         if plan.conflict:
-            await self._check_conflict(stub, plan)
+            await self._check_conflict(plan)
         if plan.cancel:
             await asyncio.sleep(self.rng.uniform(0.0, 0.3))
-            await self._cancel(stub, plan)
+            await self._cancel(plan)
 
     async def _create_until_answered(
-        self,
-        stub: cpb_grpc.CoordinatorServiceAsyncStub,
-        request: cpb.CreateSagaRequest,
-        first_timeout: float = 3.0,
+        self, request: cpb.CreateSagaRequest, first_timeout: float = 3.0
     ) -> cpb.CreateSagaResponse | tuple[str, str]:
+        """CreateSaga until answered, each attempt to the next replica."""
         timeout = first_timeout
         while True:
             self.stats.create_requests += 1
             try:
-                return await stub.CreateSaga(request, timeout=timeout)
+                return await self._stub().CreateSaga(request, timeout=timeout)
             except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRIED_CODES:
+                if error.code() not in self._retried:
                     return (error.code().name, error.details() or "")
+                if error.code() is grpc.StatusCode.ABORTED:
+                    self.stats.aborted_retries += 1
             self.stats.create_retries += 1
             timeout = 3.0
             await asyncio.sleep(self.rng.uniform(0.02, 0.2))
 
-    async def _check_conflict(
-        self, stub: cpb_grpc.CoordinatorServiceAsyncStub, plan: SagaPlan
-    ) -> None:
+    async def _check_conflict(self, plan: SagaPlan) -> None:
         request = cpb.CreateSagaRequest(
             saga_id=plan.saga_id, definition=DEFINITION, input=plan.conflicting_payload()
         )
-        answer = await self._create_until_answered(stub, request)
+        answer = await self._create_until_answered(request)
         code = "OK" if isinstance(answer, cpb.CreateSagaResponse) else answer[0]
         self.stats.conflicts_checked += 1
         if code != "ALREADY_EXISTS":
             self._log({"kind": "conflict", "saga_id": plan.saga_id, "code": code})
 
-    async def _cancel(self, stub: cpb_grpc.CoordinatorServiceAsyncStub, plan: SagaPlan) -> None:
+    async def _cancel(self, plan: SagaPlan) -> None:
         request = cpb.CancelSagaRequest(name=f"sagas/{plan.saga_id}", reason="torture")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                await stub.CancelSaga(request, timeout=3.0)
+                await self._stub().CancelSaga(request, timeout=3.0)
                 code = "OK"
             except grpc.aio.AioRpcError as error:
-                if error.code() in RETRIED_CODES:
+                if error.code() in self._retried:
+                    if error.code() is grpc.StatusCode.ABORTED:
+                        self.stats.aborted_retries += 1
                     await asyncio.sleep(self.rng.uniform(0.02, 0.2))
                     continue
                 code = error.code().name

@@ -46,6 +46,11 @@ class ManagedProcess:
         return None if self.process is None else self.process.pid
 
     @property
+    def returncode(self) -> int | None:
+        """How the last child exited (None: it runs, or none was started)."""
+        return None if self.process is None else self.process.poll()
+
+    @property
     def alive(self) -> bool:
         """Whether the child runs (it may have died on its own)."""
         return self.process is not None and self.process.poll() is None
@@ -75,6 +80,18 @@ class ManagedProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         return self.process.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP the child (this pid only): it stops in its tracks, its sockets stay open."""
+        if self.alive:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the child after ``pause`` (harmless when it was not paused)."""
+        if self.alive:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGCONT)
 
     async def wait_exit(self, timeout: float) -> int | None:
         """The exit code, or None if the child still runs after ``timeout`` seconds."""

@@ -38,6 +38,7 @@ def print_report(report: TortureReport, console: Console) -> None:
         ("  at random instants", run["random_kills"]),
         ("    of which before serving (mid-recovery)", run["kills_before_serving"]),
         ("  crash point armed, not reached in 5 s (killed)", run["crash_points_not_reached"]),
+        *_replica_rows(data),
         ("participant kills (SIGKILL)", run["participant_kills"]),
         (
             "recovery to SERVING p50 / p95 / max (s)",
@@ -77,6 +78,27 @@ def print_report(report: TortureReport, console: Console) -> None:
             console.print(f"  {example}", markup=False)
     for exit_ in data["unexpected_exits"]:
         console.print(f"[red]unexpected exit[/]: {exit_}", markup=False)
+
+
+def _replica_rows(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What several replicas on one store went through (nothing with one coordinator)."""
+    if data["replicas"] == 1:
+        return []
+    run = data["run"]
+    return [
+        (
+            "replicas on one store / lease",
+            f"{data['replicas']} on {data['store']} / {data['lease']}",
+        ),
+        ("replica pauses (SIGSTOP, longer than the lease)", run["pauses"]),
+        ("lease lapses found by the replicas", run["lease_lapses"]),
+        ("stale writes refused (replicas' logs)", run["stale_writes"]),
+        (
+            "sagas claimed again / claims after creation",
+            f"{run['sagas_claimed_again']} / {run['claims_after_creation']}",
+        ),
+        ("requests refused ABORTED, retried on the next replica", run["aborted_retries"]),
+    ]
 
 
 def _feed(feed: dict[str, int] | None) -> str:
