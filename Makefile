@@ -6,7 +6,7 @@ BUF := scripts/node_modules/.bin/buf
 # The released saga.v1 contract: changes must stay additive (buf's FILE breaking rules).
 CONTRACT_BASELINE := scripts/contract/saga-v1-baseline.json
 
-.PHONY: install system demo test lint check-stubs stubs contract-baseline bench torture load scale million clean
+.PHONY: install system demo test lint check-stubs stubs contract-baseline bench torture torture-replicas load scale million clean
 
 install: system $(VENV)/.installed scripts/node_modules/.installed clients/node/node_modules/.installed
 
@@ -70,6 +70,12 @@ bench: install
 ## participants killed, the network broken; then the offline checker's figures (all must be 0).
 torture: install
 	$(BIN)/python scripts/torture.py --kills 2000 --json-out torture-report.json
+
+## The long torture run with replicas: 3 coordinators on a throw-away PostgreSQL database under
+## 2 s leases, 600 SIGKILLs one replica at a time and pauses past the lease; the same figures.
+torture-replicas: install
+	$(BIN)/python scripts/torture.py --replicas 3 --postgresql --kills 600 --min-pauses 40 \
+	  --json-out torture-replicas-report.json
 
 ## 10,000 sagas in flight against slow participants: peak memory, file descriptors, calls in flight.
 load: install

@@ -4,6 +4,7 @@ participants, break the network, then check offline that every guarantee held.
     python scripts/torture.py                 # 200 coordinator kills (what make test runs)
     python scripts/torture.py --kills 2000    # make torture
     python scripts/torture.py --seed 1234     # replay a failing run
+    python scripts/torture.py --replicas 3 --postgresql --kills 600    # make torture-replicas
 
 The harness lives in tests/torture/ (it is also the short run of ``make test``).
 """

@@ -192,6 +192,15 @@ class TortureReport:
         """Whether every guarantee held."""
         return not any(self.figures.values())
 
+    def _replay_store(self) -> str:
+        """The options that replay the run on its kind of store, besides its seed."""
+        options = ""
+        if self.replicas > 1:
+            options += f" --replicas {self.replicas} --lease {self.lease}"
+        if self.store == "postgresql":
+            options += " --postgresql"
+        return options
+
     def to_json(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
         recovery = self.stats.recovery_seconds
@@ -223,7 +232,7 @@ class TortureReport:
             "examples": {k: v for k, v in self.check.examples.items() if v},
             "unexpected_exits": self.stats.unexpected_exits[:10],
             "workdir": str(self.workdir),
-            "replay": f"--seed {self.seed}",
+            "replay": f"--seed {self.seed}{self._replay_store()}",
         }
 
 
