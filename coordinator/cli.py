@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -46,6 +45,7 @@ from coordinator.logs import configure_logging
 from saga_sdk import conformance
 from saga_sdk import errors as sdk_errors
 from saga_sdk.client import SagaClient
+from saga_sdk.connection import Connection
 from saga_sdk.model import (
     AuditEntry,
     DefinitionSummary,
@@ -73,6 +73,9 @@ EXIT_NOT_FOUND = 3
 """No such saga or definition (NOT_FOUND)."""
 EXIT_UNREACHABLE = 4
 """The coordinator could not be reached, or did not answer in time."""
+EXIT_DENIED = 5
+"""The coordinator did not let this caller do it: no valid token (UNAUTHENTICATED), or one
+whose roles do not allow it (PERMISSION_DENIED)."""
 
 EPILOG = f"""\
 exit codes of the client commands:
@@ -83,16 +86,46 @@ exit codes of the client commands:
   {EXIT_USAGE}  bad usage or invalid input: a missing --reason, bad JSON, an invalid definition
      file, INVALID_ARGUMENT from the coordinator
   {EXIT_NOT_FOUND}  not found: no such saga or definition (NOT_FOUND)
-  {EXIT_UNREACHABLE}  the coordinator is unreachable (UNAVAILABLE, DEADLINE_EXCEEDED)
+  {EXIT_UNREACHABLE}  the coordinator is unreachable (UNAVAILABLE, DEADLINE_EXCEEDED), or the TLS
+     handshake failed (no client certificate, a server certificate not trusted or not named so)
+  {EXIT_DENIED}  not allowed: no valid bearer token (UNAUTHENTICATED), or one whose roles or
+     definitions do not allow the call (PERMISSION_DENIED)
 
-environment:
-  {TARGET_VARIABLE}  the coordinator's address when --target is not given ({DEFAULT_TARGET})
-  SAGA_ACTOR   who acts, recorded in the saga's audit trail (default: user@host)
+environment (a flag wins over its variable, which wins over the config file):
+  {TARGET_VARIABLE}           the coordinator's address, like --target ({DEFAULT_TARGET})
+  SAGA_TLS_CA           like --ca: the CA (PEM) that signed the coordinator's certificate
+  SAGA_TLS_CERT         like --cert: this client's certificate (PEM), for mTLS
+  SAGA_TLS_KEY          like --key: its private key (PEM, unencrypted)
+  SAGA_TLS_SERVER_NAME  like --server-name: the name the coordinator's certificate carries
+  SAGA_TLS=true         like --tls: TLS, trusting the system's CAs
+  SAGA_TOKEN_FILE       like --token-file: a file holding the bearer token
+  SAGA_TOKEN            the bearer token itself (there is no --token flag: a command line
+                        shows in shell history and to `ps`)
+  SAGA_CLIENT_CONFIG    a YAML file with target, tls (ca, certificate, key, server_name) and
+                        token_file; default ~/.config/saga/client.yaml, when there is one
+  SAGA_ACTOR            who acts, recorded in the saga's audit trail (default: user@host)
 """
 
 
 class UsageError(Exception):
     """The command line asks for something that cannot be done (exit 2)."""
+
+
+class _NoTokenFlag(argparse.Action):
+    """Refuses `--token VALUE` without echoing VALUE (else argparse would take it for an
+    abbreviation of --token-file, and name the token as a file it cannot read)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            "there is no --token flag: a token on a command line shows in shell history and to "
+            "ps; give --token-file FILE, or set SAGA_TOKEN_FILE or SAGA_TOKEN"
+        )
 
 
 def _participant(value: str) -> tuple[str, str]:
@@ -276,13 +309,49 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
             **extra,
         )
-        sub.add_argument(
-            "--target",
-            default=os.environ.get(TARGET_VARIABLE) or DEFAULT_TARGET,
-            help=f"coordinator address (default: ${TARGET_VARIABLE}, else {DEFAULT_TARGET})",
-        )
+        connection(sub)
         formats(sub)
         return sub
+
+    def connection(sub: argparse.ArgumentParser) -> None:
+        group = sub.add_argument_group(
+            "connecting to the coordinator",
+            "Each flag wins over its SAGA_* variable, which wins over the config file (see\n"
+            "environment below). Any TLS setting means TLS; none means plaintext.",
+        )
+        group.add_argument(
+            "--target",
+            help=f"coordinator address (default: ${TARGET_VARIABLE}, then the config file's, "
+            f"else {DEFAULT_TARGET})",
+        )
+        group.add_argument(
+            "--ca", metavar="PEM", help="trust the coordinator's certificate signed by this CA"
+        )
+        group.add_argument(
+            "--cert",
+            metavar="PEM",
+            help="present this client certificate, to a coordinator that requires one (mTLS)",
+        )
+        group.add_argument("--key", metavar="PEM", help="the client certificate's private key")
+        group.add_argument(
+            "--server-name",
+            metavar="NAME",
+            help="the name the coordinator's certificate carries, when --target names another "
+            "host or an IP address",
+        )
+        group.add_argument(
+            "--tls",
+            action="store_true",
+            help="TLS trusting the system's CAs (implied by --ca, --cert, --key, --server-name)",
+        )
+        group.add_argument(
+            "--token-file",
+            metavar="FILE",
+            help="send the bearer token this file holds with every call. There is no --token "
+            "flag: a token on a command line shows in shell history and to ps; use this, "
+            "$SAGA_TOKEN_FILE or $SAGA_TOKEN",
+        )
+        group.add_argument("--token", nargs="?", action=_NoTokenFlag, help=argparse.SUPPRESS)
 
     def filters(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--definition", help="only sagas of this definition")
@@ -600,6 +669,8 @@ def _exit_code(error: sdk_errors.SagaRpcError) -> int:
         return EXIT_UNREACHABLE
     if error.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
         return EXIT_USAGE
+    if error.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return EXIT_DENIED
     return EXIT_REFUSED
 
 
@@ -1133,12 +1204,42 @@ def _command_name(args: argparse.Namespace) -> str:
     return str(args.command)
 
 
+def _hint(error: sdk_errors.SagaRpcError, connection: Connection) -> str:
+    """What to check, after a refusal that the connection's settings may explain."""
+    if error.code == grpc.StatusCode.UNAUTHENTICATED and connection.token is None:
+        return " (give a token: --token-file FILE, $SAGA_TOKEN_FILE or $SAGA_TOKEN)"
+    if _exit_code(error) != EXIT_UNREACHABLE:
+        return ""
+    if connection.tls is None:
+        return (
+            f" (is the coordinator running at {connection.target}? If it serves TLS, give "
+            "--ca, and --cert and --key if it requires a client certificate)"
+        )
+    return (
+        f" (is the coordinator running at {connection.target}, and do --ca, --cert, --key and "
+        "--server-name fit its certificate and what it requires?)"
+    )
+
+
 def _client_command(args: argparse.Namespace) -> int:
     out = console()
     name = _command_name(args)
     handler = HANDLERS[name]
     try:
-        with SagaClient(args.target) as client:
+        connection = Connection.from_environment(
+            target=args.target,
+            tls=args.tls,
+            ca=args.ca,
+            certificate=args.cert,
+            key=args.key,
+            server_name=args.server_name,
+            token_file=args.token_file,
+        )
+    except ValueError as error:
+        print(f"saga {name}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with SagaClient(connection.target, tls=connection.tls, token=connection.token) as client:
             return handler(client, args, out)
     except (UsageError, ValueError, argparse.ArgumentTypeError) as error:
         print(f"saga {name}: {error}", file=sys.stderr)
@@ -1149,12 +1250,10 @@ def _client_command(args: argparse.Namespace) -> int:
     except sdk_errors.SagaRpcError as error:
         code = _exit_code(error)
         detail = "".join(f"\n  {v.field}: {v.description}" for v in error.field_violations)
-        where = (
-            f" (is the coordinator running at {args.target}?)" if code == EXIT_UNREACHABLE else ""
-        )
         reason = f" {error.reason}" if error.reason else ""
         print(
-            f"saga {name}: {error.code.name}{reason}: {error.message}{where}{detail}",
+            f"saga {name}: {error.code.name}{reason}: {error.message}"
+            f"{_hint(error, connection)}{detail}",
             file=sys.stderr,
         )
         return code
