@@ -32,6 +32,7 @@ from coordinator.store import redacted_url
 from coordinator.transport.access import token_digest
 from saga_sdk.client import SagaClient
 from saga_sdk.model import SagaState
+from saga_sdk.tls import ClientTLS
 
 HERE = Path(__file__).resolve().parent / "demo"
 NODE_CARDS = HERE.parent.parent / "clients" / "node" / "examples" / "cards.js"
@@ -169,10 +170,20 @@ class Secrets:
 
     def client(self, target: str) -> SagaClient:
         """The demo's client: its certificate, and its token on every call."""
-        return SagaClient(
-            target,
-            credentials=self.credentials(),
-            metadata=(("authorization", f"Bearer {self.token}"),),
+        tls = ClientTLS.from_files(
+            ca=self.certs / "ca.pem",
+            certificate=self.certs / "demo-client.pem",
+            key=self.certs / "demo-client.key",
+        )
+        return SagaClient(target, tls=tls, token=self.token)
+
+    def exports(self) -> str:
+        """The variables that point the saga command (or any SDK client) at the run."""
+        return (
+            f"export SAGA_TLS_CA={self.certs / 'ca.pem'} "
+            f"SAGA_TLS_CERT={self.certs / 'demo-client.pem'} "
+            f"SAGA_TLS_KEY={self.certs / 'demo-client.key'} "
+            f"SAGA_TOKEN_FILE={self.certs / 'demo-client.token'}"
         )
 
 
@@ -187,6 +198,9 @@ def make_secrets(workdir: Path) -> Secrets:
     ca.issue("coordinator", server=False).write(certs, "coordinator-client")
     ca.issue("demo-client", server=False).write(certs, "demo-client")
     token = secrets.token_urlsafe(32)
+    token_file = certs / "demo-client.token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token)
     entry = {"name": "demo-client", "sha256": token_digest(token), "roles": ["client"]}
     (certs / "tokens.yaml").write_text(yaml.safe_dump({"tokens": [entry]}))
     return Secrets(certs, token)
@@ -324,6 +338,8 @@ def main() -> int:
         )
         if args.keep_running:
             out.print(f"Still running: export SAGA_TARGET={target}   (Ctrl-C stops everything)")
+            if security:
+                out.print(security.exports(), soft_wrap=True)
             stop = {signal.SIGINT, signal.SIGTERM}
             signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # taken by sigwait, not by handlers
             signal.sigwait(stop)

@@ -126,3 +126,4 @@ def test_the_demo_runs_with_tls_on_both_hops_and_a_token(tmp_path: Path) -> None
     keys = sorted((tmp_path / "certs").glob("*.key"))
     assert len(keys) == 7
     assert all(key.stat().st_mode & 0o077 == 0 for key in keys)
+    assert (tmp_path / "certs" / "demo-client.token").stat().st_mode & 0o077 == 0
