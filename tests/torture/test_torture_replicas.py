@@ -1,7 +1,7 @@
 """Short torture runs with replicas: three, then two ``saga serve`` processes share one
-PostgreSQL database under 2 s leases while the nemesis SIGKILLs one replica at a time (at every
-crash point and at random instants, some in the middle of recovery) and pauses others for longer
-than their lease, participants are killed and the network is broken, the client moves to the
+PostgreSQL database under 2 s leases while the nemesis SIGKILLs one replica at a time, at least
+30 times (every crash point 3 times, and random instants, some in the middle of recovery), and
+pauses others at least 3 times for longer than their lease (about 2 minutes each on 2 cores), participants are killed and the network is broken, the client moves to the
 next replica when one refuses or is down, and a change-feed consumer follows one replica and
 moves when it is down. Every figure of the offline checker must be 0. Random in schedule (a
 fresh seed each run, printed; ``TORTURE_SEED=N`` replays one), deterministic in outcome.
@@ -20,7 +20,7 @@ from coordinator.crashpoints import CrashPoint
 from tests.torture.harness import TortureSettings, new_seed, run_torture
 from tests.torture.report import print_report
 
-KILLS = int(os.environ.get("TORTURE_REPLICA_KILLS", "40"))
+KILLS = int(os.environ.get("TORTURE_REPLICA_KILLS", "30"))
 MIN_PER_CRASH_POINT = 3
 PAUSES = 3
 MIN_SAGAS = 150
