@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -82,6 +83,8 @@ def main() -> None:
             print(f"life {life}: following {target}", flush=True)
             follow_while_up(target, directory, life, out)
             print(f"life {life}: {target} is down", flush=True)
+        else:
+            time.sleep(HEALTH_EVERY / 5)  # all of them may be down (restarting): do not spin
         index = (index + 1) % len(targets)
 
 
