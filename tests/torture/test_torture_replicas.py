@@ -1,11 +1,12 @@
 """Short torture runs with replicas: three, then two ``saga serve`` processes share one
 PostgreSQL database under 2 s leases while the nemesis SIGKILLs one replica at a time, at least
 30 times (every crash point 3 times, and random instants, some in the middle of recovery), and
-pauses others at least 3 times for longer than their lease (about 2 minutes each on 2 cores), participants are killed and the network is broken, the client moves to the
-next replica when one refuses or is down, and a change-feed consumer follows one replica and
-moves when it is down. Every figure of the offline checker must be 0. Random in schedule (a
-fresh seed each run, printed; ``TORTURE_SEED=N`` replays one), deterministic in outcome.
-``make torture-replicas`` runs the long one."""
+pauses others at least 3 times for longer than their lease (about 2 minutes each on 2 cores);
+participants are killed and the network is broken, the client moves to the next replica when
+one refuses or is down, and a change-feed consumer follows one replica and moves when it is
+down. Every figure of the offline checker must be 0. Random in schedule (a fresh seed each run,
+printed; ``TORTURE_SEED=N`` replays one), deterministic in outcome. ``make torture-replicas``
+runs the long one."""
 
 from __future__ import annotations
 
