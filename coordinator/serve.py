@@ -56,13 +56,14 @@ async def start_coordinator(settings: Settings) -> Coordinator:
     """Load definitions, open the store, resume unfinished sagas, and serve."""
     catalog = load_definitions(settings.definitions, settings.participants.keys())
     observability = configure_observability(settings)
-    sqlite_options = {
-        "synchronous": settings.synchronous,
-        "busy_timeout_ms": settings.busy_timeout_ms,
-    }
-    store = await open_store(
-        settings.database, **(sqlite_options if settings.database.startswith("sqlite:") else {})
-    )
+    options: dict[str, Any] = {}
+    if settings.database.startswith("sqlite:"):
+        options = {"synchronous": settings.synchronous, "busy_timeout_ms": settings.busy_timeout_ms}
+    elif settings.database.startswith(("postgresql:", "postgres:")):
+        # A replica that stops in the middle of a write (paused, frozen) has its transaction
+        # ended by the server once its lease is over: it then holds no other replica up.
+        options = {"stall_timeout": settings.lease.total_seconds()}
+    store = await open_store(settings.database, **options)
     observe_store(observability, store)
     gateway = GrpcParticipantGateway(
         settings.participants,

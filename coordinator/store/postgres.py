@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 from psycopg import IsolationLevel
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from coordinator.core.events import RecordedEvent
@@ -100,13 +101,18 @@ class PostgresStore:
         pool_min: int = 1,
         pool_max: int = 10,
         connect_timeout: float = 10.0,
+        stall_timeout: float = 10.0,
     ) -> PostgresStore:
         """Connect to the database at ``url`` and migrate it to the current schema.
 
         ``pool_min`` connections are kept open, up to ``pool_max`` are opened under load.
         ``connect_timeout``: how long, in seconds, opening the store or any operation waits for
         a connection (a new one, or a free one of the pool) before it fails with
-        ``StorageUnavailable``.
+        ``StorageUnavailable``. ``stall_timeout``: how long, in seconds, the server waits for
+        this process in the middle of a transaction before it rolls the transaction back and
+        closes the connection (``idle_in_transaction_session_timeout``), so that a process
+        paused mid-write holds the locks every writer needs for no longer (``saga serve`` sets
+        the replica's lease).
 
         Raises ``StorageUnavailable`` when the server cannot be reached, ``SchemaTooNew`` for a
         database migrated by a newer coordinator and ``StoreCorrupt`` for one that is not a saga
@@ -119,6 +125,8 @@ class PostgresStore:
             )
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be positive, not {connect_timeout}")
+        if not stall_timeout >= 0.001:
+            raise ValueError(f"stall_timeout must be at least 1 ms, not {stall_timeout}")
         where = describe(url)
         migrations = load_migrations()
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
@@ -126,8 +134,12 @@ class PostgresStore:
             min_size=pool_min,
             max_size=pool_max,
             timeout=connect_timeout,
-            # libpq counts whole seconds, and at least two.
-            kwargs={"autocommit": True, "connect_timeout": max(2, math.ceil(connect_timeout))},
+            kwargs={
+                "autocommit": True,
+                # libpq counts whole seconds, and at least two.
+                "connect_timeout": max(2, math.ceil(connect_timeout)),
+                "options": _with_stall_timeout(url, stall_timeout),
+            },
             open=False,
             name=f"saga-store {where}",
         )
@@ -194,11 +206,11 @@ class PostgresStore:
                 # Another creation of this id committed while this one waited for it: read it.
             if replica is not None:
                 await connection.execute(leases.HOLD_NEW, (replica, saga.saga_id))
-            async with connection.cursor() as cursor:
-                await cursor.executemany(sql.INSERT_STEP, step_rows(saga))
-                labels = label_rows(saga)
-                if labels:
-                    await cursor.executemany(sql.INSERT_LABEL, labels)
+            # One statement at a time, not executemany (which pipelines): see ``_writing``.
+            for step in step_rows(saga):
+                await connection.execute(sql.INSERT_STEP, step)
+            for label in label_rows(saga):
+                await connection.execute(sql.INSERT_LABEL, label)
             await move_counts(connection, [count_move(saga, saga.state, 1)])
             await connection.execute(sql.APPEND_EVENT, (*event_row(event), saga.state.value))
         # Only now is the definition's row known to be committed.
@@ -232,9 +244,8 @@ class PostgresStore:
             await connection.execute(sql.UPDATE_SAGA, saga_update(saga))
             if fence is not None and saga.state.is_settled:
                 await connection.execute(leases.SETTLED, (saga.saga_id,))
-            if steps:
-                async with connection.cursor() as cursor:
-                    await cursor.executemany(sql.UPDATE_STEP, steps)
+            for step in steps:  # one at a time, not executemany: see ``_writing``
+                await connection.execute(sql.UPDATE_STEP, step)
             before = SagaState(found[1])
             if before is not saga.state:
                 moves = [count_move(saga, before, -1), count_move(saga, saga.state, 1)]
@@ -511,14 +522,18 @@ class PostgresStore:
     async def _writing(self, doing: str) -> AsyncIterator[Connection]:
         """A connection inside a READ COMMITTED write transaction, committed at the end.
 
-        In pipeline mode: statements whose results are not read go out without waiting for
-        the server, and the last ones travel with the COMMIT, so the feed position's lock (see
-        ``postgres_sql``) is held for no network round trip.
+        Each statement is sent on its own and its result awaited (no pipeline mode, and no
+        ``executemany``, which pipelines): whenever the server waits for this process
+        mid-transaction it is "idle in transaction", which ``stall_timeout`` bounds. In
+        pipeline mode the server waits "active" between two statements, with no timeout at
+        all: a replica paused (SIGSTOP, a frozen VM) after taking the feed position's lock (see
+        ``postgres_sql``) or a count's stopped every replica's writes, and its claims, until
+        it woke up; one paused after locking a saga's row kept it from being taken over.
         """
         async with self._connection(doing) as connection:
             await connection.set_isolation_level(IsolationLevel.READ_COMMITTED)
             await connection.set_read_only(False)
-            async with connection.pipeline(), connection.transaction():
+            async with connection.transaction():
                 yield connection
 
     @asynccontextmanager
@@ -537,3 +552,11 @@ class PostgresStore:
 
 def _wanted(state: SagaState, where: SagaFilter) -> bool:
     return not where.states or state in where.states
+
+
+def _with_stall_timeout(url: str, stall_timeout: float) -> str:
+    """The connection's ``options`` (the URL's own kept) with the server's timeout for a
+    transaction left waiting on its client."""
+    given = conninfo_to_dict(url).get("options")
+    setting = f"-c idle_in_transaction_session_timeout={max(1, round(stall_timeout * 1000))}"
+    return f"{given} {setting}" if given else setting

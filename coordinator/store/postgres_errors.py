@@ -15,13 +15,17 @@ _CORRUPT = (pg_errors.DataCorrupted, pg_errors.IndexCorrupted)
 _IO = (pg_errors.IoError,)
 # A standby, or a database switched to read-only: another server may take the write later.
 _READ_ONLY = (pg_errors.ReadOnlySqlTransaction,)
+# The server ended a transaction that waited on this process (``stall_timeout``): it was
+# rolled back, and the write may be tried again.
+_STALLED = (pg_errors.IdleInTransactionSessionTimeout,)
 
 
 def translate(error: psycopg.Error, doing: str) -> SagaError:
     """The coordinator's error for a psycopg error met while ``doing`` something.
 
     No connection (refused, lost, timed out, the pool exhausted), an overloaded or restarting
-    server, a lock or deadlock given up on, a full disk or a read-only server are
+    server, a lock or deadlock given up on, a transaction ended because it waited on this
+    process too long, a full disk or a read-only server are
     ``StorageUnavailable``: nothing was acknowledged and the write may be tried again. Damage is
     ``StoreCorrupt``; I/O errors and anything unexpected are ``StorageFailure``.
     """
@@ -39,6 +43,11 @@ def translate(error: psycopg.Error, doing: str) -> SagaError:
         return StorageFailure(f"{doing}: the database server met an I/O error ({detail})")
     if isinstance(error, _READ_ONLY):
         return StorageUnavailable(f"{doing}: the database is read-only now ({detail})")
+    if isinstance(error, _STALLED):
+        return StorageUnavailable(
+            f"{doing}: the database ended a transaction that waited too long on this process "
+            f"(was it paused?) ({detail})"
+        )
     if isinstance(error, pg_errors.DiskFull):
         return StorageUnavailable(
             f"{doing}: the database server's disk is full; free space ({detail})"

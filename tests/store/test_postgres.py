@@ -83,13 +83,13 @@ async def test_without_the_driver_the_url_is_refused_naming_the_extra_to_install
 
 @pytest.mark.parametrize(
     "options",
-    [{"pool_max": 0}, {"pool_min": 3, "pool_max": 2}, {"connect_timeout": 0}],
-    ids=["no connections", "min above max", "no time to connect"],
+    [{"pool_max": 0}, {"pool_min": 3, "pool_max": 2}, {"connect_timeout": 0}, {"stall_timeout": 0}],
+    ids=["no connections", "min above max", "no time to connect", "no time between statements"],
 )
 async def test_pool_options_that_cannot_work_are_refused(
     postgres_url: str, options: dict[str, Any]
 ) -> None:
-    with pytest.raises(ValueError, match=r"pool|connect_timeout"):
+    with pytest.raises(ValueError, match=r"pool|connect_timeout|stall_timeout"):
         await PostgresStore.open(postgres_url, **options)
 
 
@@ -365,6 +365,36 @@ async def test_a_stopped_server_is_storage_unavailable_and_a_restarted_one_serve
         assert await store.get("s-1") == history.sagas[1]
     finally:
         await store.close()
+
+
+async def test_a_write_whose_process_stops_mid_transaction_is_ended_and_holds_nobody_up(
+    postgres_url: str,
+) -> None:
+    # A replica paused (SIGSTOP, a frozen VM) in the middle of a write, just after taking the
+    # feed position every write needs: the server ends its transaction after stall_timeout.
+    stalled = await PostgresStore.open(postgres_url, stall_timeout=0.5)
+    other = await PostgresStore.open(postgres_url)
+    history = run_history("s-1", [OK])
+    waited: list[float] = []
+
+    async def write_that_stops() -> None:
+        async with stalled._writing("a write whose process stops") as connection:
+            await connection.execute("UPDATE feed_head SET position = position + 1")
+            started = time.monotonic()  # the process stops here; another replica writes
+            await asyncio.wait_for(other.commit(*history.commits()[0]), 10)
+            waited.append(time.monotonic() - started)
+            await asyncio.sleep(0.5)  # the process is still away; then it wakes up
+
+    try:
+        await other.create(history.first, history.log[0], FINGERPRINT)
+        with pytest.raises(StorageUnavailable):
+            await write_that_stops()
+        assert waited[0] < 3, f"another write waited {waited[0]:.1f}s for the stalled one"
+        page = await other.feed(0, 10)
+        assert [(c.position, c.record.sequence) for c in page.changes] == [(1, 1), (2, 2)]
+    finally:
+        await stalled.close()
+        await other.close()
 
 
 async def test_errors_of_a_closed_store_are_its_own(postgres_url: str) -> None:
