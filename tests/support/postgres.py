@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import psycopg
 
@@ -141,6 +141,7 @@ class PostgresServer:
             shutil.chown(self.workdir, self._user, self._user)
         subprocess.run(
             [
+                *self._as_user_prefix(),
                 str(self.bindir / "initdb"),
                 "-D",
                 str(self.data),
@@ -157,7 +158,7 @@ class PostgresServer:
             capture_output=True,
             timeout=120,
             cwd=self.workdir,
-            **self._as_user(),
+            env=self._environment(),
         )
 
     def _run(self) -> bool:
@@ -166,6 +167,7 @@ class PostgresServer:
         self._log_file = self.log.open("ab")
         self._process = subprocess.Popen(
             [
+                *self._as_user_prefix(),
                 str(self.bindir / "postgres"),
                 "-D",
                 str(self.data),
@@ -189,7 +191,7 @@ class PostgresServer:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
-            **self._as_user(),
+            env=self._environment(),
         )
         deadline = time.monotonic() + _READY_TIMEOUT
         while time.monotonic() < deadline:
@@ -204,16 +206,27 @@ class PostgresServer:
         self.stop(immediate=True)
         raise RuntimeError(f"PostgreSQL did not accept connections; its log:\n{self._log_tail()}")
 
-    def _as_user(self) -> dict[str, Any]:
+    def _as_user_prefix(self) -> list[str]:
+        """``setpriv``, which switches to the user and then executes the program: the server
+        is still the child itself. Popen's own ``user`` and ``group`` would make Python fork
+        rather than vfork, and a forked child of a process whose gRPC threads are busy (a test
+        restarting the server under load) may crash before it executes anything."""
         if self._user is None:
-            return {}
+            return []
         record = pwd.getpwnam(self._user)
-        return {
-            "user": record.pw_uid,
-            "group": record.pw_gid,
-            "extra_groups": [],
-            "env": {**os.environ, "HOME": record.pw_dir, "USER": self._user},
-        }
+        return [
+            "setpriv",
+            f"--reuid={record.pw_uid}",
+            f"--regid={record.pw_gid}",
+            "--clear-groups",
+            "--",
+        ]
+
+    def _environment(self) -> dict[str, str] | None:
+        if self._user is None:
+            return None
+        record = pwd.getpwnam(self._user)
+        return {**os.environ, "HOME": record.pw_dir, "USER": self._user}
 
     def _log_tail(self) -> str:
         with contextlib.suppress(OSError):
