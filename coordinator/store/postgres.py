@@ -108,11 +108,12 @@ class PostgresStore:
         ``pool_min`` connections are kept open, up to ``pool_max`` are opened under load.
         ``connect_timeout``: how long, in seconds, opening the store or any operation waits for
         a connection (a new one, or a free one of the pool) before it fails with
-        ``StorageUnavailable``. ``stall_timeout``: how long, in seconds, the server waits for
-        this process in the middle of a transaction before it rolls the transaction back and
-        closes the connection (``idle_in_transaction_session_timeout``), so that a process
-        paused mid-write holds the locks every writer needs for no longer (``saga serve`` sets
-        the replica's lease).
+        ``StorageUnavailable``, and how long a failing connection is retried (backing off)
+        before the next operation starts afresh. ``stall_timeout``: how long, in seconds, the
+        server waits for this process in the middle of a transaction before it rolls the
+        transaction back and closes the connection (``idle_in_transaction_session_timeout``),
+        so that a process paused mid-write holds the locks every writer needs for no longer
+        (``saga serve`` sets the replica's lease).
 
         Raises ``StorageUnavailable`` when the server cannot be reached, ``SchemaTooNew`` for a
         database migrated by a newer coordinator and ``StoreCorrupt`` for one that is not a saga
@@ -134,6 +135,11 @@ class PostgresStore:
             min_size=pool_min,
             max_size=pool_max,
             timeout=connect_timeout,
+            # The pool retries a failed connection after 1, 2, 4, 8 s... for up to five minutes
+            # by default: a server back after an outage of T seconds could wait about another T
+            # for its first connection. Given up sooner, the next operation starts a fresh
+            # attempt at once, so connections resume within seconds of the server's return.
+            reconnect_timeout=connect_timeout,
             kwargs={
                 "autocommit": True,
                 # libpq counts whole seconds, and at least two.

@@ -397,6 +397,36 @@ async def test_a_write_whose_process_stops_mid_transaction_is_ended_and_holds_no
         await other.close()
 
 
+async def test_a_store_reconnects_within_seconds_of_the_server_however_long_it_was_away(
+    own_server: PostgresServer,
+) -> None:
+    # psycopg's pool retries a connection after 1, 2, 4, 8 s... for five minutes: back after
+    # 8 s, the server would have waited until the attempt at about 15 s.
+    url = own_server.url(own_server.create_database())
+    store = await PostgresStore.open(url, pool_max=2, connect_timeout=1)
+    try:
+        history = run_history("s-1")
+        await store.create(history.first, history.log[0], FINGERPRINT)
+        own_server.stop()
+        away_until = time.monotonic() + 8
+        while time.monotonic() < away_until:
+            with pytest.raises(StorageUnavailable):
+                await store.get("s-1")
+        own_server.start()
+        back = time.monotonic()
+
+        while True:
+            try:
+                assert await store.get("s-1") == history.first
+                break
+            except StorageUnavailable:
+                await asyncio.sleep(0.1)
+        reconnected = time.monotonic() - back
+        assert reconnected < 3.5, f"the store reconnected {reconnected:.1f}s after the server"
+    finally:
+        await store.close()
+
+
 async def test_errors_of_a_closed_store_are_its_own(postgres_url: str) -> None:
     store = await PostgresStore.open(postgres_url)
     await store.close()
