@@ -117,7 +117,7 @@ async def test_three_replicas_under_load_one_sigkilled_the_others_take_over_its_
     assert set(client.by_replica) == {"r0", "r1", "r2"}
     assert claimed >= len(held)  # saga_claimed_total of the two that took them
     assert takeover < LEASE + 4.0
-    assert ending < LEASE + 10.0  # the participants, busy with the load, set the pace
+    assert ending < LEASE + 20.0  # the participants, busy with the load, set the pace
     await _check_endings(database, client.acknowledged)
     report = await check_replicas_run(postgres_url, tmp_path / "client.log", participants.dirs)
     assert report.ok, problems(report)
