@@ -6,7 +6,7 @@ import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
 
-from coordinator.core.errors import SagaError, StorageUnavailable
+from coordinator.core.errors import InvalidArgument, SagaError, StorageUnavailable
 from coordinator.store.errors import StorageFailure, StoreClosed, StoreCorrupt
 
 # Damage the server reports in what it stores: retrying will not mend it.
@@ -52,6 +52,10 @@ def translate(error: psycopg.Error, doing: str) -> SagaError:
         return StorageUnavailable(
             f"{doing}: the database server's disk is full; free space ({detail})"
         )
+    if isinstance(error, psycopg.DataError) and not getattr(error, "sqlstate", None):
+        # Refused before it reached the server: a value PostgreSQL cannot hold, such as a NUL
+        # character in a text. The request's fault, not the store's: nothing was written.
+        return InvalidArgument(f"{doing}: a value cannot be stored ({detail})")
     if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
         # Connection failures (SQLSTATE class 08, or no SQLSTATE at all: the connection broke),
         # server shutting down or starting (57), out of resources (53), lock and deadlock

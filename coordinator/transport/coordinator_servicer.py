@@ -137,7 +137,12 @@ def label_violations(labels: Mapping[str, str], field: str) -> list[FieldViolati
             problems.append(
                 FieldViolation(f"{field}[{key[:64]!r}]", f"at most {MAX_LABEL_VALUE} characters")
             )
+        elif "\x00" in value:
+            problems.append(FieldViolation(f"{field}[{key[:64]!r}]", NO_NUL))
     return problems
+
+
+NO_NUL = "must not contain the NUL character"
 
 
 def _time(value: timestamp_pb2.Timestamp) -> datetime:
@@ -192,8 +197,12 @@ def _action_violations(reason: str, actor: str) -> list[FieldViolation]:
         problems.append(FieldViolation("reason", "is required: say why, for the audit trail"))
     elif len(reason) > MAX_REASON:
         problems.append(FieldViolation("reason", f"at most {MAX_REASON} characters"))
+    elif "\x00" in reason:
+        problems.append(FieldViolation("reason", NO_NUL))
     if len(actor) > MAX_ACTOR:
         problems.append(FieldViolation("actor", f"at most {MAX_ACTOR} characters"))
+    elif "\x00" in actor:
+        problems.append(FieldViolation("actor", NO_NUL))
     return problems
 
 
@@ -387,6 +396,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         if len(request.actor) > MAX_ACTOR:
             raise InvalidArgument(
                 "actor is too long", (FieldViolation("actor", f"at most {MAX_ACTOR} characters"),)
+            )
+        nul = [name for name in ("reason", "actor") if "\x00" in getattr(request, name)]
+        if nul:
+            raise InvalidArgument(
+                "invalid CancelSaga request", tuple(FieldViolation(n, NO_NUL) for n in nul)
             )
         await self._in_scope(saga_id_of(request.name))
         saga = await self._engine.cancel_saga(

@@ -586,3 +586,30 @@ async def test_a_private_key_readable_by_others_is_warned_about_at_start(
     assert [str(key) in line for line in warned] == [False, True]
     assert "(mode 640)" in warned[0]
     assert "(mode 644)" in warned[1]
+
+
+async def test_a_nul_character_in_a_label_reason_or_actor_is_refused_as_invalid(
+    tmp_path: Path, participants: dict[str, ScriptedParticipant]
+) -> None:
+    async with running_coordinator(
+        tmp_path, participants, [four_step_definition("onboard")]
+    ) as harness:
+        with pytest.raises(grpc.aio.AioRpcError) as labelled:
+            await harness.stub.CreateSaga(
+                cpb.CreateSagaRequest(
+                    saga_id="s-1", definition="onboard", input=b"{}", labels={"t": "a\x00b"}
+                ),
+                timeout=5,
+            )
+        participants["accounts"].script("OpenAccount", ok(delay=5.0))
+        await harness.stub.CreateSaga(create_request("s-2"), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as cancelled:
+            await harness.stub.CancelSaga(
+                cpb.CancelSagaRequest(name="sagas/s-2", reason="x\x00y", actor="a\x00"),
+                timeout=5,
+            )
+
+        assert labelled.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert cancelled.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        counted = await harness.stub.CountSagas(cpb.CountSagasRequest(), timeout=5)
+        assert counted.total == 1

@@ -54,6 +54,9 @@ T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 # --- arbitrary values ------------------------------------------------------------------------
 
 texts = st.text(max_size=12)
+plain_texts = st.text(st.characters(exclude_characters="\x00"), max_size=12)
+"""What lands in a text column (labels, a cancellation's reason, the saga's id): the API refuses
+the NUL character there, which PostgreSQL cannot store in a text."""
 blobs = st.binary(max_size=48)
 utc_datetimes = st.datetimes(timezones=st.just(UTC))
 optional_datetimes = st.none() | utc_datetimes
@@ -489,12 +492,12 @@ def answers(steps: int, schema_1: bool = False) -> st.SearchStrategy[Answer]:
     (with ``schema_1``, only what schema 1 knew: answers and anonymous cancellations)."""
     if schema_1:
         return _CALL_ANSWERS | st.builds(
-            CancelRequested, reason=texts, call_in_flight=st.booleans()
+            CancelRequested, reason=plain_texts, call_in_flight=st.booleans()
         )
     step = st.integers(0, steps - 1)
     return st.one_of(
         _CALL_ANSWERS,
-        st.builds(CancelRequested, reason=texts, call_in_flight=st.booleans(), actor=texts),
+        st.builds(CancelRequested, reason=plain_texts, call_in_flight=st.booleans(), actor=texts),
         st.builds(RetryRequested, step=step, actor=texts, reason=texts),
         st.builds(
             ResumeRequested,
@@ -515,9 +518,9 @@ def saga_histories(
     """A real history: a valid definition driven by the core through up to 12 answers and
     operator actions (``schema_1``: only what a schema-1 store could hold)."""
     definition = draw(valid_definitions(schema_1))
-    labels = st.dictionaries(st.sampled_from(["tenant", "order"]), texts, max_size=2)
+    labels = st.dictionaries(st.sampled_from(["tenant", "order"]), plain_texts, max_size=2)
     return run_history(
-        saga_id if saga_id is not None else draw(st.text(min_size=1, max_size=16)),
+        saga_id if saga_id is not None else draw(plain_texts.filter(bool)),
         draw(st.lists(answers(len(definition.steps), schema_1), max_size=12)),
         definition=definition,
         at=draw(st.datetimes(datetime(2000, 1, 1), datetime(2100, 1, 1), timezones=st.just(UTC))),

@@ -17,6 +17,7 @@ import pytest
 
 from coordinator.core.errors import (
     DefinitionConflict,
+    InvalidArgument,
     SagaAlreadyExists,
     SagaError,
     StorageUnavailable,
@@ -435,3 +436,19 @@ async def test_errors_of_a_closed_store_are_its_own(postgres_url: str) -> None:
         await store.feed_bounds()
 
     assert not isinstance(refused.value, psycopg.Error)
+
+
+async def test_a_value_postgresql_cannot_hold_is_refused_as_invalid_and_nothing_stored(
+    postgres_url: str,
+) -> None:
+    store = await open_store(postgres_url)
+    try:
+        history = run_history("s-nul", labels={"tenant": "acme\x00corp"})
+        with pytest.raises(InvalidArgument, match="cannot be stored"):
+            await store.create(history.first, history.log[0], "fp")
+
+        assert await store.get("s-nul") is None
+        fine = run_history("s-fine", labels={"tenant": "acme"})
+        await store.create(fine.first, fine.log[0], "fp")  # the store goes on working
+    finally:
+        await store.close()
