@@ -568,13 +568,15 @@ class SqliteStore:
 
     async def _shut_down(self) -> None:
         try:
-            await self._writer.stop()
-        finally:
             # Queued behind any read still running, so that read finishes first.
             await asyncio.get_running_loop().run_in_executor(
                 self._reader_thread, self._reader.close
             )
             self._reader_thread.shutdown(wait=False)
+        finally:
+            # The writer closes last: as the file's last connection, and a writable one, it
+            # checkpoints the WAL into the file (a read-only last connection may not).
+            await self._writer.stop()
 
     async def _on_writer(self, run: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``run`` on the write connection in the writer's next transaction (tests only)."""
