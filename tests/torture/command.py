@@ -51,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=3,
         help="replica pauses past the lease before the faults stop, with several (default 3)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on both hops: mTLS to the coordinators and from them to the participants",
+    )
     parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
     parser.add_argument("--workdir", type=Path, help="keep the run's files here")
     parser.add_argument(
@@ -74,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             database_url=database_url,
             lease=args.lease,
             min_pauses=args.min_pauses,
+            tls=args.tls,
             progress=lambda line: console.print(line, markup=False),
         )
         report = asyncio.run(run_torture(settings))

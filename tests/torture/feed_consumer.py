@@ -13,6 +13,9 @@ when that one is down (killed, restarting or paused: it no longer answers its he
 resuming there from the stored position; each life starts on another replica.
 
     python -m tests.torture.feed_consumer --target 127.0.0.1:PORT [--target ...] --dir DIR
+        [--tls-dir DIR]
+
+With ``--tls-dir``, it dials the coordinators over mTLS with the run's client certificate.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from saga_sdk import SagaClient, SagaSdkError
+from tests.torture.tls import TortureTls, channel
 
 CHANGES = "changes.jsonl"
 POSITION = "position"
@@ -64,24 +68,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--target", action="append", required=True, help="repeat per replica")
     parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--tls-dir", type=Path, help="the run's certificates (mTLS)")
     args = parser.parse_args()
     targets: list[str] = args.target
     directory: Path = args.dir
+    tls = None if args.tls_dir is None else TortureTls(args.tls_dir)
     directory.mkdir(parents=True, exist_ok=True)
     life = len(list(directory.glob("life-*"))) + 1
     (directory / f"life-{life}").touch()
     out = os.open(directory / CHANGES, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     if len(targets) == 1:
         # One coordinator: the SDK reopens the feed on it by itself when it restarts.
-        with SagaClient(targets[0], options=OPTIONS) as client:
+        with channel(targets[0], tls, list(OPTIONS)) as one, SagaClient(channel=one) as client:
             consume(client, directory, life, out)
         return
     index = life % len(targets)
     while True:
         target = targets[index]
-        if healthy(target):
+        if healthy(target, tls):
             print(f"life {life}: following {target}", flush=True)
-            follow_while_up(target, directory, life, out)
+            follow_while_up(target, tls, directory, life, out)
             print(f"life {life}: {target} is down", flush=True)
         else:
             time.sleep(HEALTH_EVERY / 5)  # all of them may be down (restarting): do not spin
@@ -103,39 +109,41 @@ def consume(client: SagaClient, directory: Path, life: int, out: int) -> None:
         store_position(directory, change.position)
 
 
-def follow_while_up(target: str, directory: Path, life: int, out: int) -> None:
+def follow_while_up(
+    target: str, tls: TortureTls | None, directory: Path, life: int, out: int
+) -> None:
     """Consume the feed from ``target`` until it stops answering its health checks."""
-    channel = grpc.insecure_channel(target, options=list(OPTIONS))
+    followed = channel(target, tls, list(OPTIONS))
     down = threading.Event()
     done = threading.Event()
 
     def watch() -> None:
         missed = 0
         while not done.wait(HEALTH_EVERY):
-            missed = 0 if healthy(target) else missed + 1
+            missed = 0 if healthy(target, tls) else missed + 1
             if missed >= MISSED_HEALTH_CHECKS:
                 down.set()
-                channel.close()  # ends the stream, and the SDK's attempts to reopen it here
+                followed.close()  # ends the stream, and the SDK's attempts to reopen it here
                 return
 
     watchdog = threading.Thread(target=watch, name=f"health of {target}", daemon=True)
     watchdog.start()
     try:
-        consume(SagaClient(channel=channel), directory, life, out)
+        consume(SagaClient(channel=followed), directory, life, out)
     except (SagaSdkError, ValueError):  # cut off by the close, or reopened on a closed channel
         if not down.is_set():
             raise
     finally:
         done.set()
         watchdog.join()
-        channel.close()
+        followed.close()
 
 
-def healthy(target: str) -> bool:
+def healthy(target: str, tls: TortureTls | None) -> bool:
     """Whether the coordinator at ``target`` answers its health check SERVING."""
-    with grpc.insecure_channel(target) as channel:
+    with channel(target, tls, []) as checked:
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
+            response = health_pb2_grpc.HealthStub(checked).Check(
                 health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT
             )
         except grpc.RpcError:

@@ -51,7 +51,7 @@ from coordinator.crashpoints import ENVIRONMENT_VARIABLE, CrashPoint
 from tests.support.processes import free_port
 from tests.torture.checker import CheckReport, check_run, input_digest
 from tests.torture.probe import ProbeFailed, StoreProbe
-from tests.torture.processes import ManagedProcess, wait_serving
+from tests.torture.processes import ManagedProcess, health_serving, wait_serving
 from tests.torture.proxy import FaultyLink
 from tests.torture.scenario import (
     DEFINITION,
@@ -61,6 +61,7 @@ from tests.torture.scenario import (
     definition,
     plan_saga,
 )
+from tests.torture.tls import TortureTls
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_OPTIONS = [
@@ -118,6 +119,10 @@ class TortureSettings:
     """Each replica's lease, with several replicas: short, so that takeovers happen in the run."""
     min_pauses: int = 0
     """With several replicas: pauses (SIGSTOP, longer than the lease) before the faults stop."""
+    tls: bool = False
+    """TLS on both hops, from a CA made for the run (``tests.torture.tls``): the coordinators
+    serve mTLS to the client and the feed consumer, and call the participants over mTLS
+    through the proxies, which forward the encrypted bytes unchanged."""
     progress: Callable[[str], None] | None = None
     """Called with a line of progress now and then."""
 
@@ -179,6 +184,8 @@ class TortureReport:
     """``sqlite`` or ``postgresql``."""
     lease: str | None = None
     """The replicas' lease (None: one coordinator, with the default lease)."""
+    tls: bool = False
+    """Whether both hops ran over TLS."""
 
     @property
     def figures(self) -> dict[str, int]:
@@ -199,6 +206,8 @@ class TortureReport:
             options += f" --replicas {self.replicas} --lease {self.lease}"
         if self.store == "postgresql":
             options += " --postgresql"
+        if self.tls:
+            options += " --tls"
         return options
 
     def to_json(self) -> dict[str, Any]:
@@ -218,6 +227,7 @@ class TortureReport:
             "replicas": self.replicas,
             "store": self.store,
             "lease": self.lease,
+            "tls": self.tls,
             "must_be_zero": self.figures,
             "coordinator_kills": self.stats.coordinator_kills,
             "recovery_seconds": {
@@ -275,6 +285,10 @@ class Torture:
         self.client_log = work / "client" / "acks.jsonl"
         self.participant_dirs = {name: work / "participants" / name for name in PARTICIPANTS}
         self.participant_ports = {name: free_port() for name in PARTICIPANTS}
+        self.tls = TortureTls(work / "pki") if settings.tls else None
+        self._credentials: grpc.ChannelCredentials | None = None
+        """The client's TLS credentials, once the run's certificates are made."""
+        tls_flags = [] if self.tls is None else ["--tls-dir", str(self.tls.directory)]
         self.participants = {
             name: ManagedProcess(
                 name,
@@ -289,6 +303,7 @@ class Torture:
                     str(self.participant_dirs[name]),
                     "--seed",
                     str(settings.seed),
+                    *tls_flags,
                 ],
                 self.participant_dirs[name] / "participant.log",
                 cwd=ROOT,
@@ -311,6 +326,7 @@ class Torture:
                 *(arg for replica in self.replicas for arg in ("--target", replica.target)),
                 "--dir",
                 str(self.feed_dir),
+                *tls_flags,
             ],
             self.feed_dir / "consumer.log",
             cwd=ROOT,
@@ -369,7 +385,8 @@ class Torture:
         try:
             for name, process in self.participants.items():
                 process.spawn()
-                if not await wait_serving(process, f"127.0.0.1:{self.participant_ports[name]}", 20):
+                address = f"127.0.0.1:{self.participant_ports[name]}"
+                if not await self._serving(process, address, 20):
                     raise RuntimeError(f"participant {name} did not start: see {process.log}")
             for link in self.links.values():
                 await link.start()
@@ -377,10 +394,12 @@ class Torture:
             for replica in self.replicas:
                 replica.process.spawn()
             for replica in self.replicas:
-                if not await wait_serving(replica.process, replica.target, 30):
+                if not await self._serving(replica.process, replica.target, 30):
                     raise RuntimeError(
                         f"the coordinator {replica.name} did not start: see {replica.process.log}"
                     )
+            if self.tls is not None:
+                await self._refuse_plaintext()
             await self._torture_then_drain()
         finally:
             await self._stop_everything()
@@ -402,6 +421,7 @@ class Torture:
             replicas=self.settings.replicas,
             store="sqlite" if self.settings.database_url is None else "postgresql",
             lease=self.settings.lease if self.settings.replicas > 1 else None,
+            tls=self.settings.tls,
         )
 
     def _prepare(self) -> None:
@@ -413,7 +433,24 @@ class Torture:
             directory.mkdir(parents=True, exist_ok=True)
         self.client_log.parent.mkdir(parents=True, exist_ok=True)
         self.feed_dir.mkdir(parents=True, exist_ok=True)
+        if self.tls is not None:
+            TortureTls.create(self.tls.directory)
+            self._credentials = self.tls.client_credentials()
         self._log_fd = os.open(self.client_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    async def _refuse_plaintext(self) -> None:
+        """With TLS, check that no port of the run answers in plaintext: what the run tortures
+        is the encrypted path."""
+        targets = [replica.target for replica in self.replicas]
+        targets += [f"127.0.0.1:{port}" for port in self.participant_ports.values()]
+        targets += [f"127.0.0.1:{link.port}" for link in self.links.values()]
+        for target in targets:
+            if await health_serving(target, timeout=1.0):
+                raise RuntimeError(f"{target} answers in plaintext in a run with TLS")
+
+    async def _serving(self, process: ManagedProcess, target: str, timeout: float) -> bool:
+        """Wait until ``process`` serves at ``target`` (over TLS when the run has it)."""
+        return await wait_serving(process, target, timeout, self._credentials)
 
     def _write_config(self) -> None:
         for replica in self.replicas:
@@ -424,9 +461,14 @@ class Torture:
                 "shutdown_grace": 1.0,
                 "log_level": "WARNING",
                 "participants": {
-                    name: f"127.0.0.1:{link.port}" for name, link in self.links.items()
+                    name: f"127.0.0.1:{link.port}"
+                    if self.tls is None
+                    else self.tls.participant_endpoint(f"127.0.0.1:{link.port}")
+                    for name, link in self.links.items()
                 },
             }
+            if self.tls is not None:
+                config["tls"] = self.tls.coordinator_config()
             if self.settings.replicas > 1:
                 config["replica"] = replica.name
                 config["lease"] = self.settings.lease
@@ -472,12 +514,12 @@ class Torture:
             for name, process in self.participants.items():
                 if not process.alive:
                     process.spawn()
-                    await wait_serving(process, f"127.0.0.1:{self.participant_ports[name]}", 20)
+                    await self._serving(process, f"127.0.0.1:{self.participant_ports[name]}", 20)
             for replica in self.replicas:
                 if not replica.process.alive:
                     replica.process.spawn()
             for replica in self.replicas:
-                if not await wait_serving(replica.process, replica.target, 30):
+                if not await self._serving(replica.process, replica.target, 30):
                     self.stats.unexpected_exits.append(
                         f"the coordinator {replica.name} did not restart for the drain"
                         if self.settings.replicas > 1
@@ -695,7 +737,7 @@ class Torture:
         self.stats.random_kills += 1
 
     async def _measure_recovery(self, replica: Replica) -> None:
-        if await wait_serving(replica.process, replica.target, 30):
+        if await self._serving(replica.process, replica.target, 30):
             self.stats.recovery_seconds.append(time.monotonic() - replica.process.spawned_at)
 
     def _unexpected_exit(self, replica: Replica, code: int | None, context: str) -> None:
@@ -715,7 +757,7 @@ class Torture:
             self.stats.participant_kills += 1
             await asyncio.sleep(self.rng.uniform(0.0, 0.4))
             process.spawn()
-            await wait_serving(process, f"127.0.0.1:{self.participant_ports[name]}", 20)
+            await self._serving(process, f"127.0.0.1:{self.participant_ports[name]}", 20)
 
     async def _kill_feed_consumer(self) -> None:
         """Follow the feed with a consumer; SIGKILL it at random instants, restart it."""
@@ -806,9 +848,14 @@ class Torture:
         """Submit sagas until told to stop; each until acknowledged."""
         async with contextlib.AsyncExitStack() as channels:
             for replica in self.replicas:
-                channel = await channels.enter_async_context(
+                dialled = (
                     grpc.aio.insecure_channel(replica.target, options=CLIENT_OPTIONS)
+                    if self._credentials is None
+                    else grpc.aio.secure_channel(
+                        replica.target, self._credentials, options=CLIENT_OPTIONS
+                    )
                 )
+                channel = await channels.enter_async_context(dialled)
                 self._stubs.append(cpb_grpc.CoordinatorServiceStub(channel))
             slots = asyncio.Semaphore(self.settings.submitters)
             pending: set[asyncio.Task[None]] = set()

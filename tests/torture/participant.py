@@ -39,6 +39,7 @@ from tests.torture.scenario import (
     STUCK_REASON,
     injected_transient,
 )
+from tests.torture.tls import TortureTls
 
 EFFECTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS effects (
@@ -233,6 +234,7 @@ async def serve(
     seed: int | None,
     delay: tuple[float, float],
     gate: Path | None = None,
+    tls: TortureTls | None = None,
 ) -> None:
     """Serve until SIGTERM; SIGKILL at any instant is expected and fine."""
     server = grpc.aio.server()
@@ -244,7 +246,12 @@ async def serve(
         watching = asyncio.create_task(_open_when_created(gate, servicer.opened))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+    address = f"127.0.0.1:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:  # the coordinator's certificate (the run's CA) is required: mTLS
+        bound = server.add_secure_port(address, tls.participant_credentials())
+    if bound == 0:
         raise SystemExit(f"participant {participant.name}: cannot listen on 127.0.0.1:{port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -282,6 +289,11 @@ def main() -> None:
         help="hold every call until this file exists (to get every saga in flight at once)",
     )
     parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        help="serve mTLS with the run's certificates in this directory (tests.torture.tls)",
+    )
+    parser.add_argument(
         "--delay-ms",
         default="0:0",
         help="LOW:HIGH milliseconds every call waits before it is served (slow participants)",
@@ -291,7 +303,8 @@ def main() -> None:
     delay = (float(low) / 1000, float(high or low) / 1000)
     participant, ledger = prepare(args.name, args.dir)
     seed = None if args.well_behaved else args.seed
-    asyncio.run(serve(args.port, participant, ledger, seed, delay, args.gate))
+    tls = None if args.tls_dir is None else TortureTls(args.tls_dir)
+    asyncio.run(serve(args.port, participant, ledger, seed, delay, args.gate, tls))
 
 
 if __name__ == "__main__":

@@ -115,9 +115,16 @@ class ManagedProcess:
         return code
 
 
-async def health_serving(target: str, timeout: float = 0.5) -> bool:
-    """Whether the gRPC server at ``target`` answers its health check SERVING."""
-    async with grpc.aio.insecure_channel(target) as channel:
+async def health_serving(
+    target: str, timeout: float = 0.5, credentials: grpc.ChannelCredentials | None = None
+) -> bool:
+    """Whether the gRPC server at ``target`` answers its health check SERVING (over TLS with
+    ``credentials``)."""
+    if credentials is None:
+        dialled = grpc.aio.insecure_channel(target)
+    else:
+        dialled = grpc.aio.secure_channel(target, credentials)
+    async with dialled as channel:
         try:
             response = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
@@ -127,13 +134,18 @@ async def health_serving(target: str, timeout: float = 0.5) -> bool:
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-async def wait_serving(process: ManagedProcess, target: str, timeout: float) -> bool:
+async def wait_serving(
+    process: ManagedProcess,
+    target: str,
+    timeout: float,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> bool:
     """Wait until ``process`` serves at ``target``: True, or False when it died or timed out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process.alive:
             return False
-        if await health_serving(target, timeout=0.25):
+        if await health_serving(target, timeout=0.25, credentials=credentials):
             return process.alive
         await asyncio.sleep(0.02)
     return False

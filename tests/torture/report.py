@@ -30,6 +30,7 @@ def print_report(report: TortureReport, console: Console) -> None:
     facts.add_column("figure")
     facts.add_column("value", justify="right")
     rows: list[tuple[str, Any]] = [
+        ("TLS on both hops (mTLS)", "yes" if data["tls"] else "no"),
         ("coordinator kills (SIGKILL)", data["coordinator_kills"]),
         *(
             (f"  at crash point {point.value}", run["crash_point_kills"][point.value])

@@ -1,8 +1,10 @@
-"""The short torture run of ``make test``: at least 200 SIGKILLs of a real coordinator while at
-least 1,000 sagas run, every crash point hit at least 3 times, participants killed, the network
-broken, a change-feed consumer killed at random instants and resumed from its stored position,
-and every figure of the offline checker at zero. Random in schedule (a fresh seed each run,
-printed on failure; ``TORTURE_SEED=N`` replays one), deterministic in outcome."""
+"""The short torture run of ``make test``: at least 200 SIGKILLs of a real coordinator, over TLS
+on both hops (mTLS from the client and the feed consumer, mTLS to the participants through the
+fault-injecting proxies), while at least 1,000 sagas run, every crash point hit at least 3
+times, participants killed, the network broken, a change-feed consumer killed at random instants
+and resumed from its stored position, and every figure of the offline checker at zero. Random
+in schedule (a fresh seed each run, printed on failure; ``TORTURE_SEED=N`` replays one),
+deterministic in outcome. The runs with replicas (``test_torture_replicas``) are in plaintext."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ MIN_SAGAS = int(os.environ.get("TORTURE_SAGAS", "1000"))
 @pytest.mark.timeout(900)
 async def test_short_torture_run_keeps_every_guarantee(tmp_path: Path) -> None:
     seed = int(os.environ.get("TORTURE_SEED") or new_seed())
-    print(f"torture seed {seed} (replay: python scripts/torture.py --seed {seed})")
+    print(f"torture seed {seed} (replay: python scripts/torture.py --tls --seed {seed})")
     settings = TortureSettings(
         seed=seed,
         workdir=tmp_path / "run",
@@ -34,6 +36,7 @@ async def test_short_torture_run_keeps_every_guarantee(tmp_path: Path) -> None:
         min_per_crash_point=MIN_PER_CRASH_POINT,
         min_sagas=MIN_SAGAS,
         max_fault_seconds=480.0,
+        tls=True,
         progress=print,
     )
 
@@ -41,9 +44,10 @@ async def test_short_torture_run_keeps_every_guarantee(tmp_path: Path) -> None:
 
     print_report(report, Console(width=120, force_terminal=False))
     (tmp_path / "report.json").write_text(json.dumps(report.to_json(), indent=2))
-    replay = f"seed {seed}: replay with `python scripts/torture.py --seed {seed}`"
+    replay = f"seed {seed}: replay with `python scripts/torture.py --tls --seed {seed}`"
     broken = {name: count for name, count in report.figures.items() if count}
     assert not broken, f"{replay}; broken: {broken}; examples: {dict(report.check.examples)}"
+    assert report.tls, replay
     assert report.stats.coordinator_kills >= KILLS, replay
     for point in CrashPoint:
         assert report.stats.crash_point_kills[point.value] >= MIN_PER_CRASH_POINT, (point, replay)
