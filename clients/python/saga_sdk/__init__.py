@@ -1,6 +1,8 @@
 """Python SDK for the saga coordinator: clients, and participants with an idempotency barrier.
 
-`PostgresBarrier` lives in `saga_sdk.postgres_barrier` (it needs the `postgresql` extra).
+`PostgresBarrier` lives in `saga_sdk.postgres_barrier` (it needs the `postgresql` extra),
+`SqlAlchemyBarrier` in `saga_sdk.sqlalchemy_barrier` (the `sqlalchemy` extra); OpenTelemetry is
+the `otel` extra. The handler test kit is `saga_sdk.testing`.
 """
 
 from saga_sdk.barrier import Barrier, BarrierKey, Operation, Outcome, OutcomeKind
@@ -15,8 +17,10 @@ from saga_sdk.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PermanentFailure,
     PermissionDenied,
     Rejected,
+    RetryLater,
     SagaRpcError,
     SagaSdkError,
     Unauthenticated,
@@ -77,11 +81,13 @@ __all__ = [
     "Outcome",
     "OutcomeKind",
     "Participant",
+    "PermanentFailure",
     "PermissionDenied",
     "PruneResult",
     "RegisterResult",
     "RegisteredDefinition",
     "Rejected",
+    "RetryLater",
     "RetryPolicy",
     "Saga",
     "SagaChange",

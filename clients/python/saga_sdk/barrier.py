@@ -12,14 +12,22 @@ writes commit or roll back together:
   compensation); it leaves a marker under the Execute's request_id, so that an Execute arriving
   later is refused (`ExecuteAfterCompensate`) and applies nothing (no hanging resource);
 - concurrent duplicates wait on the database's lock for the first to finish and then replay it;
-- a `Rejected` Execute rolls its own writes back and the rejection is remembered;
-- a `Rejected` Compensate rolls everything back and is not remembered: nothing was undone, and
-  the same compensation sent again (an operator resuming the saga once the cause is fixed)
-  runs afresh;
-- any other exception rolls everything back and leaves no barrier row: a retry runs afresh.
+- a `Rejected` or `PermanentFailure` Execute rolls its own writes back and its answer is
+  remembered: a duplicate gets the same answer without running the effect;
+- a `Rejected` or `PermanentFailure` Compensate rolls everything back and is not remembered:
+  nothing was undone, and the same compensation sent again (an operator resuming the saga once
+  the cause is fixed) runs afresh;
+- `RetryLater`, and any other exception, rolls everything back and leaves no barrier row: the
+  retry runs afresh (a stored "retry later" would answer "retry later" forever).
 
-Backends: `saga_sdk.sqlite_barrier.SqliteBarrier` (stdlib sqlite3) and
-`saga_sdk.postgres_barrier.PostgresBarrier` (psycopg 3). Each creates its table when missing.
+Backends: `saga_sdk.sqlite_barrier.SqliteBarrier` (stdlib sqlite3),
+`saga_sdk.postgres_barrier.PostgresBarrier` (psycopg 3) and
+`saga_sdk.sqlalchemy_barrier.SqlAlchemyBarrier` (a SQLAlchemy session factory). Each creates
+its table when missing. To join a connection or transaction of your own instead (a sqlite3 or
+psycopg connection, a SQLAlchemy session), see `saga_sdk.transaction.run_in`.
+
+Rows of calls older than a retention window can be deleted with `prune` (and the
+`saga-barrier prune` command); see `saga_sdk.retention` for the rule that keeps that safe.
 
 Used by `saga_sdk.participant.Participant`, or on its own::
 
@@ -35,12 +43,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
 from saga.v1 import participant_service_pb2
 
-from saga_sdk.errors import ExecuteAfterCompensate, Rejected
+from saga_sdk.errors import ExecuteAfterCompensate, PermanentFailure, Rejected
 
 SyncEffect = Callable[[Any], bytes]
 """A business effect: gets the barrier's open connection, writes on it, returns the output."""
@@ -55,6 +64,9 @@ DONE = "done"
 REJECTED = "rejected"
 BLOCKED = "blocked"
 """The marker a null compensation leaves under its Execute's request_id."""
+FAILED = "failed"
+"""An Execute answered with `PermanentFailure`."""
+STATES = (PENDING, DONE, REJECTED, BLOCKED, FAILED)
 
 _EFFECT_SAVEPOINT = "saga_barrier_effect"
 
@@ -122,7 +134,8 @@ class OutcomeKind(StrEnum):
 
 @dataclass(frozen=True)
 class Outcome:
-    """The barrier's successful answer to a call. A rejection is raised as `Rejected`."""
+    """The barrier's successful answer to a call. A refusal is raised (`Rejected`,
+    `PermanentFailure`)."""
 
     output: bytes
     kind: OutcomeKind
@@ -145,6 +158,12 @@ class Barrier(ABC):
     @abstractmethod
     async def run_async(self, key: BarrierKey, effect: AsyncEffect) -> Outcome:
         """The asyncio twin of `run`, for an effect that is a coroutine function."""
+
+    def prune(self, older_than: timedelta, *, dry_run: bool = False) -> int:
+        """Delete the rows of calls first seen more than `older_than` ago; return how many
+        (with `dry_run`, only count them). Refuses a window shorter than
+        `saga_sdk.retention.MINIMUM_RETENTION`; see `saga_sdk.retention` for the rule."""
+        raise NotImplementedError(f"{type(self).__name__} cannot prune")
 
     def close(self) -> None:  # noqa: B027 - a backend without resources has nothing to close
         """Release the backend's connections."""
@@ -217,6 +236,31 @@ class SyncSession(Protocol):
     def rollback(self) -> None:
         """Roll back the transaction, if one is open."""
 
+    def savepoint(self) -> None:
+        """Mark where the effect starts, so that a refusal undoes only the effect's writes."""
+
+    def rollback_to_savepoint(self) -> None:
+        """Undo what was written since `savepoint`."""
+
+    def release_savepoint(self) -> None:
+        """Keep what was written since `savepoint` (an ORM flushes its pending objects)."""
+
+
+class SqlSavepoints:
+    """`savepoint` and its two endings as SQL statements, for sessions over a DB-API driver."""
+
+    def execute(self, sql: str, params: Sequence[object]) -> int:
+        raise NotImplementedError
+
+    def savepoint(self) -> None:
+        self.execute(f"SAVEPOINT {_EFFECT_SAVEPOINT}", ())
+
+    def rollback_to_savepoint(self) -> None:
+        self.execute(f"ROLLBACK TO SAVEPOINT {_EFFECT_SAVEPOINT}", ())
+
+    def release_savepoint(self) -> None:
+        self.execute(f"RELEASE SAVEPOINT {_EFFECT_SAVEPOINT}", ())
+
 
 class AsyncSession(Protocol):
     """The asyncio twin of `SyncSession`."""
@@ -253,6 +297,8 @@ def _replay(key: BarrierKey, answer: StoredAnswer) -> Outcome:
         return Outcome(answer.output or b"", OutcomeKind.REPLAYED)
     if answer.state == REJECTED:
         raise Rejected(answer.reason, answer.message)
+    if answer.state == FAILED:
+        raise PermanentFailure(answer.message, reason=answer.reason)
     if answer.state == BLOCKED and key.operation is Operation.EXECUTE:
         raise ExecuteAfterCompensate()
     if answer.state == BLOCKED:
@@ -269,6 +315,10 @@ def _record(
     message: str = "",
 ) -> tuple[str, tuple[object, ...]]:
     return sql.record, (state, output, reason, message, *key_params(key))
+
+
+def _refused_state(refusal: Rejected | PermanentFailure) -> str:
+    return FAILED if isinstance(refusal, PermanentFailure) else REJECTED
 
 
 def _check_output(output: object) -> bytes:
@@ -303,18 +353,20 @@ def run_guarded(
                 session.commit()
                 finished = True
                 return Outcome(b"", OutcomeKind.NULL_COMPENSATION)
-        # A savepoint, so that a rejection undoes the effect's writes but keeps the barrier row.
-        session.execute(f"SAVEPOINT {_EFFECT_SAVEPOINT}", ())
+        # A savepoint, so that a refusal undoes the effect's writes but keeps the barrier row.
+        session.savepoint()
         try:
             output = _check_output(effect(session.connection))
-        except Rejected as rejected:
+        except (Rejected, PermanentFailure) as refused:
             if key.operation is Operation.COMPENSATE:
                 raise  # rolled back whole below: a "no" to undoing is not remembered
-            session.execute(f"ROLLBACK TO SAVEPOINT {_EFFECT_SAVEPOINT}", ())
-            session.execute(*_record(sql, key, REJECTED, None, rejected.reason, rejected.message))
+            session.rollback_to_savepoint()
+            state = _refused_state(refused)
+            session.execute(*_record(sql, key, state, None, refused.reason, refused.message))
             session.commit()
             finished = True
             raise
+        session.release_savepoint()
         session.execute(*_record(sql, key, DONE, output))
         session.commit()
         finished = True
@@ -350,13 +402,12 @@ async def run_guarded_async(
         await session.execute(f"SAVEPOINT {_EFFECT_SAVEPOINT}", ())
         try:
             output = _check_output(await effect(session.connection))
-        except Rejected as rejected:
+        except (Rejected, PermanentFailure) as refused:
             if key.operation is Operation.COMPENSATE:
                 raise  # rolled back whole below: a "no" to undoing is not remembered
             await session.execute(f"ROLLBACK TO SAVEPOINT {_EFFECT_SAVEPOINT}", ())
-            await session.execute(
-                *_record(sql, key, REJECTED, None, rejected.reason, rejected.message)
-            )
+            state = _refused_state(refused)
+            await session.execute(*_record(sql, key, state, None, refused.reason, refused.message))
             await session.commit()
             finished = True
             raise

@@ -14,18 +14,43 @@ The tree::
     │   ├── Unavailable               UNAVAILABLE
     │   └── DeadlineExceeded          DEADLINE_EXCEEDED
     ├── WaitTimeout                   wait() gave up (also a builtin TimeoutError)
-    └── Rejected                      raised by a participant's handler: a business "no"
-        └── ExecuteAfterCompensate    the barrier refused an Execute that came after its
-                                      Compensate
+    ├── Rejected                      raised by a participant's handler: a business "no"
+    │   └── ExecuteAfterCompensate    the barrier refused an Execute that came after its
+    │                                 Compensate
+    ├── RetryLater                    raised by a handler: transient, try again after a delay
+    └── PermanentFailure              raised by a handler: this request can never succeed
 
-Every `SagaRpcError` carries the status code, the `ErrorInfo` reason and domain, and the
-`BadRequest` field violations sent in the `google.rpc.Status`, when there were any.
+Every `SagaRpcError` carries the status code, the `ErrorInfo` reason and domain, the
+`BadRequest` field violations and the `RetryInfo` delay sent in the `google.rpc.Status`, when
+there were any.
+
+A participant's handler steers the coordinator with the exception it raises; the participant
+answers as the contract's table "How a participant's answer is read" says:
+
+- the handler returns                    -> OK with the output: the saga goes on;
+- ``Rejected(reason, message)``          -> FAILED_PRECONDITION + ErrorInfo(reason): a business
+  "no", not retried, the saga compensates;
+- ``RetryLater(message, retry_after=timedelta(...), reason=...)`` -> UNAVAILABLE +
+  RetryInfo(retry_delay) + ErrorInfo(reason): transient, the coordinator retries the same
+  request_id no sooner than retry_after (up to its own cap);
+- ``PermanentFailure(message, reason=...)`` -> INVALID_ARGUMENT + ErrorInfo(reason): the
+  participant can never do this request; the step fails at once, no retry, the saga
+  compensates;
+- any other exception                    -> INTERNAL + ErrorInfo(HANDLER_FAILED), logged:
+  transient, retried with the step's backoff.
+
+With a barrier, the answer of an Execute that raised `Rejected` or `PermanentFailure` is
+stored with the (rolled back) call, so that a duplicate gets the same answer without running
+the handler; `RetryLater` and any other exception store nothing, so that the retry runs the
+handler again. A Compensate's `Rejected` or `PermanentFailure` is not stored either: nothing
+was undone, and the same compensation sent again (an operator resuming the saga) runs afresh.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
@@ -73,6 +98,7 @@ class SagaRpcError(SagaSdkError):
         domain: str = "",
         metadata: Mapping[str, str] | None = None,
         field_violations: Iterable[FieldViolation] = (),
+        retry_after: timedelta | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {message}" + (f" [{reason}]" if reason else ""))
         self.code = code
@@ -81,6 +107,8 @@ class SagaRpcError(SagaSdkError):
         self.domain = domain
         self.metadata: Mapping[str, str] = MappingProxyType(dict(metadata or {}))
         self.field_violations = tuple(field_violations)
+        self.retry_after = retry_after
+        """The status' `RetryInfo` delay: do not call again sooner. None when it had none."""
 
 
 class InvalidArgument(SagaRpcError):
@@ -176,6 +204,58 @@ class ExecuteAfterCompensate(Rejected):
         )
 
 
+class RetryLater(SagaSdkError):
+    """Raised by a participant's handler: not now, try again in `retry_after`.
+
+    The participant answers UNAVAILABLE with a `RetryInfo(retry_delay=retry_after)` and an
+    `ErrorInfo(reason)`; the coordinator retries the same request_id, no sooner than
+    `retry_after` (it caps how long one answer can make it wait). Nothing is stored by the
+    barrier: the retry runs the handler again. For a dependency that is down, a rate limit,
+    a resource that is still being prepared.
+    """
+
+    DEFAULT_REASON: ClassVar[str] = "RETRY_LATER"
+
+    def __init__(
+        self, message: str, *, retry_after: timedelta, reason: str = DEFAULT_REASON
+    ) -> None:
+        if not isinstance(retry_after, timedelta):
+            raise TypeError(
+                f"retry_after is a datetime.timedelta, not {type(retry_after).__name__}"
+            )
+        if retry_after <= timedelta(0):
+            raise ValueError(f"retry_after must be positive, not {retry_after}")
+        _check_reason(reason, "RetryLater")
+        super().__init__(f"{reason}: {message} (retry after {retry_after})")
+        self.message = message
+        self.retry_after = retry_after
+        self.reason = reason
+
+
+class PermanentFailure(SagaSdkError):
+    """Raised by a participant's handler: this request can never be done here, do not retry.
+
+    The participant answers INVALID_ARGUMENT with an `ErrorInfo(reason)`; the coordinator
+    records the step as failed without retrying it and compensates the saga. Unlike
+    `Rejected` (a business "no" about the current state, e.g. no funds), it says the request
+    itself is unusable (e.g. a currency this service does not handle). With a barrier, an
+    Execute's permanent failure is stored and answered again to its duplicates.
+    """
+
+    DEFAULT_REASON: ClassVar[str] = "PERMANENT_FAILURE"
+
+    def __init__(self, message: str, *, reason: str = DEFAULT_REASON) -> None:
+        _check_reason(reason, "PermanentFailure")
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.message = message
+        self.reason = reason
+
+
+def _check_reason(reason: str, what: str) -> None:
+    if not _REASON.match(reason):
+        raise ValueError(f"a {what}'s reason is UPPER_SNAKE, e.g. LEDGER_DOWN: {reason!r}")
+
+
 _BY_CODE: Mapping[grpc.StatusCode, type[SagaRpcError]] = {
     cls.grpc_code: cls
     for cls in (
@@ -200,6 +280,7 @@ def error_from_status(
     reason = domain = ""
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
+    retry_after: timedelta | None = None
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -209,6 +290,10 @@ def error_from_status(
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToTimedelta()
     cls = _BY_CODE.get(code, SagaRpcError)
     return cls(
         code,
@@ -217,6 +302,7 @@ def error_from_status(
         domain=domain,
         metadata=metadata,
         field_violations=violations,
+        retry_after=retry_after,
     )
 
 

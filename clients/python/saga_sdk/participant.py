@@ -22,9 +22,15 @@ How answers map to the contract:
 
 - the handler returns          -> OK, with its value as the output (UTF-8 JSON, or bytes raw)
 - the handler raises Rejected  -> FAILED_PRECONDITION + ErrorInfo(reason, domain=participant)
+                                 (a business "no": no retry, the saga compensates)
+- it raises RetryLater         -> UNAVAILABLE + RetryInfo(retry_after) + ErrorInfo(reason)
+                                 (transient: retried, no sooner than retry_after)
+- it raises PermanentFailure   -> INVALID_ARGUMENT + ErrorInfo(reason) (the step fails, no
+                                 retry, the saga compensates)
 - no handler for the action    -> UNIMPLEMENTED (the step fails, no retry)
 - the payload is not JSON      -> INVALID_ARGUMENT (the step fails, no retry)
-- any other exception          -> INTERNAL, logged (transient: the coordinator retries)
+- any other exception          -> INTERNAL + ErrorInfo(HANDLER_FAILED), logged (transient: the
+                                 coordinator retries)
 
 A call whose deadline expired still completes and commits its effect; the coordinator retries
 it with the same request_id, and the barrier answers the retry with the stored answer.
@@ -45,23 +51,26 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import grpc
 import grpc.aio
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 from saga.v1 import participant_service_pb2, participant_service_pb2_grpc
 
 from saga_sdk.barrier import Barrier, BarrierKey
-from saga_sdk.errors import Rejected
+from saga_sdk.errors import PermanentFailure, Rejected, RetryLater
 from saga_sdk.requests import encode_payload
+from saga_sdk.telemetry import ParticipantTracer
 from saga_sdk.tls import ServerTLS as ServerTLS  # re-exported: what start() takes
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +188,17 @@ def _status(
     domain: str,
     metadata: Mapping[str, str] | None = None,
     violation: tuple[str, str] | None = None,
+    retry_after: timedelta | None = None,
 ) -> grpc.Status:
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata or {}))
     details = [info]
+    if retry_after is not None:
+        retry = any_pb2.Any()
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(retry_after)
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
     if violation is not None:
         bad = any_pb2.Any()
         field, description = violation
@@ -215,13 +231,14 @@ class Participant:
         name: str,
         *,
         barrier: Barrier | None = None,
-        tracer_provider: trace.TracerProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.name = name
         self.barrier = barrier
         # Handlers run inside a span continuing the saga's trace; with no OpenTelemetry SDK
-        # installed (or no tracer_provider given) the span is a no-op.
-        self._tracer = trace.get_tracer("saga-sdk.participant", tracer_provider=tracer_provider)
+        # configured (or no tracer_provider given) the span is a no-op, and without the
+        # `otel` extra there is no span at all.
+        self._tracer = ParticipantTracer(tracer_provider)
         self._actions: dict[str, _Handler] = {}
         self._compensations: dict[str, _Handler] = {}
         self._server: grpc.aio.Server | None = None
@@ -403,11 +420,10 @@ class Participant:
         metadata: Mapping[str, str],
     ) -> bytes | grpc.Status:
         """Answer inside a span that continues the coordinator's trace (its W3C traceparent)."""
-        with self._tracer.start_as_current_span(
+        with self._tracer.span(
             f"{operation} {request.action}",
-            context=propagate.extract(metadata),
-            kind=SpanKind.SERVER,
-            attributes={
+            metadata,
+            {
                 "saga.id": request.saga.removeprefix("sagas/"),
                 "saga.definition": request.definition,
                 "saga.step": request.step,
@@ -422,8 +438,7 @@ class Participant:
         ) as span:
             answer = await self._answer_untraced(operation, request, call)
             if isinstance(answer, grpc.Status):
-                span.set_attribute("rpc.grpc.status_code", answer.code.value[0])
-                span.set_status(Status(StatusCode.ERROR, answer.details))
+                span.failed(answer.code.value[0], answer.details)
             return answer
 
     async def _answer_untraced(
@@ -441,6 +456,33 @@ class Participant:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 rejected.message or rejected.reason,
                 rejected.reason,
+                self.name,
+                where,
+            )
+        except RetryLater as later:
+            log.info(
+                "participant %s: %s %r of %s step %s asks to be retried after %s: %s",
+                self.name,
+                operation,
+                request.action,
+                request.saga,
+                request.step,
+                later.retry_after,
+                later.message,
+            )
+            return _status(
+                grpc.StatusCode.UNAVAILABLE,
+                later.message or later.reason,
+                later.reason,
+                self.name,
+                where,
+                retry_after=later.retry_after,
+            )
+        except PermanentFailure as failure:
+            return _status(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                failure.message or failure.reason,
+                failure.reason,
                 self.name,
                 where,
             )

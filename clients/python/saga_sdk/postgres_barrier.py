@@ -8,22 +8,27 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, LiteralString
 
 import psycopg
+from psycopg import sql as psql
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from saga_sdk.barrier import (
     DEFAULT_TABLE,
+    STATES,
     AsyncEffect,
     Barrier,
     BarrierKey,
     BarrierSql,
     Outcome,
+    SqlSavepoints,
     SyncEffect,
     run_guarded,
     run_guarded_async,
 )
+from saga_sdk.retention import check_window
 from saga_sdk.sqlite_barrier import check_identifier
 
 _SCHEMA = """
@@ -32,7 +37,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     step       TEXT NOT NULL,
     operation  TEXT NOT NULL CHECK (operation IN ('execute', 'compensate')),
     request_id TEXT NOT NULL,
-    state      TEXT NOT NULL CHECK (state IN ('pending', 'done', 'rejected', 'blocked')),
+    state      TEXT NOT NULL CONSTRAINT {table}_state_check CHECK (state IN ({states})),
     output     BYTEA,
     reason     TEXT NOT NULL DEFAULT '',
     message    TEXT NOT NULL DEFAULT '',
@@ -40,6 +45,64 @@ CREATE TABLE IF NOT EXISTS {table} (
     PRIMARY KEY (saga_id, step, operation, request_id)
 )
 """
+
+
+def schema(table: str) -> str:
+    """The barrier table's CREATE statement (IF NOT EXISTS) for `table`."""
+    return _SCHEMA.format(table=table, states=", ".join(f"'{state}'" for state in STATES))
+
+
+_STATE_CHECKS = """
+SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint
+WHERE conrelid = to_regclass(%s) AND contype = 'c' AND pg_get_constraintdef(oid) LIKE '%%state%%'
+"""
+
+
+def ensure_schema(connection: psycopg.Connection[Any], table: str) -> None:
+    """Create the barrier table when missing, and upgrade one that predates a row state, in
+    the connection's current transaction (the caller commits).
+
+    The first check is one cheap query; only a missing or outdated table takes the advisory
+    lock that serialises participants starting together (concurrent CREATE TABLE IF NOT
+    EXISTS can otherwise fail on PostgreSQL's catalog unique index).
+    """
+    if _schema_is_current(connection.execute(_STATE_CHECKS, (table,)).fetchall()):
+        return
+    connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (table,))
+    connection.execute(_query(schema(table)))
+    checks = connection.execute(_STATE_CHECKS, (table,)).fetchall()
+    if not _schema_is_current(checks):
+        states = psql.SQL(", ").join(psql.Literal(state) for state in STATES)
+        for name, _ in checks:
+            connection.execute(
+                psql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                    psql.Identifier(table), psql.Identifier(name)
+                )
+            )
+        connection.execute(
+            psql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK (state IN ({}))").format(
+                psql.Identifier(table), psql.Identifier(f"{table}_state_check"), states
+            )
+        )
+
+
+def _schema_is_current(checks: list[tuple[Any, ...]]) -> bool:
+    return len(checks) == 1 and all(f"'{state}'" in checks[0][1] for state in STATES)
+
+
+def prune_rows(
+    connection: psycopg.Connection[Any], table: str, older_than: timedelta, *, dry_run: bool
+) -> int:
+    """Delete (or with `dry_run` count) the rows first seen more than `older_than` ago."""
+    check_window(older_than)
+    if dry_run:
+        row = connection.execute(
+            _query(f"SELECT count(*) FROM {table} WHERE created_at < now() - %s"), (older_than,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+    return connection.execute(
+        _query(f"DELETE FROM {table} WHERE created_at < now() - %s"), (older_than,)
+    ).rowcount
 
 
 def _query(sql: str) -> LiteralString:
@@ -84,6 +147,14 @@ class PostgresBarrier(Barrier):
         with psycopg.connect(self.conninfo) as connection:
             _migrate(connection, self.table)
 
+    def prune(self, older_than: timedelta, *, dry_run: bool = False) -> int:
+        """Delete the rows of calls first seen more than `older_than` ago; see `Barrier.prune`."""
+        check_window(older_than)
+        with psycopg.connect(self.conninfo) as connection:
+            _migrate(connection, self.table)
+            with connection.transaction():
+                return prune_rows(connection, self.table, older_than, dry_run=dry_run)
+
     def run(self, key: BarrierKey, effect: SyncEffect) -> Outcome:
         """Apply `effect` once for `key`; see `Barrier.run`."""
         with self._sync_pool().connection() as connection:
@@ -125,8 +196,8 @@ class PostgresBarrier(Barrier):
             self._async_lock = asyncio.Lock()
         async with self._async_lock:
             if self._async_pool is None:
-                async with await psycopg.AsyncConnection.connect(self.conninfo) as connection:
-                    await _migrate_async(connection, self.table)
+                # Schema work is rare and short: a blocking connection, off the event loop.
+                await asyncio.to_thread(self.migrate)
                 pool: AsyncConnectionPool = AsyncConnectionPool(
                     self.conninfo, min_size=self._min_size, max_size=self._max_size, open=False
                 )
@@ -136,20 +207,11 @@ class PostgresBarrier(Barrier):
 
 
 def _migrate(connection: psycopg.Connection[Any], table: str) -> None:
-    # The advisory lock serialises participants starting together: concurrent CREATE TABLE IF
-    # NOT EXISTS can otherwise fail on PostgreSQL's catalog unique index.
     with connection.transaction():
-        connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (table,))
-        connection.execute(_query(_SCHEMA.format(table=table)))
+        ensure_schema(connection, table)
 
 
-async def _migrate_async(connection: psycopg.AsyncConnection[Any], table: str) -> None:
-    async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (table,))
-        await connection.execute(_query(_SCHEMA.format(table=table)))
-
-
-class _Session:
+class _Session(SqlSavepoints):
     """A psycopg connection as the barrier's rules drive it."""
 
     def __init__(self, connection: psycopg.Connection[Any]) -> None:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
-from opentelemetry import propagate
 from saga.v1 import coordinator_service_pb2, saga_pb2
 
+from saga_sdk import telemetry
 from saga_sdk.model import RetryPolicy, SagaDefinition, SagaState, definition_to_proto
 from saga_sdk.model import retry_policy_to_proto as _retry_policy_to_proto
 
@@ -365,10 +365,9 @@ def rewatch_delay(attempt: int) -> float:
 
 
 def trace_headers() -> tuple[tuple[str, str], ...]:
-    """The current span's W3C trace headers, for CreateSaga: the saga's trace links to it."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return tuple(carrier.items())
+    """The current span's W3C trace headers, for CreateSaga: the saga's trace links to it.
+    None without OpenTelemetry (the `otel` extra)."""
+    return telemetry.trace_headers()
 
 
 def changes_request(

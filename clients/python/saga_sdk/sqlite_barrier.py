@@ -8,19 +8,23 @@ import re
 import sqlite3
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from saga_sdk.barrier import (
     DEFAULT_TABLE,
+    STATES,
     AsyncEffect,
     Barrier,
     BarrierKey,
     BarrierSql,
     Outcome,
+    SqlSavepoints,
     SyncEffect,
     run_guarded,
     run_guarded_async,
 )
+from saga_sdk.retention import check_window
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -30,7 +34,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     step       TEXT NOT NULL,
     operation  TEXT NOT NULL CHECK (operation IN ('execute', 'compensate')),
     request_id TEXT NOT NULL,
-    state      TEXT NOT NULL CHECK (state IN ('pending', 'done', 'rejected', 'blocked')),
+    state      TEXT NOT NULL CHECK (state IN ({states})),
     output     BLOB,
     reason     TEXT NOT NULL DEFAULT '',
     message    TEXT NOT NULL DEFAULT '',
@@ -38,6 +42,64 @@ CREATE TABLE IF NOT EXISTS {table} (
     PRIMARY KEY (saga_id, step, operation, request_id)
 ) STRICT
 """
+
+
+_COLUMNS = "saga_id, step, operation, request_id, state, output, reason, message, created_at"
+
+
+def schema(table: str) -> str:
+    """The barrier table's CREATE statement (IF NOT EXISTS) for `table`."""
+    return _SCHEMA.format(table=table, states=", ".join(f"'{state}'" for state in STATES))
+
+
+def ensure_schema(connection: sqlite3.Connection, table: str) -> None:
+    """Create the barrier table when missing, and upgrade one that predates a row state.
+
+    Runs in the connection's open transaction when it has one (the caller commits), else in a
+    transaction of its own.
+    """
+    row = connection.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+    ).fetchone()
+    if row is not None and all(f"'{state}'" in row[0] for state in STATES):
+        return
+    own = not connection.in_transaction
+    if own:
+        connection.execute("BEGIN IMMEDIATE")
+    try:
+        connection.execute(schema(table))
+        row = connection.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+        ).fetchone()
+        if not all(f"'{state}'" in row[0] for state in STATES):
+            # SQLite cannot alter a CHECK constraint: copy the rows into a table built anew.
+            connection.execute(f"ALTER TABLE {table} RENAME TO {table}_upgrading")
+            connection.execute(schema(table))
+            connection.execute(
+                f"INSERT INTO {table} ({_COLUMNS}) SELECT {_COLUMNS} FROM {table}_upgrading"
+            )
+            connection.execute(f"DROP TABLE {table}_upgrading")
+        if own:
+            connection.execute("COMMIT")
+    except BaseException:
+        if own and connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+def prune_rows(
+    connection: sqlite3.Connection, table: str, older_than: timedelta, *, dry_run: bool
+) -> int:
+    """Delete (or with `dry_run` count) the rows first seen more than `older_than` ago."""
+    check_window(older_than)
+    cutoff = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
+    age = (f"-{older_than.total_seconds():.3f} seconds",)
+    if dry_run:
+        row = connection.execute(
+            f"SELECT count(*) FROM {table} WHERE created_at < {cutoff}", age
+        ).fetchone()
+        return int(row[0])
+    return connection.execute(f"DELETE FROM {table} WHERE created_at < {cutoff}", age).rowcount
 
 
 def check_identifier(table: str) -> str:
@@ -102,7 +164,7 @@ class SqliteBarrier(Barrier):
             conn = self._open() if connection is None else connection
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute(_SCHEMA.format(table=self.table))
+                ensure_schema(conn, self.table)
             finally:
                 if own:
                     conn.close()
@@ -113,6 +175,15 @@ class SqliteBarrier(Barrier):
         connection = self.connect()
         try:
             return run_guarded(_Session(connection), self._sql, key, effect)
+        finally:
+            connection.close()
+
+    def prune(self, older_than: timedelta, *, dry_run: bool = False) -> int:
+        """Delete the rows of calls first seen more than `older_than` ago; see `Barrier.prune`."""
+        check_window(older_than)
+        connection = self.connect()
+        try:
+            return prune_rows(connection, self.table, older_than, dry_run=dry_run)
         finally:
             connection.close()
 
@@ -143,7 +214,7 @@ class SqliteBarrier(Barrier):
         return connection
 
 
-class _Session:
+class _Session(SqlSavepoints):
     """A sqlite3 connection as the barrier's rules drive it."""
 
     def __init__(self, connection: sqlite3.Connection) -> None:

@@ -10,6 +10,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from saga_sdk import ExecuteAfterCompensate, Rejected
+from saga_sdk import ExecuteAfterCompensate, PermanentFailure, Rejected, RetryLater
 from saga_sdk.barrier import Barrier, BarrierKey, Operation, OutcomeKind
 from saga_sdk.postgres_barrier import PostgresBarrier
 from saga_sdk.sqlite_barrier import SqliteBarrier
@@ -183,6 +184,82 @@ class BarrierContract(ABC):
         assert undone.kind is OutcomeKind.APPLIED
         assert again.kind is OutcomeKind.REPLAYED
         assert self.effects() == ["debit", "refund"]
+
+    def test_a_permanent_failure_undoes_its_writes_and_is_replayed_without_running(
+        self, barrier: Barrier
+    ) -> None:
+        key = execute_key()
+
+        def write_then_give_up(tx: Any) -> bytes:
+            self.write(tx, "half-done")
+            raise PermanentFailure("no such currency", reason="CURRENCY_UNSUPPORTED")
+
+        with pytest.raises(PermanentFailure):
+            barrier.run(key, write_then_give_up)
+        with pytest.raises(PermanentFailure) as again:
+            self.new_barrier().run(key, self.never)
+        compensated = barrier.run(compensate_key(key), self.never)
+
+        assert (again.value.reason, again.value.message) == (
+            "CURRENCY_UNSUPPORTED",
+            "no such currency",
+        )
+        assert compensated.kind is OutcomeKind.NULL_COMPENSATION
+        assert self.effects() == []
+
+    def test_retry_later_stores_nothing_so_the_retry_runs_the_effect(
+        self, barrier: Barrier
+    ) -> None:
+        key = execute_key()
+
+        def write_then_later(tx: Any) -> bytes:
+            self.write(tx, "half-done")
+            raise RetryLater("ledger busy", retry_after=timedelta(seconds=5))
+
+        with pytest.raises(RetryLater):
+            barrier.run(key, write_then_later)
+        retried = barrier.run(key, self.effect("debit"))
+
+        assert retried.kind is OutcomeKind.APPLIED
+        assert self.effects() == ["debit"]
+
+    def test_a_permanently_failed_compensation_is_not_remembered(self, barrier: Barrier) -> None:
+        execute = execute_key()
+        compensate = compensate_key(execute)
+        barrier.run(execute, self.effect("debit"))
+
+        def give_up(tx: Any) -> bytes:
+            self.write(tx, "half-undone")
+            raise PermanentFailure("refunds are closed", reason="REFUNDS_CLOSED")
+
+        with pytest.raises(PermanentFailure):
+            barrier.run(compensate, give_up)
+        undone = barrier.run(compensate, self.effect("refund"))
+
+        assert undone.kind is OutcomeKind.APPLIED
+        assert self.effects() == ["debit", "refund"]
+
+    async def test_async_refusals_are_stored_like_blocking_ones(self, barrier: Barrier) -> None:
+        failed, later = execute_key(), execute_key()
+
+        async def give_up(tx: Any) -> bytes:
+            await self.write_async(tx, "half-done")
+            raise PermanentFailure("never", reason="NEVER")
+
+        async def not_now(tx: Any) -> bytes:
+            await self.write_async(tx, "half-done")
+            raise RetryLater("soon", retry_after=timedelta(seconds=1))
+
+        with pytest.raises(PermanentFailure):
+            await barrier.run_async(failed, give_up)
+        with pytest.raises(PermanentFailure):
+            await barrier.run_async(failed, self._async_effect("debit"))
+        with pytest.raises(RetryLater):
+            await barrier.run_async(later, not_now)
+        applied = await barrier.run_async(later, self._async_effect("debit"))
+
+        assert applied.kind is OutcomeKind.APPLIED
+        assert self.effects() == ["debit"]
 
     def test_an_unexpected_error_rolls_everything_back_and_a_retry_runs_again(
         self, barrier: Barrier
