@@ -82,6 +82,29 @@ export class ExecuteAfterCompensate extends Rejected {
   constructor(message?: string);
 }
 
+/**
+ * Not now, try again in `retryAfterMs`: answered as UNAVAILABLE with a google.rpc.RetryInfo and
+ * an ErrorInfo carrying `reason` (default RETRY_LATER). The coordinator retries the same
+ * request_id no sooner than that (capped); the barrier stores nothing.
+ */
+export class RetryLater extends SdkError {
+  static readonly DEFAULT_REASON: 'RETRY_LATER';
+  constructor(message: string, options: { retryAfterMs: number; reason?: string });
+  readonly reason: string;
+  readonly retryAfterMs: number;
+}
+
+/**
+ * This request can never be done here: answered as INVALID_ARGUMENT with an ErrorInfo carrying
+ * `reason` (default PERMANENT_FAILURE). The step fails without a retry and the saga compensates.
+ * With a barrier, an Execute's permanent failure is stored and answered again to duplicates.
+ */
+export class PermanentFailure extends SdkError {
+  static readonly DEFAULT_REASON: 'PERMANENT_FAILURE';
+  constructor(message: string, options?: { reason?: string });
+  readonly reason: string;
+}
+
 // --- resources ---------------------------------------------------------------------------------
 
 export type SagaState =
@@ -377,7 +400,7 @@ export class BarrierKey {
   params(): [string, string, string, string];
 }
 
-/** The barrier's successful answer. A rejection is thrown as Rejected. */
+/** The barrier's successful answer. A refusal is thrown (Rejected, PermanentFailure). */
 export interface Outcome {
   readonly output: Buffer;
   readonly kind: OutcomeKind;
@@ -386,9 +409,16 @@ export interface Outcome {
 /** A synchronous business effect: writes through `db`, returns the output bytes. */
 export type BarrierEffect = (db: BetterSqlite3.Database) => Uint8Array | null | undefined;
 
-/** What a Participant needs of a barrier. */
-export interface Barrier {
-  run(key: BarrierKey, prepare: () => BarrierEffect | Promise<BarrierEffect>): Promise<Outcome>;
+/**
+ * What a Participant needs of a barrier. `Db` is what effects receive (a better-sqlite3
+ * Database, a pg PoolClient); `asyncEffects` says whether an effect may return a promise.
+ */
+export interface Barrier<Db = any> {
+  readonly asyncEffects?: boolean;
+  run(
+    key: BarrierKey,
+    prepare: () => ((db: Db) => unknown) | Promise<(db: Db) => unknown>,
+  ): Promise<Outcome>;
 }
 
 export interface SqliteBarrierOptions {
@@ -404,7 +434,7 @@ export interface SqliteBarrierOptions {
  * The idempotency barrier in a SQLite database (better-sqlite3), in the same transaction as the
  * business writes. Same table layout as the Python SDK's SqliteBarrier.
  */
-export class SqliteBarrier implements Barrier {
+export class SqliteBarrier implements Barrier<BetterSqlite3.Database> {
   constructor(database: string | BetterSqlite3.Database, options?: SqliteBarrierOptions);
   /** The handle effects receive; create and read the business tables through it. */
   readonly db: BetterSqlite3.Database;
@@ -418,7 +448,7 @@ export class SqliteBarrier implements Barrier {
   runSync(key: BarrierKey, effect: BarrierEffect): Outcome;
   /** The stored answer of a call, or null. */
   lookup(key: BarrierKey): {
-    state: 'done' | 'rejected' | 'blocked';
+    state: 'done' | 'rejected' | 'blocked' | 'failed';
     output: Buffer | null;
     reason: string;
     message: string;
@@ -491,29 +521,31 @@ export interface CompensateContext<Payload = any> extends CallContext<Payload> {
 }
 
 /**
- * The effect a handler may return: run synchronously inside the barrier's transaction with its
- * database (null without a barrier); its return value is the output.
+ * The effect a handler may return: run inside the barrier's transaction with its database
+ * handle (null without a barrier); its return value is the output. Synchronous on SQLite; on
+ * PostgreSQL (`Db` a pg PoolClient) it may be async.
  */
-export type Effect<Out = Output> = (db: BetterSqlite3.Database) => Out;
+export type Effect<Out = Output, Db = BetterSqlite3.Database> = (db: Db) => Out;
 
 /** A handler's output: JSON-serialisable, or a Buffer for a raw handler; nothing is empty. */
 export type Output = string | number | boolean | null | undefined | void | object;
 
 /** What a handler returns: the output, or the Effect that writes and returns it. */
-export type HandlerResult = Effect<Output> | Output;
+export type HandlerResult<Db = BetterSqlite3.Database> = Effect<Output, Db> | Output;
 
 /**
  * An action handler: returns the output (JSON-serialisable, or a Buffer when raw), or an
- * Effect returning it. Throw Rejected for a business "no".
+ * Effect returning it. Throw Rejected for a business "no", RetryLater to be retried after a
+ * delay, PermanentFailure for a request that can never succeed.
  */
-export type ActionHandler<Payload = any> = (
+export type ActionHandler<Payload = any, Db = BetterSqlite3.Database> = (
   ctx: ExecuteContext<Payload>,
-) => HandlerResult | Promise<HandlerResult>;
+) => HandlerResult<Db> | Promise<HandlerResult<Db>>;
 
 /** A compensation handler: its return value (or its Effect's) is ignored. */
-export type CompensationHandler<Payload = any> = (
+export type CompensationHandler<Payload = any, Db = BetterSqlite3.Database> = (
   ctx: CompensateContext<Payload>,
-) => HandlerResult | Promise<HandlerResult>;
+) => HandlerResult<Db> | Promise<HandlerResult<Db>>;
 
 export interface Logger {
   info(...args: unknown[]): void;
@@ -522,9 +554,9 @@ export interface Logger {
   warn?(...args: unknown[]): void;
 }
 
-export interface ParticipantOptions {
+export interface ParticipantOptions<Db = BetterSqlite3.Database> {
   /** Makes every handler idempotent and hang-free; e.g. new SqliteBarrier(path). */
-  barrier?: Barrier | null;
+  barrier?: Barrier<Db> | null;
   /** Directory holding saga/v1/*.proto. */
   protosDir?: string;
   /** Where serving notes and handler failures go. Default console. */
@@ -554,19 +586,37 @@ export interface StartOptions {
 
 export const SERVICE_NAME: 'saga.v1.ParticipantService';
 
-/** A domain service's side of the saga contract, built from handlers. */
-export class Participant {
-  constructor(name: string, options?: ParticipantOptions);
+/**
+ * A domain service's side of the saga contract, built from handlers. `Db` is what the barrier
+ * hands effects: a better-sqlite3 Database (SqliteBarrier, the default) or a pg PoolClient
+ * (PostgresBarrier from '@saga-coordinator/sdk/postgres').
+ */
+export class Participant<Db = BetterSqlite3.Database> {
+  constructor(name: string, options?: ParticipantOptions<Db>);
   /** Server credentials for `tls`, for a server of your own (see addToServer). */
   static serverCredentials(tls: ServerTls): grpc.ServerCredentials;
   readonly name: string;
-  readonly barrier: Barrier | null;
+  readonly barrier: Barrier<Db> | null;
   /** Register the handler of an Execute action; `raw` passes bytes instead of JSON. */
-  action(name: string, handler: ActionHandler<any>, options?: { raw?: false }): this;
-  action(name: string, handler: ActionHandler<Buffer>, options: { raw: true }): this;
+  action(name: string, handler: ActionHandler<any, Db>, options?: { raw?: false }): this;
+  action(name: string, handler: ActionHandler<Buffer, Db>, options: { raw: true }): this;
   /** Register the handler of a compensation action. */
-  compensation(name: string, handler: CompensationHandler<any>, options?: { raw?: false }): this;
-  compensation(name: string, handler: CompensationHandler<Buffer>, options: { raw: true }): this;
+  compensation(
+    name: string,
+    handler: CompensationHandler<any, Db>,
+    options?: { raw?: false },
+  ): this;
+  compensation(name: string, handler: CompensationHandler<Buffer, Db>, options: { raw: true }): this;
+  /**
+   * Answer one call as the served service would, without a network: resolves the response
+   * ({output} for an Execute, {} for a Compensate) or rejects with the grpc-js status error.
+   */
+  handle(operation: 'Execute', request: ExecuteRequest, metadata?: grpc.Metadata): Promise<{ output: Buffer }>;
+  handle(
+    operation: 'Compensate',
+    request: CompensateRequest,
+    metadata?: grpc.Metadata,
+  ): Promise<Record<string, never>>;
   /** Mount ParticipantService and grpc.health.v1.Health on a server of your own. */
   addToServer(server: grpc.Server): void;
   /** Serve on "host:port" (port 0 picks one); resolves to the bound port. */
@@ -583,7 +633,7 @@ export class Participant {
 // --- contract and wire helpers -----------------------------------------------------------------
 
 export const LOADER_OPTIONS: Readonly<Record<string, unknown>>;
-/** $SAGA_PROTOS_DIR, else the repository's protos/ two levels above the package. */
+/** $SAGA_PROTOS_DIR, else the copy of the contract shipped inside the package. */
 export function defaultProtosDir(): string;
 
 export interface Contract {

@@ -11,9 +11,11 @@
 // - a Compensate whose Execute never took effect applies nothing and answers OK (a null
 //   compensation); it leaves a marker under the Execute's request_id, so that an Execute
 //   arriving later is refused (ExecuteAfterCompensate) and applies nothing (no hanging resource);
-// - a Rejected Execute rolls its own writes back and the rejection is remembered; a Rejected
-//   Compensate rolls everything back and is not remembered (sent again, it runs afresh);
-// - any other exception rolls everything back and leaves no barrier row: a retry runs afresh.
+// - a Rejected or PermanentFailure Execute rolls its own writes back and its answer is
+//   remembered; a Rejected or PermanentFailure Compensate rolls everything back and is not
+//   remembered (sent again, it runs afresh);
+// - RetryLater, and any other exception, rolls everything back and leaves no barrier row: the
+//   retry runs afresh (a stored "retry later" would answer "retry later" forever).
 //
 // better-sqlite3 is synchronous, so a transaction cannot span an `await`. Work is therefore split
 // in two: `prepare`, async, decides (reads, validation, calls that change nothing) and returns
@@ -26,7 +28,7 @@
 // The table is the one the Python SDK's SqliteBarrier uses, so either SDK can read it.
 
 import Database from 'better-sqlite3';
-import { ExecuteAfterCompensate, Rejected } from './errors.js';
+import { ExecuteAfterCompensate, PermanentFailure, Rejected } from './errors.js';
 
 export const DEFAULT_TABLE = 'saga_barrier';
 
@@ -43,14 +45,50 @@ export const OutcomeKind = Object.freeze({
   NULL_COMPENSATION: 'null_compensation',
 });
 
-// Row states. PENDING is only ever seen inside the transaction that wrote it.
-const PENDING = 'pending';
-const DONE = 'done';
-const REJECTED = 'rejected';
-const BLOCKED = 'blocked'; // the marker a null compensation leaves under its Execute's request_id
+// Row states, as the Python SDK writes them. PENDING is only ever seen inside the transaction
+// that wrote it.
+export const PENDING = 'pending';
+export const DONE = 'done';
+export const REJECTED = 'rejected';
+/** The marker a null compensation leaves under its Execute's request_id. */
+export const BLOCKED = 'blocked';
+/** An Execute answered with PermanentFailure. */
+export const FAILED = 'failed';
+export const STATES = Object.freeze([PENDING, DONE, REJECTED, BLOCKED, FAILED]);
+const STATE_LIST = STATES.map((state) => `'${state}'`).join(', ');
 
 const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
 const SYNCHRONOUS = new Set(['OFF', 'NORMAL', 'FULL', 'EXTRA']);
+
+/** The table's name when it is a plain SQL identifier (it is put into SQL text); else throws. */
+export function checkIdentifier(table) {
+  if (typeof table !== 'string' || !IDENTIFIER.test(table)) {
+    throw new TypeError(`not a plain SQL identifier: ${JSON.stringify(table)}`);
+  }
+  return table;
+}
+
+/** True when a table's CREATE statement (or CHECK constraint text) allows every row state. */
+export function allowsEveryState(definition) {
+  return STATES.every((state) => definition.includes(`'${state}'`));
+}
+
+/** A refusal the barrier remembers for an Execute, and the row state that records it. */
+export function refusalState(error) {
+  if (error instanceof PermanentFailure) return FAILED;
+  if (error instanceof Rejected) return REJECTED;
+  return null;
+}
+
+/** The error a stored refusal (or a BLOCKED marker) answers again; null for other rows. */
+export function storedRefusal(operation, row) {
+  if (row.state === REJECTED) return new Rejected(row.reason, row.message);
+  if (row.state === FAILED) return new PermanentFailure(row.message, { reason: row.reason });
+  if (row.state === BLOCKED && operation === Operation.EXECUTE) return new ExecuteAfterCompensate();
+  return null;
+}
+
+const COLUMNS = 'saga_id, step, operation, request_id, state, output, reason, message, created_at';
 
 const schema = (table) => `
 CREATE TABLE IF NOT EXISTS ${table} (
@@ -58,13 +96,33 @@ CREATE TABLE IF NOT EXISTS ${table} (
     step       TEXT NOT NULL,
     operation  TEXT NOT NULL CHECK (operation IN ('execute', 'compensate')),
     request_id TEXT NOT NULL,
-    state      TEXT NOT NULL CHECK (state IN ('pending', 'done', 'rejected', 'blocked')),
+    state      TEXT NOT NULL CHECK (state IN (${STATE_LIST})),
     output     BLOB,
     reason     TEXT NOT NULL DEFAULT '',
     message    TEXT NOT NULL DEFAULT '',
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     PRIMARY KEY (saga_id, step, operation, request_id)
 ) STRICT`;
+
+// Create the table when missing, and upgrade one written before a row state existed (SQLite
+// cannot alter a CHECK constraint: the rows are copied into a table built anew), as the Python
+// SDK does.
+function ensureSchema(db, table) {
+  const current = () =>
+    db.prepare("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?").get(table);
+  const found = current();
+  if (found && allowsEveryState(found.sql)) return;
+  const upgrade = db.transaction(() => {
+    db.exec(schema(table));
+    if (allowsEveryState(current().sql)) return;
+    db.exec(`ALTER TABLE ${table} RENAME TO ${table}_upgrading`);
+    db.exec(schema(table));
+    db.exec(`INSERT INTO ${table} (${COLUMNS}) SELECT ${COLUMNS} FROM ${table}_upgrading`);
+    db.exec(`DROP TABLE ${table}_upgrading`);
+  });
+  if (db.inTransaction) upgrade();
+  else upgrade.immediate();
+}
 
 function stripSagaName(saga) {
   return saga.startsWith('sagas/') ? saga.slice('sagas/'.length) : saga;
@@ -158,9 +216,7 @@ export class SqliteBarrier {
    * @param {{table?: string, timeoutMs?: number, synchronous?: string}} [options]
    */
   constructor(database, { table = DEFAULT_TABLE, timeoutMs = 30_000, synchronous = 'FULL' } = {}) {
-    if (!IDENTIFIER.test(table)) {
-      throw new TypeError(`not a plain SQL identifier: ${JSON.stringify(table)}`);
-    }
+    checkIdentifier(table);
     const mode = String(synchronous).toUpperCase();
     if (!SYNCHRONOUS.has(mode)) {
       throw new TypeError(`unknown synchronous mode: ${JSON.stringify(synchronous)}`);
@@ -178,7 +234,7 @@ export class SqliteBarrier {
     } else {
       throw new TypeError('give a database file path or an open better-sqlite3 Database');
     }
-    this.db.exec(schema(table));
+    ensureSchema(this.db, table);
     const where = 'saga_id = ? AND step = ? AND operation = ? AND request_id = ?';
     this.#sql = {
       claim: this.db.prepare(
@@ -207,9 +263,9 @@ export class SqliteBarrier {
   /**
    * Apply a call once. `prepare` is called only when the call is new (concurrent duplicates may
    * each prepare; only one effect commits): it may be async, must change nothing, and returns
-   * the effect, a synchronous `(db) => Buffer` run in the barrier's transaction. A Rejected
-   * thrown by `prepare` or by the effect is thrown, and recorded for an Execute (a Compensate's
-   * "no" is not remembered); any other error rolls back and is thrown.
+   * the effect, a synchronous `(db) => Buffer` run in the barrier's transaction. A Rejected or
+   * PermanentFailure thrown by `prepare` or by the effect is thrown, and recorded for an
+   * Execute (a Compensate's is not remembered); any other error rolls back and is thrown.
    *
    * @param {BarrierKey} key
    * @param {() => ((db: import('better-sqlite3').Database) => Uint8Array) |
@@ -226,7 +282,7 @@ export class SqliteBarrier {
         throw new TypeError('prepare must return the effect, a function of the database');
       }
     } catch (error) {
-      if (!(error instanceof Rejected)) throw error;
+      if (refusalState(error) === null) throw error;
       effect = () => {
         throw error;
       };
@@ -302,11 +358,12 @@ export class SqliteBarrier {
     try {
       output = applyEffect(effect);
     } catch (error) {
-      if (!(error instanceof Rejected)) throw error;
+      const state = refusalState(error);
+      if (state === null) throw error;
       // A "no" to undoing is not remembered: nothing was undone, and the same compensation
       // sent again (an operator resuming the saga) runs afresh. Throwing rolls it all back.
       if (key.operation === Operation.COMPENSATE) throw error;
-      this.#record(key, REJECTED, null, error.reason, error.message);
+      this.#record(key, state, null, error.reason, error.message);
       return { rejected: error };
     }
     this.#record(key, DONE, output);
@@ -318,10 +375,8 @@ export class SqliteBarrier {
     if (row.state === DONE) {
       return { outcome: { output: row.output ?? Buffer.alloc(0), kind: OutcomeKind.REPLAYED } };
     }
-    if (row.state === REJECTED) return { rejected: new Rejected(row.reason, row.message) };
-    if (row.state === BLOCKED && key.operation === Operation.EXECUTE) {
-      return { rejected: new ExecuteAfterCompensate() };
-    }
+    const refusal = storedRefusal(key.operation, row);
+    if (refusal) return { rejected: refusal };
     if (row.state === BLOCKED) return { outcome: { output: Buffer.alloc(0), kind: OutcomeKind.REPLAYED } };
     throw new Error(`barrier row of ${key.requestId} is in unexpected state ${row.state}`);
   }

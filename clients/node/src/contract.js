@@ -1,4 +1,4 @@
-// Loads the saga.v1 contract from the repository's protos/ at run time, with @grpc/proto-loader.
+// Loads the saga.v1 contract that ships inside the package (protos/), with @grpc/proto-loader.
 
 import fs from 'node:fs';
 import path from 'node:path';
@@ -6,18 +6,21 @@ import { fileURLToPath } from 'node:url';
 import grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 
-/** The package's own directory (clients/node). */
+/** The package's own directory. */
 export const PACKAGE_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
-/** The third-party protos shipped with the package: google.rpc and grpc.health.v1. */
+/**
+ * The protos shipped with the package: saga.v1 (a copy of the repository's protos/saga/v1, kept
+ * equal by `npm run sync-protos` and checked by the tests), google.rpc and grpc.health.v1.
+ */
 export const BUNDLED_PROTOS_DIR = path.join(PACKAGE_DIR, 'protos');
 
 /**
  * Where saga/v1/*.proto are read from unless a caller says otherwise: $SAGA_PROTOS_DIR, else
- * the repository's protos/ two levels above the package.
+ * the copy inside the package.
  */
 export function defaultProtosDir() {
-  return process.env.SAGA_PROTOS_DIR || path.resolve(PACKAGE_DIR, '..', '..', 'protos');
+  return process.env.SAGA_PROTOS_DIR || BUNDLED_PROTOS_DIR;
 }
 
 /**

@@ -4,8 +4,21 @@
 //   ├── SagaRpcError               the coordinator answered a non-OK status: code, ErrorInfo
 //   │                              reason and domain, BadRequest field violations
 //   ├── WaitTimeout                wait() gave up before the saga settled
-//   └── Rejected                   thrown by a participant's handler: a business "no"
-//       └── ExecuteAfterCompensate the barrier refused an Execute that came after its Compensate
+//   ├── Rejected                   thrown by a participant's handler: a business "no"
+//   │   └── ExecuteAfterCompensate the barrier refused an Execute that came after its Compensate
+//   ├── RetryLater                 thrown by a handler: transient, try again after a delay
+//   └── PermanentFailure           thrown by a handler: this request can never succeed
+//
+// A participant's handler steers the coordinator with what it throws (the contract's table "How
+// a participant's answer is read"; the Python SDK maps its exceptions of the same names alike):
+//
+//   Rejected(reason, message)                  -> FAILED_PRECONDITION + ErrorInfo(reason):
+//                                                 business "no", not retried, the saga compensates
+//   RetryLater(message, {retryAfterMs, reason}) -> UNAVAILABLE + RetryInfo + ErrorInfo(reason):
+//                                                 transient, retried no sooner than retryAfterMs
+//   PermanentFailure(message, {reason})        -> INVALID_ARGUMENT + ErrorInfo(reason): the step
+//                                                 fails at once, no retry, the saga compensates
+//   anything else                              -> INTERNAL + ErrorInfo(HANDLER_FAILED): transient
 
 import { CODE_NAMES, statusFromMetadata } from './rich_status.js';
 
@@ -110,6 +123,67 @@ export class ExecuteAfterCompensate extends Rejected {
     super(
       ExecuteAfterCompensate.REASON,
       message || 'this step was compensated before its Execute arrived; nothing applied',
+    );
+  }
+}
+
+/**
+ * Thrown by a participant's handler: not now, try again in `retryAfterMs` milliseconds.
+ *
+ * The participant answers UNAVAILABLE with a google.rpc.RetryInfo (retry_delay = retryAfterMs)
+ * and an ErrorInfo carrying `reason` (default RETRY_LATER); the coordinator retries the same
+ * request_id no sooner than that (it caps how long one answer can make it wait). The barrier
+ * stores nothing: the retry runs the handler again. For a dependency that is down, a rate
+ * limit, a resource still being prepared.
+ */
+export class RetryLater extends SdkError {
+  static DEFAULT_REASON = 'RETRY_LATER';
+
+  /**
+   * @param {string} message
+   * @param {{retryAfterMs: number, reason?: string}} options
+   */
+  constructor(message, { retryAfterMs, reason = RetryLater.DEFAULT_REASON } = {}) {
+    if (typeof retryAfterMs !== 'number' || !Number.isFinite(retryAfterMs) || retryAfterMs <= 0) {
+      throw new TypeError(
+        `RetryLater needs retryAfterMs, a positive number of milliseconds: ${String(retryAfterMs)}`,
+      );
+    }
+    checkReason(reason, 'RetryLater');
+    super(message || reason);
+    this.reason = reason;
+    this.retryAfterMs = retryAfterMs;
+  }
+}
+
+/**
+ * Thrown by a participant's handler: this request can never be done here; do not retry it.
+ *
+ * The participant answers INVALID_ARGUMENT with an ErrorInfo carrying `reason` (default
+ * PERMANENT_FAILURE). The coordinator reads any code outside the business "no" and the
+ * transient ones as a failure it does not retry: the step fails at once and the saga
+ * compensates. Unlike Rejected (a "no" about the current state, e.g. no funds), it says the
+ * request itself is unusable (e.g. a currency this service does not handle). With a barrier, an
+ * Execute's permanent failure is stored and answered again to its duplicates.
+ */
+export class PermanentFailure extends SdkError {
+  static DEFAULT_REASON = 'PERMANENT_FAILURE';
+
+  /**
+   * @param {string} message
+   * @param {{reason?: string}} [options]
+   */
+  constructor(message, { reason = PermanentFailure.DEFAULT_REASON } = {}) {
+    checkReason(reason, 'PermanentFailure');
+    super(message || reason);
+    this.reason = reason;
+  }
+}
+
+function checkReason(reason, what) {
+  if (typeof reason !== 'string' || !REASON.test(reason)) {
+    throw new TypeError(
+      `a ${what}'s reason is UPPER_SNAKE, e.g. LEDGER_DOWN: ${JSON.stringify(reason)}`,
     );
   }
 }

@@ -10,6 +10,8 @@ export {
   WaitTimeout,
   Rejected,
   ExecuteAfterCompensate,
+  RetryLater,
+  PermanentFailure,
   errorFromGrpc,
 } from './errors.js';
 export {

@@ -15,17 +15,22 @@
 //   });
 //
 // A handler gets a context (saga, step, request_id, decoded input...) and returns the output,
-// or, to write to the barrier's database, a synchronous function `(db) => output` that the
-// barrier runs inside its transaction (see barrier.js for why the split). With a barrier the
-// handler is only called when the call must be applied: duplicates, null compensations and late
-// Executes are answered by the barrier.
+// or, to write to the barrier's database, a function `(db) => output` that the barrier runs
+// inside its transaction (synchronous on SQLite, see barrier.js for why the split; it may be
+// async on PostgreSQL, see postgres.js). With a barrier the handler is only called when the
+// call must be applied: duplicates, null compensations and late Executes are answered by the
+// barrier.
 //
-// How answers map to the contract:
-//   the handler returns          -> OK, with its value as the output (JSON, or bytes when raw)
-//   the handler throws Rejected  -> FAILED_PRECONDITION + ErrorInfo(reason, domain=participant)
-//   no handler for the action    -> UNIMPLEMENTED (the step fails, no retry)
-//   the payload is not JSON      -> INVALID_ARGUMENT + BadRequest (the step fails, no retry)
-//   any other exception          -> INTERNAL, logged (transient: the coordinator retries)
+// How answers map to the contract (DESIGN.md's table "How a participant's answer is read"):
+//   the handler returns                  -> OK, with its value as the output (JSON, or bytes)
+//   it throws Rejected(reason)           -> FAILED_PRECONDITION + ErrorInfo(reason, domain):
+//                                           a business "no", not retried, the saga compensates
+//   it throws RetryLater(msg, {retryAfterMs}) -> UNAVAILABLE + RetryInfo + ErrorInfo: transient,
+//                                           retried no sooner than retryAfterMs
+//   it throws PermanentFailure(msg)      -> INVALID_ARGUMENT + ErrorInfo: the step fails, no retry
+//   no handler for the action            -> UNIMPLEMENTED (the step fails, no retry)
+//   the payload is not JSON              -> INVALID_ARGUMENT + BadRequest (the step fails)
+//   any other exception                  -> INTERNAL, logged (transient: the coordinator retries)
 //
 // Serving is plaintext by default, for development on loopback. `tls` serves TLS; with its
 // `clientCa` a caller without a certificate signed by that CA is refused in the handshake, so
@@ -34,7 +39,7 @@
 import grpc from '@grpc/grpc-js';
 import { loadContract } from './contract.js';
 import { BarrierKey } from './barrier.js';
-import { Rejected } from './errors.js';
+import { PermanentFailure, Rejected, RetryLater } from './errors.js';
 import { HealthService, SERVING } from './health.js';
 import { decodeJson, encodePayload } from './payload.js';
 import { CERTIFICATE, PRIVATE_KEY, pem } from './pem.js';
@@ -119,11 +124,13 @@ class Handler {
   }
 
   // The effect the barrier runs in its transaction: the handler's function applied to the db,
-  // or its plain value.
-  effect(result) {
+  // or its plain value. A barrier whose transaction can span an await (asyncEffects) lets the
+  // function be async; SQLite's cannot.
+  effect(result, asyncEffects) {
     return (db) => {
       const value = typeof result === 'function' ? result(db) : result;
       if (isThenable(value)) {
+        if (asyncEffects) return value.then((resolved) => this.encode(resolved));
         throw new TypeError(
           `the function returned by ${this.kind} '${this.name}' returned a promise: with a ` +
             'barrier it runs inside a SQLite transaction and must be synchronous',
@@ -300,6 +307,25 @@ export class Participant {
 
   // --- dispatch ------------------------------------------------------------------------------
 
+  /**
+   * Answer one call as the served ParticipantService would, without a network: resolves the
+   * response (`{output}` for an Execute, `{}` for a Compensate) or rejects with the grpc-js
+   * status error (`{code, details, metadata}`, the rich status in its metadata) the server
+   * would send. `request` is decoded as the contract loads it (the .proto's field names,
+   * Buffers for bytes). The test kit (`@saga-coordinator/sdk/testing`) calls handlers this way.
+   *
+   * @param {'Execute' | 'Compensate'} operation
+   * @param {object} request
+   * @param {grpc.Metadata} [metadata]
+   */
+  handle(operation, request, metadata = new grpc.Metadata()) {
+    if (operation === 'Execute') return this.#execute(request, metadata);
+    if (operation === 'Compensate') return this.#compensate(request, metadata);
+    return Promise.reject(
+      new TypeError(`operation is 'Execute' or 'Compensate', not ${JSON.stringify(operation)}`),
+    );
+  }
+
   #unary(call, callback, operation) {
     const answer =
       operation === 'Execute'
@@ -385,7 +411,10 @@ export class Participant {
       if (isThenable(value)) value = await value;
       return { output: handler.encode(value), kind: 'applied' };
     }
-    return this.barrier.run(makeKey(), async () => handler.effect(await handler.fn(ctx)));
+    const asyncEffects = this.barrier.asyncEffects === true;
+    return this.barrier.run(makeKey(), async () =>
+      handler.effect(await handler.fn(ctx), asyncEffects),
+    );
   }
 
   // Run one call in its span and turn its outcome into a response or a status error.
@@ -402,6 +431,19 @@ export class Participant {
           if (error instanceof Rejected) {
             recordOutcome(span, 'rejected', { reason: error.reason });
             throw statusError(grpc.status.FAILED_PRECONDITION, error.message, {
+              errorInfo: { reason: error.reason, domain: this.name, metadata: where },
+            });
+          }
+          if (error instanceof RetryLater) {
+            recordOutcome(span, 'retry_later', { reason: error.reason });
+            throw statusError(grpc.status.UNAVAILABLE, error.message, {
+              errorInfo: { reason: error.reason, domain: this.name, metadata: where },
+              retryDelayMs: error.retryAfterMs,
+            });
+          }
+          if (error instanceof PermanentFailure) {
+            recordOutcome(span, 'failed_permanently', { reason: error.reason });
+            throw statusError(grpc.status.INVALID_ARGUMENT, error.message, {
               errorInfo: { reason: error.reason, domain: this.name, metadata: where },
             });
           }

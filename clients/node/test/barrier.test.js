@@ -12,7 +12,9 @@ import {
   ExecuteAfterCompensate,
   OutcomeKind,
   Participant,
+  PermanentFailure,
   Rejected,
+  RetryLater,
   SqliteBarrier,
 } from '../src/index.js';
 import {
@@ -113,6 +115,64 @@ test('a rejection rolls back its writes, is recorded and is replayed', (t) => {
   // Nothing was applied, so its compensation is a null one.
   assert.equal(barrier.runSync(COMPENSATE, credit(-10)).kind, OutcomeKind.NULL_COMPENSATION);
   assert.deepEqual(entries(barrier), []);
+});
+
+test('a permanent failure rolls back its writes, is stored as failed and is answered again', (t) => {
+  const barrier = ledger(t);
+  const unusable = (db) => {
+    db.prepare('INSERT INTO entries VALUES (?, ?)').run('s-1', 10);
+    throw new PermanentFailure('no ledger in XTS', { reason: 'UNKNOWN_CURRENCY' });
+  };
+  assert.throws(() => barrier.runSync(EXECUTE, unusable), PermanentFailure);
+  assert.throws(
+    () => barrier.runSync(EXECUTE, credit(10)),
+    (e) => e instanceof PermanentFailure && e.reason === 'UNKNOWN_CURRENCY' && e.message === 'no ledger in XTS',
+  );
+  assert.deepEqual(entries(barrier), []);
+  assert.equal(barrier.lookup(EXECUTE).state, 'failed');
+  assert.equal(barrier.runSync(COMPENSATE, credit(-10)).kind, OutcomeKind.NULL_COMPENSATION);
+});
+
+test('RetryLater rolls back everything and leaves no barrier row: the retry runs afresh', (t) => {
+  const barrier = ledger(t);
+  const later = (db) => {
+    db.prepare('INSERT INTO entries VALUES (?, ?)').run('s-1', 10);
+    throw new RetryLater('ledger busy', { retryAfterMs: 100 });
+  };
+  assert.throws(() => barrier.runSync(EXECUTE, later), RetryLater);
+  assert.equal(barrier.lookup(EXECUTE), null);
+  assert.equal(barrier.runSync(EXECUTE, credit(10)).kind, OutcomeKind.APPLIED);
+  assert.deepEqual(entries(barrier), [{ saga_id: 's-1', amount: 10 }]);
+});
+
+test('a table of an older SDK, without the failed state, is upgraded with its rows kept', (t) => {
+  const file = path.join(tempDir(t), 'old.db');
+  const old = new Database(file);
+  old.exec(`CREATE TABLE saga_barrier (
+    saga_id TEXT NOT NULL, step TEXT NOT NULL,
+    operation TEXT NOT NULL CHECK (operation IN ('execute', 'compensate')),
+    request_id TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'rejected', 'blocked')),
+    output BLOB, reason TEXT NOT NULL DEFAULT '', message TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    PRIMARY KEY (saga_id, step, operation, request_id)) STRICT`);
+  old.prepare(
+    "INSERT INTO saga_barrier (saga_id, step, operation, request_id, state, output) VALUES ('s-1', 'step-1', 'execute', 'exec-1', 'done', ?)",
+  ).run(Buffer.from('before'));
+  old.close();
+  const barrier = new SqliteBarrier(file);
+  t.after(() => barrier.close());
+  const replayed = barrier.runSync(EXECUTE, () => Buffer.from('after'));
+  assert.equal(replayed.kind, OutcomeKind.REPLAYED);
+  assert.equal(replayed.output.toString(), 'before');
+  const other = new BarrierKey({ sagaId: 's-2', step: 'x', operation: 'execute', requestId: 'r' });
+  assert.throws(() => barrier.runSync(other, () => {
+    throw new PermanentFailure('never');
+  }), PermanentFailure);
+  assert.equal(barrier.lookup(other).state, 'failed');
+  const { sql } = barrier.db.prepare("SELECT sql FROM sqlite_master WHERE name = 'saga_barrier'").get();
+  assert.match(sql, /'failed'/);
+  assert.match(sql, /STRICT/);
 });
 
 test('an exception rolls back everything and leaves no barrier row: a retry runs afresh', (t) => {

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import grpc from '@grpc/grpc-js';
-import { Participant, Rejected, loadContract } from '../src/index.js';
+import { Participant, PermanentFailure, Rejected, RetryLater, loadContract } from '../src/index.js';
 import { call, compensateRequest, executeRequest, serve, silentLogger } from './helpers.js';
 
 function participant() {
@@ -78,6 +78,59 @@ test('a Rejected handler answers FAILED_PRECONDITION with ErrorInfo reason and d
   assert.equal(error.reason, 'NO_FUNDS');
   assert.equal(error.domain, 'accounts');
   assert.deepEqual(error.errorMetadata, { saga: 'sagas/s-1', step: 'step-1', request_id: 'exec-1' });
+});
+
+test('RetryLater answers UNAVAILABLE with RetryInfo and ErrorInfo, and is not logged as a failure', async (t) => {
+  const logged = [];
+  const p = new Participant('accounts', { logger: { info() {}, error: (...a) => logged.push(a) } });
+  p.action('Do', async () => {
+    throw new RetryLater('the ledger is being rebuilt', { retryAfterMs: 1500, reason: 'LEDGER_REBUILDING' });
+  });
+  p.action('Default', async () => {
+    throw new RetryLater('busy', { retryAfterMs: 250.5 });
+  });
+  const { client } = await serve(t, p);
+  const { error } = await call(client, 'Execute', executeRequest());
+  assert.equal(error.code, grpc.status.UNAVAILABLE);
+  assert.equal(error.details, 'the ledger is being rebuilt');
+  assert.equal(error.retryDelayMs, 1500);
+  assert.equal(error.reason, 'LEDGER_REBUILDING');
+  assert.equal(error.domain, 'accounts');
+  const { error: other } = await call(client, 'Execute', executeRequest({ action: 'Default' }));
+  assert.equal(other.reason, 'RETRY_LATER');
+  assert.equal(other.retryDelayMs, 250.5);
+  assert.equal(logged.length, 0);
+});
+
+test('PermanentFailure answers INVALID_ARGUMENT with ErrorInfo: a code the coordinator does not retry', async (t) => {
+  const p = participant();
+  p.action('Do', async () => {
+    throw new PermanentFailure('no ledger in XTS', { reason: 'UNKNOWN_CURRENCY' });
+  });
+  p.compensation('Undo', async () => {
+    throw new PermanentFailure('');
+  });
+  const { client } = await serve(t, p);
+  const { error } = await call(client, 'Execute', executeRequest());
+  assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
+  assert.equal(error.details, 'no ledger in XTS');
+  assert.equal(error.reason, 'UNKNOWN_CURRENCY');
+  assert.equal(error.domain, 'accounts');
+  assert.equal(error.retryDelayMs, null);
+  const { error: undo } = await call(client, 'Compensate', compensateRequest());
+  assert.equal(undo.code, grpc.status.INVALID_ARGUMENT);
+  assert.equal(undo.reason, 'PERMANENT_FAILURE');
+});
+
+test('RetryLater needs a positive delay, and both errors an UPPER_SNAKE reason', () => {
+  for (const retryAfterMs of [undefined, 0, -5, Number.NaN, Infinity, '30']) {
+    assert.throws(() => new RetryLater('later', { retryAfterMs }), TypeError);
+  }
+  assert.throws(() => new RetryLater('later'), TypeError);
+  assert.throws(() => new RetryLater('later', { retryAfterMs: 10, reason: 'busy' }), TypeError);
+  assert.throws(() => new PermanentFailure('never', { reason: 'never' }), TypeError);
+  assert.equal(new PermanentFailure('').message, 'PERMANENT_FAILURE');
+  assert.equal(new RetryLater('', { retryAfterMs: 1 }).message, 'RETRY_LATER');
 });
 
 test('Rejected refuses a reason that is not UPPER_SNAKE', () => {

@@ -3,7 +3,9 @@
 import {
   BarrierKey,
   Participant,
+  PermanentFailure,
   Rejected,
+  RetryLater,
   SagaClient,
   SagaRpcError,
   SqliteBarrier,
@@ -13,6 +15,9 @@ import {
   type SagaUpdate,
 } from '@saga-coordinator/sdk';
 import { setupTracing } from '@saga-coordinator/sdk/tracing';
+import { PostgresBarrier } from '@saga-coordinator/sdk/postgres';
+import { ParticipantTestKit, type Answer } from '@saga-coordinator/sdk/testing';
+import pg from 'pg';
 
 interface CardInput {
   company: string;
@@ -87,4 +92,41 @@ async function client(): Promise<Saga> {
   }
 }
 
-export { client, participant, securedClients };
+async function ledgerOnPostgres(): Promise<Answer> {
+  const pool = new pg.Pool({ connectionString: 'postgresql://ledger@127.0.0.1/ledger' });
+  const barrier = new PostgresBarrier(pool, { table: 'saga_barrier' });
+  const ledger = new Participant('ledger', { barrier });
+  ledger
+    .action('Credit', async (ctx: ExecuteContext<{ amount: number; currency: string }>) => {
+      if (ctx.input.currency !== 'EUR') {
+        throw new PermanentFailure(`no ${ctx.input.currency} ledger`, { reason: 'UNKNOWN_CURRENCY' });
+      }
+      if (ctx.attempt === 1) throw new RetryLater('warming up', { retryAfterMs: 1500 });
+      return async (client) => {
+        const { rows } = await client.query<{ id: number }>(
+          'INSERT INTO entries (amount) VALUES ($1) RETURNING id',
+          [ctx.input.amount],
+        );
+        return { entry: rows[0]?.id };
+      };
+    })
+    .compensation('Debit', (ctx) => async (client) => {
+      await client.query('DELETE FROM entries WHERE saga_id = $1', [ctx.sagaId]);
+    });
+  const stored = await barrier.lookup(
+    new BarrierKey({ sagaId: 's', step: 'x', operation: 'execute', requestId: 'r' }),
+  );
+  stored?.state satisfies 'done' | 'rejected' | 'blocked' | 'failed' | undefined;
+  const kit = new ParticipantTestKit(ledger);
+  const report = await kit.checkStep({
+    action: 'Credit',
+    compensation: 'Debit',
+    input: { amount: 5, currency: 'EUR' },
+    observe: async (sagaId) => (await pool.query('SELECT amount FROM entries WHERE saga_id = $1', [sagaId])).rows,
+  });
+  const retried: number | null = report.first.retryDelayMs;
+  await barrier.close();
+  return retried === null ? kit.step({ action: 'Credit' }).execute() : report.late;
+}
+
+export { client, ledgerOnPostgres, participant, securedClients };
