@@ -243,6 +243,20 @@ class Participant:
         self._compensations: dict[str, _Handler] = {}
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
+        self._observers: list[Callable[[ExecuteContext | CompensateContext], None]] = []
+
+    def observe_handler_calls(
+        self, observer: Callable[[ExecuteContext | CompensateContext], None]
+    ) -> Callable[[], None]:
+        """Call `observer` with the context of every handler call, just before the handler
+        runs (with a barrier, a replayed duplicate calls no handler). Returns the function that
+        stops the observation. Used by `saga_sdk.testing`."""
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
+
+    def _observed(self, context: ExecuteContext | CompensateContext) -> None:
+        for observer in list(self._observers):
+            observer(context)
 
     # --- registration -------------------------------------------------------------------------
 
@@ -395,6 +409,7 @@ class Participant:
         key: BarrierKey | None,
     ) -> bytes:
         if self.barrier is None or key is None:
+            self._observed(context)
             if handler.is_async:
                 value = await handler.function(context)
             else:
@@ -403,11 +418,13 @@ class Participant:
         if handler.is_async:
 
             async def effect_async(tx: Any) -> bytes:
+                self._observed(context)
                 return handler.encode(await handler.function(dataclasses.replace(context, tx=tx)))
 
             return (await self.barrier.run_async(key, effect_async)).output
 
         def effect(tx: Any) -> bytes:
+            self._observed(context)
             return handler.encode(handler.function(dataclasses.replace(context, tx=tx)))
 
         return (await asyncio.to_thread(self.barrier.run, key, effect)).output

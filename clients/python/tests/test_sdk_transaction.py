@@ -21,7 +21,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from saga_sdk import PermanentFailure, Rejected
 from saga_sdk.barrier import BarrierKey, Operation, OutcomeKind
+from saga_sdk.participant import CompensateContext, ExecuteContext, Participant
 from saga_sdk.sqlalchemy_barrier import SqlAlchemyBarrier
+from saga_sdk.testing import HandlerKit
 from saga_sdk.transaction import run_in
 
 
@@ -364,3 +366,40 @@ def test_sqlalchemy_barrier_runs_orm_effects_and_refuses_coroutines(tmp_path: Pa
 
     assert (first.kind, again.kind) == (OutcomeKind.APPLIED, OutcomeKind.REPLAYED)
     assert count == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_an_orm_participant_on_sqlalchemy_barrier_is_safe_to_retry(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'orm.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url").replace(
+            "postgresql://", "postgresql+psycopg://"
+        )
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    participant = Participant("accounts", barrier=SqlAlchemyBarrier(sessionmaker(engine)))
+
+    @participant.action("OpenAccount")
+    def open_account(ctx: ExecuteContext) -> dict[str, str]:
+        ctx.tx.add(Effect(what=f"{ctx.saga_id}:open"))
+        return {"account": f"acc-{ctx.saga_id}"}
+
+    @participant.compensation("CloseAccount")
+    def close_account(ctx: CompensateContext) -> None:
+        ctx.tx.add(Effect(what=f"{ctx.saga_id}:close"))
+
+    def state(saga_id: str) -> list[str]:
+        with Session(engine) as session:
+            query = select(Effect.what).where(Effect.what.startswith(f"{saga_id}:"))
+            return list(session.scalars(query.order_by(Effect.id)))
+
+    try:
+        with HandlerKit(participant) as kit:
+            findings = kit.check("OpenAccount", "CloseAccount", {}, state=state)
+    finally:
+        engine.dispose()
+
+    assert all(f.passed for f in findings), findings
