@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,40 @@ def service_command(
     return [sys.executable, str(HERE / "services.py"), name, *arguments]
 
 
+def start_console(processes: Processes, target: str, security: Secrets | None) -> str:
+    """`saga console` on a free loopback port, against the demo's coordinator; its address."""
+    port = free_port()
+    command = [
+        sys.executable,
+        *("-m", "coordinator.cli", "console"),
+        *("--coordinator", target, "--listen", f"127.0.0.1:{port}"),
+    ]
+    if security is not None:
+        command += [
+            *("--ca", str(security.certs / "ca.pem")),
+            *("--cert", str(security.certs / "demo-client.pem")),
+            *("--key", str(security.certs / "demo-client.key")),
+            *("--token-file", str(security.certs / "demo-client.token")),
+        ]
+    processes.spawn("console", command)
+    address = f"http://127.0.0.1:{port}/"
+    process = dict(processes.started)["console"]
+    log = processes.workdir / "console.log"
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"the console exited early:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{address}definitions", timeout=2) as answer:
+                if answer.status == 200:
+                    return address
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the console did not start in time:\n{log.read_text()[-2000:]}")
+        time.sleep(0.1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="where files go")
@@ -239,6 +274,12 @@ def main() -> int:
         default=1,
         help="coordinator processes sharing the store (PostgreSQL): sagas are created on the "
         "first and watched on the last",
+    )
+    parser.add_argument(
+        "--console",
+        action="store_true",
+        help="after the two sagas, also serve the web console (saga console) on a free "
+        "loopback port and keep everything running until Ctrl-C; the address is printed",
     )
     parser.add_argument(
         "--secure",
@@ -336,7 +377,11 @@ def main() -> int:
             )
             + f" in {time.monotonic() - started_at:.1f}s. Logs and databases in {workdir}"
         )
-        if args.keep_running:
+        if args.console:
+            address = start_console(processes, target, security)
+            out.print(Rule("The console"))
+            out.print(f"The web console: {address}   (Ctrl-C stops everything)")
+        if args.keep_running or args.console:
             out.print(f"Still running: export SAGA_TARGET={target}   (Ctrl-C stops everything)")
             if security:
                 out.print(security.exports(), soft_wrap=True)

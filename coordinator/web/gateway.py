@@ -1,0 +1,167 @@
+"""The console's one way to the coordinator: the SDK's asyncio client, plus paged reads.
+
+The SDK's `list()` and `events()` iterate over every page and keep the page tokens to
+themselves; a console pages with a cursor in its URL, so the two paged reads are made here from
+the SDK's own request builders and conversions, on the client's channel and with its token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import grpc
+import grpc.aio
+from saga.v1 import coordinator_service_pb2_grpc
+
+from saga_sdk.client import AsyncSagaClient
+from saga_sdk.connection import BearerToken, TokenSource
+from saga_sdk.errors import error_from_aio
+from saga_sdk.model import (
+    DefinitionSummary,
+    RegisteredDefinition,
+    Saga,
+    SagaChange,
+    SagaCounts,
+    SagaEvent,
+    SagaState,
+    SagaUpdate,
+    event_from_proto,
+    saga_from_proto,
+)
+from saga_sdk.requests import ListQuery, events_request
+from saga_sdk.tls import ClientTLS
+
+UNARY_TIMEOUT = 10.0
+"""Deadline of each unary call, in seconds: a page waits no longer for the coordinator."""
+
+
+@dataclass(frozen=True)
+class SagaPage:
+    """One page of a listing and the cursor of the next ("" on the last)."""
+
+    sagas: tuple[Saga, ...]
+    next_token: str
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """One page of a saga's event log and the cursor of the next ("" on the last)."""
+
+    events: tuple[SagaEvent, ...]
+    next_token: str
+
+
+class Gateway:
+    """The coordinator as the console sees it. Open it inside the event loop that serves."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: ClientTLS | None = None,
+        token: TokenSource | None = None,
+        actor: str,
+    ) -> None:
+        options: list[tuple[str, object]] = [("grpc.max_receive_message_length", 64 << 20)]
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            options.extend(tls.channel_options())
+            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
+        self._token = None if token is None else BearerToken(token)
+        self.client = AsyncSagaClient(channel=self._channel, token=token, timeout=UNARY_TIMEOUT)
+        self._stub = coordinator_service_pb2_grpc.CoordinatorServiceStub(self._channel)
+        self.target = target
+        self.actor = actor
+
+    async def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return () if self._token is None else (await self._token.header_async(),)
+
+    async def list_page(self, query: ListQuery, token: str = "") -> SagaPage:
+        """One page of the sagas `query` selects, from the cursor `token`."""
+        try:
+            response = await self._stub.ListSagas(
+                query.page(token), timeout=UNARY_TIMEOUT, metadata=await self._metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_aio(exc) from None
+        return SagaPage(
+            tuple(saga_from_proto(saga) for saga in response.sagas), response.next_page_token
+        )
+
+    async def events_page(self, saga_id: str, page_size: int, token: str = "") -> EventPage:
+        """One page of a saga's event log, oldest first, from the cursor `token`."""
+        try:
+            response = await self._stub.ListSagaEvents(
+                events_request(saga_id, page_size, token),
+                timeout=UNARY_TIMEOUT,
+                metadata=await self._metadata(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_aio(exc) from None
+        return EventPage(
+            tuple(event_from_proto(event) for event in response.events), response.next_page_token
+        )
+
+    async def all_events(self, saga_id: str, limit: int) -> tuple[list[SagaEvent], bool]:
+        """The first `limit` events of a saga's log, and whether there are more."""
+        events: list[SagaEvent] = []
+        token = ""
+        while len(events) < limit:
+            page = await self.events_page(saga_id, min(1000, limit - len(events)), token)
+            events.extend(page.events)
+            token = page.next_token
+            if not token:
+                return events, False
+        return events, True
+
+    async def get(self, saga_id: str) -> Saga:
+        """The saga with this id (NotFound when there is none)."""
+        return await self.client.get(saga_id)
+
+    async def count(self, query: ListQuery) -> SagaCounts:
+        """How many sagas `query`'s filters (states aside) select, per state."""
+        return await self.client.count(
+            definition=query.definition,
+            definition_version=query.definition_version,
+            labels=dict(query.labels),
+            created_after=query.created_after,
+            created_before=query.created_before,
+            stuck_on_participant=query.stuck_on_participant,
+            stuck_on_step=query.stuck_on_step,
+        )
+
+    async def definitions(self) -> list[DefinitionSummary]:
+        """Every registered definition with its versions."""
+        return await self.client.definitions()
+
+    async def definition(self, name: str, version: int = 0) -> RegisteredDefinition:
+        """One version of a definition (0: the newest)."""
+        return await self.client.definition(name, version)
+
+    def watch(self, saga_id: str) -> AsyncIterator[SagaUpdate]:
+        """The saga's states until it settles."""
+        return self.client.watch(saga_id)
+
+    def changes(
+        self,
+        *,
+        states: Iterable[SagaState] = (),
+        definition: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[SagaChange]:
+        """The change feed from now on, resumed by the SDK when the stream breaks."""
+        return self.client.changes(
+            from_now=True, definition=definition, states=states, labels=labels
+        )
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+
+def utc_text(value: datetime | None) -> str:
+    """A time as the console shows it: UTC to the second, "" for none."""
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")

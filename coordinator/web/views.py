@@ -1,0 +1,177 @@
+"""What the pages show, computed from the SDK's views: payload summaries, groups, attempts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from urllib.parse import quote
+
+from coordinator.core.model import Operation, request_id
+from coordinator.web.actions import waiting_step
+from coordinator.web.timeline import FAILURE_EVENTS, duration_text
+from saga_sdk.model import Saga, SagaEvent, SagaState, StepRun
+
+PAYLOAD_PREVIEW = 240
+"""Characters of a payload shown in a summary."""
+ATTEMPTS_SHOWN = 12
+"""Attempts listed per step on a saga's page (the first and last halves); the log has all."""
+
+
+def payload_summary(payload: bytes | None) -> str:
+    """A payload for people: its size, and the start of its JSON or text (never raw bytes)."""
+    if payload is None:
+        return "none"
+    if not payload:
+        return "empty"
+    size = f"{len(payload):,} bytes"
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{size}, binary"
+    try:
+        value = json.loads(text)
+    except ValueError:
+        shown = text
+    else:
+        shown = json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+        if isinstance(value, dict):
+            size += f", {len(value)} field{'s' if len(value) != 1 else ''}"
+    if len(shown) > PAYLOAD_PREVIEW:
+        shown = shown[:PAYLOAD_PREVIEW] + "…"
+    return f"{size}: {shown}"
+
+
+def state_class(state: SagaState | str) -> str:
+    """The CSS class of a state's badge."""
+    return "state-" + str(state).lower().replace("_", "-")
+
+
+def trace_link(template: str, saga: Saga) -> str:
+    """The trace URL from the template: {saga_id} is filled in (URL-quoted), "" without one.
+
+    `CoordinatorService` does not give a saga's trace id, so a template naming {trace_id}
+    cannot be filled in and gives no link.
+    """
+    if not template or "{trace_id}" in template:
+        return ""
+    return template.replace("{saga_id}", quote(saga.saga_id, safe=""))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One answered call, or an operator's action, in a step's attempts table."""
+
+    sequence: int
+    operation: str
+    attempt: int
+    time: datetime | None
+    outcome: str
+    code: str
+    reason: str
+    message: str
+    request_id: str
+
+
+@dataclass
+class StepAttempts:
+    """A step's row and its attempts (some left out when they are many)."""
+
+    step: StepRun
+    execute_request_id: str
+    compensate_request_id: str
+    attempts: list[Attempt] = field(default_factory=list)
+    left_out: int = 0
+    duration: str = ""
+
+
+def _request_id(saga_id: str, step: str, operation: str) -> str:
+    if operation == Operation.EXECUTE.value:
+        return request_id(saga_id, step, Operation.EXECUTE)
+    if operation == Operation.COMPENSATE.value:
+        return request_id(saga_id, step, Operation.COMPENSATE)
+    return ""
+
+
+def step_attempts(saga: Saga, events: Iterable[SagaEvent], now: datetime) -> list[StepAttempts]:
+    """Each step with its attempts, from the event log."""
+    rows = {
+        step.name: StepAttempts(
+            step,
+            request_id(saga.saga_id, step.name, Operation.EXECUTE),
+            request_id(saga.saga_id, step.name, Operation.COMPENSATE)
+            if step.compensate_attempts or step.state.value in ("COMPENSATING", "COMPENSATED")
+            else "",
+            duration=duration_text(
+                (step.end_time or now) - step.start_time if step.start_time else None
+            ),
+        )
+        for step in saga.steps
+    }
+    every: dict[str, list[Attempt]] = {name: [] for name in rows}
+    for event in events:
+        if event.step not in rows or event.type.value in ("CREATED",):
+            continue
+        failure = event.failure
+        every[event.step].append(
+            Attempt(
+                sequence=event.sequence,
+                operation=event.operation or ("operator" if event.type.by_operator else ""),
+                attempt=event.attempt,
+                time=event.time,
+                outcome=event.type.value.replace("_", " ").lower(),
+                code=failure.code if failure else ("OK" if "SUCCEEDED" in event.type else ""),
+                reason=failure.reason if failure else event.reason,
+                message=failure.message if failure else (event.actor and f"by {event.actor}"),
+                request_id=_request_id(saga.saga_id, event.step, event.operation),
+            )
+        )
+    for name, attempts in every.items():
+        row = rows[name]
+        if len(attempts) > ATTEMPTS_SHOWN:
+            half = ATTEMPTS_SHOWN // 2
+            row.attempts = [*attempts[:half], *attempts[-half:]]
+            row.left_out = len(attempts) - ATTEMPTS_SHOWN
+        else:
+            row.attempts = attempts
+    return list(rows.values())
+
+
+def is_failure(event: SagaEvent) -> bool:
+    """Whether the log's failures-only filter keeps the event."""
+    return event.type in FAILURE_EVENTS
+
+
+@dataclass
+class AttentionGroup:
+    """Parked sagas of one definition, stuck on one step for one reason."""
+
+    definition: str
+    step: str
+    reason: str
+    message: str
+    sagas: list[Saga] = field(default_factory=list)
+
+    @property
+    def oldest(self) -> Saga:
+        """The saga parked longest ago (the list is oldest first)."""
+        return self.sagas[0]
+
+
+def attention_groups(sagas: Sequence[Saga]) -> list[AttentionGroup]:
+    """Group parked sagas by definition, failing step and reason, oldest group first."""
+    groups: dict[tuple[str, str, str], AttentionGroup] = {}
+    for saga in sorted(sagas, key=lambda s: s.update_time or s.create_time or datetime.min):
+        failure = saga.failure
+        waiting = waiting_step(saga)
+        step = failure.step if failure and failure.step else (waiting.name if waiting else "")
+        reason = (failure.reason or failure.code) if failure else "(no reason recorded)"
+        key = (saga.definition, step, reason)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = AttentionGroup(
+                saga.definition, step, reason, failure.message if failure else ""
+            )
+        group.sagas.append(saga)
+    return list(groups.values())
