@@ -20,6 +20,15 @@ real Execute and Compensate calls (each check with fresh saga ids and request id
 - unknown-action        an Execute and a Compensate of an action the participant does not
                         have: a non-OK code that is not retried (e.g. UNIMPLEMENTED).
 
+Every non-OK answer, in every check, must also map as the contract's table "How a
+participant's answer is read" documents, or the check it came up in fails:
+
+- its `google.rpc.Status` details (if any) parse, and carry the call's own status code (a
+  status the coordinator cannot classify otherwise);
+- a `RetryInfo` only on a transient code (UNAVAILABLE, RESOURCE_EXHAUSTED, ...): on any other
+  code it is ignored, since those are not retried; and its delay is not negative;
+- FAILED_PRECONDITION (a business "no") carries an `ErrorInfo` with an UPPER_SNAKE reason.
+
 What it cannot see: the participant's side effects. A participant that answers the same output
 twice but applied the effect twice, or whose null compensation still changed something, passes
 here; those need the participant's own tests (the SDK's barrier has them). The payload is
@@ -31,15 +40,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 from saga.v1 import participant_service_pb2, participant_service_pb2_grpc
 
-from saga_sdk.errors import SagaRpcError, error_from_aio
+from saga_sdk.errors import STATUS_DETAILS_KEY, SagaRpcError, error_from_status
 from saga_sdk.requests import encode_payload
 
 TRANSIENT_CODES = frozenset(
@@ -86,6 +98,53 @@ class Answer:
         return f"{self.error.code.name}{reason}"
 
 
+_REASON = re.compile(r"^[A-Z][A-Z0-9_]*[A-Z0-9]$")
+
+
+def mapping_problems(
+    code: grpc.StatusCode, trailing: Iterable[tuple[str, str | bytes]] | None
+) -> tuple[status_pb2.Status | None, list[str]]:
+    """Parse a non-OK answer's rich status, and say how it departs from the documented
+    mapping (see the module docstring); an empty list when it does not."""
+    problems: list[str] = []
+    status: status_pb2.Status | None = None
+    for key, value in trailing or ():
+        if key != STATUS_DETAILS_KEY:
+            continue
+        try:
+            status = status_pb2.Status.FromString(value if isinstance(value, bytes) else b"")
+        except DecodeError:
+            problems.append(f"{code.name} with status details that are not a google.rpc.Status")
+    reason = ""
+    retry: error_details_pb2.RetryInfo | None = None
+    if status is not None:
+        if status.code != code.value[0]:
+            problems.append(
+                f"{code.name} whose status details say code {status.code}: the coordinator "
+                "reads the call's code, the details disagree"
+            )
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+    if retry is not None and code not in TRANSIENT_CODES:
+        problems.append(
+            f"a RetryInfo on {code.name}, which is not retried: the delay means nothing there "
+            "(send UNAVAILABLE to be retried later)"
+        )
+    if retry is not None and retry.retry_delay.ToTimedelta().total_seconds() < 0:
+        problems.append(f"a negative RetryInfo delay on {code.name}")
+    if code is grpc.StatusCode.FAILED_PRECONDITION and not reason:
+        problems.append("FAILED_PRECONDITION without an ErrorInfo reason (a rejection needs one)")
+    elif code is grpc.StatusCode.FAILED_PRECONDITION and not _REASON.match(reason):
+        problems.append(f"a rejection whose ErrorInfo reason {reason!r} is not UPPER_SNAKE")
+    return status, problems
+
+
 def _show(output: bytes, limit: int = 40) -> str:
     text = repr(output)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -113,6 +172,13 @@ class _Caller:
         self.payload = payload
         self.timeout = timeout
         self.previous_outputs = dict(previous_outputs)
+        self.problems: list[str] = []
+        """How answers departed from the documented mapping, as they came."""
+
+    def _read_error(self, what: str, exc: grpc.aio.AioRpcError) -> SagaRpcError:
+        status, problems = mapping_problems(exc.code(), exc.trailing_metadata())
+        self.problems.extend(f"{what} answered {problem}" for problem in problems)
+        return error_from_status(exc.code(), exc.details() or "", status)
 
     def execute_request(
         self, saga_id: str, request_id: str = "", action: str = ""
@@ -153,14 +219,14 @@ class _Caller:
         try:
             response = await self.stub.Execute(request, timeout=timeout or self.timeout)
         except grpc.aio.AioRpcError as exc:
-            return Answer(None, error_from_aio(exc))
+            return Answer(None, self._read_error(f"Execute {request.action!r}", exc))
         return Answer(response.output, None)
 
     async def compensate(self, request: participant_service_pb2.CompensateRequest) -> Answer:
         try:
             await self.stub.Compensate(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
-            return Answer(None, error_from_aio(exc))
+            return Answer(None, self._read_error(f"Compensate {request.action!r}", exc))
         return Answer(b"", None)
 
 
@@ -216,7 +282,7 @@ async def _null_compensation_then_late_execute(c: _Caller) -> list[CheckResult]:
         ]
     return [
         CheckResult("null-compensation", True, "Compensate of an unsent Execute answered OK"),
-        await _check("no-hanging-execute", lambda: _late_execute(c, execute)),
+        await _check("no-hanging-execute", lambda: _late_execute(c, execute), c),
     ]
 
 
@@ -280,13 +346,21 @@ async def _unknown_action(c: _Caller) -> str:
     return ", ".join(seen)
 
 
-async def _check(name: str, run: Callable[[], Awaitable[str]]) -> CheckResult:
+async def _check(
+    name: str, run: Callable[[], Awaitable[str]], caller: _Caller | None = None
+) -> CheckResult:
+    seen = len(caller.problems) if caller is not None else 0
     try:
-        return CheckResult(name, True, await run())
+        result = CheckResult(name, True, await run())
     except _Failed as failed:
-        return CheckResult(name, False, str(failed))
+        result = CheckResult(name, False, str(failed))
     except Exception as error:  # a broken participant must not stop the other checks
-        return CheckResult(name, False, f"{type(error).__name__}: {error}")
+        result = CheckResult(name, False, f"{type(error).__name__}: {error}")
+    if caller is None or len(caller.problems) == seen:
+        return result
+    # The answers' mapping outranks the check's own verdict: the coordinator would misread them.
+    unique = list(dict.fromkeys(caller.problems[seen:]))
+    return CheckResult(name, False, "not as documented: " + "; ".join(unique))
 
 
 async def run_async(
@@ -316,16 +390,16 @@ async def run_async(
         stub = participant_service_pb2_grpc.ParticipantServiceStub(channel)
         c = _Caller(stub, action, compensation, body, timeout, previous_outputs or {})
         results = [
-            await _check("execute-ok", lambda: _execute_ok(c)),
-            await _check("duplicate-execute", lambda: _duplicate_execute(c)),
-            await _check("duplicate-compensate", lambda: _duplicate_compensate(c)),
+            await _check("execute-ok", lambda: _execute_ok(c), c),
+            await _check("duplicate-execute", lambda: _duplicate_execute(c), c),
+            await _check("duplicate-compensate", lambda: _duplicate_compensate(c), c),
         ]
         results.extend(await _null_compensation_then_late_execute(c))
         results.append(
-            await _check("concurrent-duplicates", lambda: _concurrent_duplicates(c, concurrency))
+            await _check("concurrent-duplicates", lambda: _concurrent_duplicates(c, concurrency), c)
         )
-        results.append(await _check("past-deadline", lambda: _past_deadline(c)))
-        results.append(await _check("unknown-action", lambda: _unknown_action(c)))
+        results.append(await _check("past-deadline", lambda: _past_deadline(c), c))
+        results.append(await _check("unknown-action", lambda: _unknown_action(c), c))
         return results
 
 

@@ -6,16 +6,21 @@ import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from saga.v1 import participant_service_pb2, participant_service_pb2_grpc
 
 from saga_sdk.barrier import Barrier
-from saga_sdk.conformance import CheckResult, main, print_results, run_async
+from saga_sdk.conformance import CheckResult, main, mapping_problems, print_results, run_async
+from saga_sdk.errors import PermanentFailure, Rejected, RetryLater, error_from_status
 from saga_sdk.participant import CompensateContext, ExecuteContext, Participant
 from saga_sdk.postgres_barrier import PostgresBarrier
 from saga_sdk.sqlite_barrier import SqliteBarrier
@@ -241,3 +246,120 @@ def test_plain_output_has_one_row_per_check(capsys: pytest.CaptureFixture[str]) 
     assert lines[1].startswith("FAIL  x")
     assert lines[1].endswith("[WHY]")
     assert lines[2] == "1 passed, 1 failed: x"
+
+
+class Miswired(participant_service_pb2_grpc.ParticipantServiceServicer):
+    """A participant with a barrier whose non-OK answers are rewritten the wrong way."""
+
+    def __init__(self, participant: Participant, mode: str) -> None:
+        self.participant = participant
+        self.mode = mode
+
+    async def _refuse(
+        self, answer: grpc.Status, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        if self.mode == "bare-rejection" and answer.code is grpc.StatusCode.FAILED_PRECONDITION:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no")
+        if answer.code is grpc.StatusCode.UNIMPLEMENTED and self.mode == "retry-info":
+            delay = duration_pb2.Duration(seconds=30)
+            retry = any_pb2.Any()
+            retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+            status = status_pb2.Status(
+                code=code_pb2.INVALID_ARGUMENT, message="no", details=[retry]
+            )
+            await context.abort_with_status(rpc_status.to_status(status))
+        if answer.code is grpc.StatusCode.UNIMPLEMENTED and self.mode == "mismatch":
+            status = status_pb2.Status(code=code_pb2.NOT_FOUND, message="no")
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "no",
+                trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+            )
+        await context.abort_with_status(answer)
+
+    async def Execute(
+        self,
+        request: participant_service_pb2.ExecuteRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> participant_service_pb2.ExecuteResponse:
+        answer = await self.participant.execute(request, {})
+        if not isinstance(answer, bytes):
+            await self._refuse(answer, context)
+        assert isinstance(answer, bytes)
+        return participant_service_pb2.ExecuteResponse(output=answer)
+
+    async def Compensate(
+        self,
+        request: participant_service_pb2.CompensateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> participant_service_pb2.CompensateResponse:
+        answer = await self.participant.compensate(request, {})
+        if not isinstance(answer, bytes):
+            await self._refuse(answer, context)
+        return participant_service_pb2.CompensateResponse()
+
+
+@pytest.mark.parametrize(
+    ("mode", "check", "problem"),
+    [
+        ("retry-info", "unknown-action", "a RetryInfo on INVALID_ARGUMENT, which is not retried"),
+        ("mismatch", "unknown-action", "whose status details say code 5"),
+        ("bare-rejection", "no-hanging-execute", "FAILED_PRECONDITION without an ErrorInfo reason"),
+    ],
+)
+async def test_answers_that_do_not_map_as_documented_fail_the_check_they_came_up_in(
+    tmp_path: Path, mode: str, check: str, problem: str
+) -> None:
+    barrier = SqliteBarrier(tmp_path / "wallet.db")
+    with barrier.connect() as connection:
+        connection.execute("CREATE TABLE moves (amount INTEGER)")
+    server = grpc.aio.server()
+    participant_service_pb2_grpc.add_ParticipantServiceServicer_to_server(
+        Miswired(wallet(barrier), mode), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        results = {
+            r.name: r
+            for r in await run_async(f"127.0.0.1:{port}", "Debit", "Refund", {"amount": 1})
+        }
+    finally:
+        await server.stop(0)
+
+    assert [name for name, r in results.items() if not r.passed] == [check]
+    assert results[check].detail.startswith("not as documented: ")
+    assert problem in results[check].detail
+
+
+async def test_the_sdks_own_refusals_map_as_documented() -> None:
+    participant = Participant("wallet")
+    refusals: dict[str, Exception] = {
+        "Reject": Rejected("NO_FUNDS", "balance too low"),
+        "Later": RetryLater("ledger busy", retry_after=timedelta(seconds=3), reason="LEDGER_BUSY"),
+        "Never": PermanentFailure("no such currency", reason="CURRENCY_UNSUPPORTED"),
+        "Crash": RuntimeError("boom"),
+    }
+    for action, error in refusals.items():
+
+        def refuse(ctx: ExecuteContext, error: Exception = error) -> None:
+            raise error
+
+        participant.action(action)(refuse)
+    seen = {}
+    for action in refusals:
+        request = participant_service_pb2.ExecuteRequest(
+            saga="sagas/s", step="debit", action=action, request_id=action, attempt=1
+        )
+        answer = await participant.execute(request, {})
+        assert isinstance(answer, grpc.Status)
+        status, problems = mapping_problems(answer.code, answer.trailing_metadata)
+        error = error_from_status(answer.code, answer.details, status)
+        seen[action] = (answer.code.name, error.reason, error.retry_after, problems)
+
+    assert seen == {
+        "Reject": ("FAILED_PRECONDITION", "NO_FUNDS", None, []),
+        "Later": ("UNAVAILABLE", "LEDGER_BUSY", timedelta(seconds=3), []),
+        "Never": ("INVALID_ARGUMENT", "CURRENCY_UNSUPPORTED", None, []),
+        "Crash": ("INTERNAL", "HANDLER_FAILED", None, []),
+    }
