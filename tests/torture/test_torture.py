@@ -4,7 +4,7 @@ fault-injecting proxies), while at least 1,000 sagas run, every crash point hit 
 times, participants killed, the network broken, a change-feed consumer killed at random instants
 and resumed from its stored position, and every figure of the offline checker at zero. Random
 in schedule (a fresh seed each run, printed on failure; ``TORTURE_SEED=N`` replays one),
-deterministic in outcome. The runs with replicas (``test_torture_replicas``) are in plaintext."""
+deterministic in outcome. The run with replicas (``test_torture_replicas``) is in plaintext."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ MIN_SAGAS = int(os.environ.get("TORTURE_SAGAS", "1000"))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1100)
 async def test_short_torture_run_keeps_every_guarantee(tmp_path: Path) -> None:
     seed = int(os.environ.get("TORTURE_SEED") or new_seed())
     print(f"torture seed {seed} (replay: python scripts/torture.py --tls --seed {seed})")
@@ -35,7 +35,9 @@ async def test_short_torture_run_keeps_every_guarantee(tmp_path: Path) -> None:
         kills=KILLS,
         min_per_crash_point=MIN_PER_CRASH_POINT,
         min_sagas=MIN_SAGAS,
-        max_fault_seconds=480.0,
+        # On 2 quiet cores the kills are reached in about 6 minutes; the cap is for a loaded
+        # machine, where every TLS handshake of every restart costs more.
+        max_fault_seconds=600.0,
         tls=True,
         progress=print,
     )
