@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -87,3 +88,34 @@ def test_the_participant_example_serves_and_passes_the_conformance_kit(
     assert (tmp_path / "accounts.db").exists()
     assert not next(r for r in refused if r.name == "execute-ok").passed
     assert "OWNER_MISSING" in next(r for r in refused if r.name == "execute-ok").detail
+
+
+def example_with(text: str) -> str:
+    (example,) = [block for block in python_blocks(READMES[0]) if text in block]
+    return example
+
+
+def test_the_handler_kit_example_passes_on_the_readme_participant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    service: dict[str, object] = {"__name__": "accounts_service"}
+    exec(compile(participant_example(READMES[0]), "participant", "exec"), service)
+    kit_test: dict[str, object] = {"__name__": "test_accounts"}
+    exec(compile(example_with("HandlerKit"), "kit example", "exec"), kit_test)
+    test = kit_test["test_accounts_are_safe_to_retry"]
+    assert callable(test)
+
+    test(service["participant"], tmp_path)
+
+
+def test_the_bring_your_own_transaction_example_commits_with_its_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    example: dict[str, object] = {"__name__": "example"}
+    exec(compile(example_with("run_in("), "run_in example", "exec"), example)
+
+    with sqlite3.connect(tmp_path / "accounts.db") as db:
+        rows = db.execute("SELECT saga_id, request_id, state, output FROM saga_barrier").fetchall()
+    assert rows == [("saga-1", "request-1", "done", b"opened")]
