@@ -8,6 +8,7 @@ subject alternative names (``DNS:orders.internal``, ``URI:spiffe://prod/orders``
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -109,8 +110,12 @@ def _stamp(tls: ServerTls) -> tuple[tuple[int, int, int], ...]:
     return tuple(stamps)
 
 
+@functools.lru_cache(maxsize=256)
 def certificate_identities(pem: bytes) -> frozenset[str]:
-    """A certificate's identities: ``CN=...`` and its ``DNS:``, ``URI:`` and ``IP:`` names."""
+    """A certificate's identities: ``CN=...`` and its ``DNS:``, ``URI:`` and ``IP:`` names.
+
+    Read once per certificate: every call of an mTLS connection brings the same one, and
+    parsing it at every call would cost more than the call's own work."""
     certificate = x509.load_pem_x509_certificate(pem)
     found = {
         f"CN={attribute.value!s}"
