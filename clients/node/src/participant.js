@@ -327,11 +327,7 @@ export class Participant {
   }
 
   #unary(call, callback, operation) {
-    const answer =
-      operation === 'Execute'
-        ? this.#execute(call.request, call.metadata)
-        : this.#compensate(call.request, call.metadata);
-    answer.then(
+    this.handle(operation, call.request, call.metadata).then(
       (response) => callback(null, response),
       (error) => callback(error),
     );
