@@ -403,3 +403,23 @@ def test_an_orm_participant_on_sqlalchemy_barrier_is_safe_to_retry(
         engine.dispose()
 
     assert all(f.passed for f in findings), findings
+
+
+def test_owned_on_a_psycopg_connection_in_autocommit_mode_is_one_transaction(
+    postgres_url: str,
+) -> None:
+    database = PsycopgDatabase(postgres_url)
+    key = execute_key()
+
+    def write_then_crash(tx: Any) -> bytes:
+        database.write(tx, "half-done")
+        raise RuntimeError("boom")
+
+    with psycopg.connect(postgres_url, autocommit=True) as tx:
+        with pytest.raises(RuntimeError, match="boom"):
+            run_in(tx, key, write_then_crash)
+        applied = run_in(tx, key, write_effect(database, "debit"))
+        replayed = run_in(tx, key, never)
+
+    assert (applied.kind, replayed.kind) == (OutcomeKind.APPLIED, OutcomeKind.REPLAYED)
+    assert database.effects() == ["debit"]
