@@ -6,7 +6,7 @@
 # Generates the saga.v1 Go code from protos/ with protoc, protoc-gen-go and protoc-gen-go-grpc
 # into OUT_DIR/gopath (the generated code is never committed: it must match the grpc-go and
 # protobuf versions it is compiled against), runs go vet and the unit tests, and writes the
-# binary OUT_DIR/accounts. GOPATH mode: the libraries come from Debian's packages under
+# binary OUT_DIR/accounts; the sources must be gofmt-formatted. GOPATH mode: the libraries come from Debian's packages under
 # /usr/share/gocode, and nothing is downloaded. GOCACHE, when unset, is OUT_DIR/cache.
 # With GO_SKIP_TESTS=1 the unit tests are not run.
 set -eu
@@ -50,6 +50,12 @@ protoc -I "$root/protos" \
     --go_out="$out/gopath/src" --go_opt="$mapping" \
     --go-grpc_out="$out/gopath/src" --go-grpc_opt="$mapping" \
     saga/v1/participant_service.proto
+
+unformatted=$(gofmt -l "$here/accounts")
+if [ -n "$unformatted" ]; then
+    echo "build.sh: not gofmt-formatted (gofmt -w them):" $unformatted >&2
+    exit 1
+fi
 
 cd "$src"
 go vet ./...
