@@ -26,7 +26,6 @@ PARTICIPANT = (
     Path(__file__).resolve().parents[2]
     / "clients"
     / "node"
-    / "test"
     / "fixtures"
     / "steering_participant.js"
 )

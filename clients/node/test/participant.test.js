@@ -233,13 +233,16 @@ test('the health service answers SERVING, and NOT_FOUND for an unknown service',
 
 test('stop() lets a call in flight finish and then refuses new ones', async (t) => {
   const p = participant();
+  let entered;
+  const running = new Promise((resolve) => (entered = resolve));
   p.action('Slow', async () => {
+    entered();
     await sleep(300);
     return { done: true };
   });
   const { client } = await serve(t, p);
   const inFlight = call(client, 'Execute', executeRequest({ action: 'Slow' }));
-  await sleep(100);
+  await running; // the call is in the handler: stop() must let it finish
   const started = Date.now();
   await p.stop({ graceMs: 5000 });
   assert.ok(Date.now() - started < 2000, 'stop waits for the call, not for the grace period');
