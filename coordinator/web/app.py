@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 TIMELINE_EVENTS = 20_000
 """Events read to draw a saga's timeline and its attempts; a longer log is drawn in part."""
 LOG_PAGE = 50
-FAILURE_SCAN_PAGES = 20
-"""Pages of 500 events read at most for one page of the failures-only log."""
 ATTENTION_LIMIT = 2000
 """Parked sagas grouped on the needs-attention page (the oldest ones)."""
 KEEPALIVE = 15.0
@@ -369,51 +367,94 @@ class LogView:
     cursor: str
     next_cursor: str
     failures_only: bool
-    scanned_out: bool
-    """Whether the failures-only scan stopped before the end of the log."""
+
+
+FAILURE_SCAN = 250
+"""Events read per call while looking for failures."""
 
 
 async def _log_view(gateway: Gateway, saga_id: str, cursor: str, failures_only: bool) -> LogView:
+    """A page of the log: the coordinator's own pages, or the failures among them.
+
+    The failures-only cursor is the coordinator's page token and how many events of that page
+    were shown already (`token~skip`), so that each page shows exactly LOG_PAGE failures.
+    """
     if not failures_only:
         page = await gateway.events_page(saga_id, LOG_PAGE, cursor)
-        return LogView(page.events, cursor, page.next_token, False, False)
+        return LogView(page.events, cursor, page.next_token, False)
+    token, _, skip_text = cursor.partition("~")
+    skip = int(skip_text) if skip_text.isdigit() else 0
     found: list[SagaEvent] = []
-    token = cursor
-    for _ in range(FAILURE_SCAN_PAGES):
-        page = await gateway.events_page(saga_id, 500, token)
-        found.extend(event for event in page.events if is_failure(event))
-        token = page.next_token
-        if not token or len(found) >= LOG_PAGE:
-            return LogView(tuple(found), cursor, token, True, False)
-    return LogView(tuple(found), cursor, token, True, True)
+    while True:
+        page = await gateway.events_page(saga_id, FAILURE_SCAN, token)
+        for index, event in enumerate(page.events[skip:], start=skip):
+            if not is_failure(event):
+                continue
+            found.append(event)
+            if len(found) == LOG_PAGE:
+                more = index + 1 < len(page.events) or bool(page.next_token)
+                return LogView(tuple(found), cursor, f"{token}~{index + 1}" if more else "", True)
+        if not page.next_token:
+            return LogView(tuple(found), cursor, "", True)
+        token, skip = page.next_token, 0
+
+
+INLINE_EVENTS = 2000
+"""A saga with a longer log gets its page first, then its timeline and attempts (which read
+the whole log) in a second request the page makes at once."""
+PARTS = ("timeline", "steps")
 
 
 async def _saga_fragments(
-    request: web.Request, saga: Saga, log_cursor: str, failures_only: bool
+    request: web.Request,
+    saga: Saga,
+    log_cursor: str,
+    failures_only: bool,
+    *,
+    parts: bool = True,
+    only_parts: bool = False,
 ) -> dict[str, str]:
     gateway = request.app[GATEWAY]
-    (events, truncated), log_view = await asyncio.gather(
-        gateway.all_events(saga.saga_id, TIMELINE_EVENTS),
-        _log_view(gateway, saga.saga_id, log_cursor, failures_only),
-    )
     now = _now()
-    context = {
+    context: dict[str, Any] = {
         "saga": saga,
-        "actions": action_views(saga),
         "waiting": waiting_step(saga),
-        "timeline": build_timeline(saga, events, now, truncated=truncated),
-        "steps": step_attempts(saga, events, now),
-        "events_read": len(events),
-        "truncated": truncated,
-        "log": log_view,
-        "trace_url": trace_link(request.app[CONFIG].trace_url, saga),
-        "trace_template": request.app[CONFIG].trace_url,
-        "total": duration_text((saga.end_time or now) - saga.create_time)
-        if saga.create_time
-        else "",
+        "parts_url": "/saga/parts?" + urlencode([("id", saga.saga_id), ("v", str(saga.version))]),
     }
-    names = ("header", "actions", "timeline", "steps", "log", "audit")
-    return {name: _fragment(request, f"_saga_{name}.html", **context) for name in names}
+    names: list[str] = []
+    if not only_parts:
+        context.update(
+            actions=action_views(saga),
+            log=await _log_view(gateway, saga.saga_id, log_cursor, failures_only),
+            trace_url=trace_link(request.app[CONFIG].trace_url, saga),
+            trace_template=request.app[CONFIG].trace_url,
+            total=duration_text((saga.end_time or now) - saga.create_time)
+            if saga.create_time
+            else "",
+        )
+        names.extend(("header", "actions", "log", "audit"))
+    if parts:
+        events, truncated = await gateway.all_events(saga.saga_id, TIMELINE_EVENTS)
+        context.update(
+            timeline=build_timeline(saga, events, now, truncated=truncated),
+            steps=step_attempts(saga, events, now),
+            events_read=len(events),
+            truncated=truncated,
+        )
+        names.extend(PARTS)
+        fragments = {name: _fragment(request, f"_saga_{name}.html", **context) for name in names}
+    else:
+        fragments = {name: _fragment(request, f"_saga_{name}.html", **context) for name in names}
+        for name in PARTS:
+            fragments[name] = _fragment(request, "_saga_pending_part.html", part=name, **context)
+    return fragments
+
+
+async def saga_parts(request: web.Request) -> web.Response:
+    """A long saga's timeline and attempts, which the page asks for once it is shown."""
+    saga = await request.app[GATEWAY].get(_saga_id(request))
+    fragments = await _saga_fragments(request, saga, "", False, only_parts=True)
+    return web.json_response({"html": fragments, "version": saga.version})
 
 
 async def saga_page(request: web.Request) -> web.Response:
@@ -422,7 +463,9 @@ async def saga_page(request: web.Request) -> web.Response:
     cursor = request.query.get("log", "")
     failures_only = request.query.get("failures") == "1"
     saga = await gateway.get(saga_id)
-    fragments = await _saga_fragments(request, saga, cursor, failures_only)
+    fragments = await _saga_fragments(
+        request, saga, cursor, failures_only, parts=saga.version <= INLINE_EVENTS
+    )
     live = [("id", saga_id), ("v", str(saga.version))]
     if cursor:
         live.append(("log", cursor))
@@ -655,6 +698,7 @@ def create_app(gateway: Gateway, guard: Guard, config: ConsoleConfig) -> web.App
     app.router.add_get("/attention", attention)
     app.router.add_get("/saga", saga_page)
     app.router.add_get("/saga/live", saga_live)
+    app.router.add_get("/saga/parts", saga_parts)
     app.router.add_post("/saga/action", saga_action)
     app.router.add_get("/definitions", definitions)
     app.router.add_get("/definition", definition)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from saga_sdk.model import SagaDefinition, StepKind
 
-BOX_WIDTH = 150
+BOX_WIDTH = 172
 BOX_HEIGHT = 54
 GAP = 46
 MARGIN = 12

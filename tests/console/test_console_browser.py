@@ -35,7 +35,11 @@ def _shot(stack: Stack, browser: Any, name: str) -> None:
     if stack.shots is None:
         return
     stack.shots.mkdir(parents=True, exist_ok=True)
+    size = browser.get_window_size()
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(size["width"], min(max(height, size["height"]), 2400))
     browser.save_screenshot(str(stack.shots / f"{name}.png"))
+    browser.set_window_size(size["width"], size["height"])
     stack.taken.append(name)
 
 

@@ -103,6 +103,7 @@ function followSaga(root) {
     const data = JSON.parse(message.data);
     replaceFragments(root, data.html);
     root.dataset.state = data.state;
+    root.dataset.version = String(data.version);
   });
   source.addEventListener("end", (message) => {
     const data = JSON.parse(message.data);
@@ -144,9 +145,30 @@ function followList(root) {
   window.addEventListener("pagehide", () => source.close());
 }
 
+async function loadParts(root) {
+  const pending = root.querySelector("[data-load-parts]");
+  if (!pending) return;
+  try {
+    const response = await fetch(pending.dataset.loadParts, { headers: { "Accept": "application/json" } });
+    const answer = await response.json();
+    if (!response.ok) {
+      pending.querySelector("p").textContent = answer.error || `the console answered ${response.status}`;
+      return;
+    }
+    // A live update may have brought newer parts meanwhile: keep the newest.
+    if (Number(root.dataset.version || 0) > answer.version) return;
+    replaceFragments(root, answer.html);
+  } catch (failure) {
+    pending.querySelector("p").textContent = `the timeline could not be read (${failure})`;
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const saga = document.querySelector("[data-live-saga]");
-  if (saga) followSaga(saga);
+  if (saga) {
+    loadParts(saga);
+    followSaga(saga);
+  }
   const list = document.querySelector("[data-live-list]");
   if (list) followList(list);
 });
