@@ -267,6 +267,7 @@ def main() -> int:
             "definitions": "/definitions",
             "one saga": f"/saga?id={sample}",
             f"saga of {args.events:,} events": f"/saga?id={LONG_SAGA}",
+            "  its timeline and attempts (read after)": f"/saga/parts?id={LONG_SAGA}",
             f"saga of {args.events:,} events, failures only": f"/saga?id={LONG_SAGA}&failures=1",
         }
         say(f"page load times over HTTP, median and slowest of {args.runs} after a warm-up (ms):")

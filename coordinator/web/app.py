@@ -434,7 +434,7 @@ async def _saga_fragments(
         )
         names.extend(("header", "actions", "log", "audit"))
     if parts:
-        events, truncated = await gateway.all_events(saga.saga_id, TIMELINE_EVENTS)
+        events, truncated = await gateway.log_protos(saga.saga_id, TIMELINE_EVENTS)
         context.update(
             timeline=build_timeline(saga, events, now, truncated=truncated),
             steps=step_attempts(saga, events, now),

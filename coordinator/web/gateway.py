@@ -13,7 +13,7 @@ from datetime import datetime
 
 import grpc
 import grpc.aio
-from saga.v1 import coordinator_service_pb2_grpc
+from saga.v1 import coordinator_service_pb2_grpc, saga_pb2
 
 from saga_sdk.client import AsyncSagaClient
 from saga_sdk.connection import BearerToken, TokenSource
@@ -105,14 +105,24 @@ class Gateway:
             tuple(event_from_proto(event) for event in response.events), response.next_page_token
         )
 
-    async def all_events(self, saga_id: str, limit: int) -> tuple[list[SagaEvent], bool]:
-        """The first `limit` events of a saga's log, and whether there are more."""
-        events: list[SagaEvent] = []
+    async def log_protos(self, saga_id: str, limit: int) -> tuple[list[saga_pb2.SagaEvent], bool]:
+        """The first `limit` events of a saga's log as protos, and whether there are more.
+
+        Protos, not the SDK's views: a long log is laid out from a few fields of each event,
+        and only what is shown is converted.
+        """
+        events: list[saga_pb2.SagaEvent] = []
         token = ""
         while len(events) < limit:
-            page = await self.events_page(saga_id, min(1000, limit - len(events)), token)
-            events.extend(page.events)
-            token = page.next_token
+            request = events_request(saga_id, min(1000, limit - len(events)), token)
+            try:
+                response = await self._stub.ListSagaEvents(
+                    request, timeout=UNARY_TIMEOUT, metadata=await self._metadata()
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_aio(exc) from None
+            events.extend(response.events)
+            token = response.next_page_token
             if not token:
                 return events, False
         return events, True

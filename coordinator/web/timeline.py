@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-from saga_sdk.model import Saga, SagaEvent, SagaEventType, SagaState
+from saga.v1 import saga_pb2
+
+from saga_sdk.model import Saga, SagaEvent, SagaEventType, SagaState, event_from_proto
 
 WIDTH = 960
 """Width of the drawing area, in SVG units (the SVG scales to the page)."""
@@ -134,43 +136,80 @@ def attempt_title(event: SagaEvent) -> str:
     return " ".join(text.split())
 
 
+_TYPES = {
+    number: SagaEventType(name.removeprefix("SAGA_EVENT_TYPE_"))
+    for name, number in saga_pb2.SagaEventType.items()
+    if name.removeprefix("SAGA_EVENT_TYPE_") in SagaEventType.__members__
+}
+
+
+def event_type(event: saga_pb2.SagaEvent) -> SagaEventType:
+    """An event's type, read straight from its proto."""
+    return _TYPES.get(event.type, SagaEventType.UNSPECIFIED)
+
+
+def _seconds(event: saga_pb2.SagaEvent) -> float | None:
+    if not event.HasField("time"):
+        return None
+    return event.time.seconds + event.time.nanos / 1e9
+
+
 def build_timeline(
-    saga: Saga, events: Sequence[SagaEvent], now: datetime, *, truncated: bool = False
+    saga: Saga,
+    events: Sequence[saga_pb2.SagaEvent],
+    now: datetime,
+    *,
+    truncated: bool = False,
 ) -> Timeline:
-    """Lay out the saga's attempts from its event log (oldest first)."""
-    begin = saga.create_time or (events[0].time if events and events[0].time else now)
-    end = saga.end_time or (events[-1].time if truncated and events[-1].time else now)
-    if end <= begin:
-        end = begin + timedelta(milliseconds=1)
-    total = (end - begin).total_seconds()
+    """Lay out the saga's attempts from its event log (oldest first).
+
+    The log is read from its protos and only the bars drawn are converted (a saga retried
+    thousands of times has thousands of events, and a lane draws at most MAX_BARS_PER_LANE).
+    """
+    first = _seconds(events[0]) if events else None
+    last = _seconds(events[-1]) if events else None
+    begin_s = saga.create_time.timestamp() if saga.create_time else (first or now.timestamp())
+    if saga.end_time:
+        end_s = saga.end_time.timestamp()
+    else:
+        end_s = last if truncated and last is not None else now.timestamp()
+    end_s = max(end_s, begin_s + 0.001)
+    total = end_s - begin_s
     plot = WIDTH - LABEL_WIDTH
 
-    def x_of(moment: datetime) -> float:
-        return LABEL_WIDTH + max(0.0, min(1.0, (moment - begin).total_seconds() / total)) * plot
+    def x_of(moment: float) -> float:
+        return LABEL_WIDTH + max(0.0, min(1.0, (moment - begin_s) / total)) * plot
 
     lanes = {
         step.name: Lane(step.name, 24 + index * LANE_HEIGHT)
         for index, step in enumerate(saga.steps)
     }
-    attempts: dict[str, list[Bar]] = {name: [] for name in lanes}
-    previous = begin
-    for event in events:
-        at = event.time or previous
-        kind = _BAR_CLASS.get(event.type)
+    # (x, width, operation, outcome, index of the event in the log) per lane, then Bars.
+    spans: dict[str, list[tuple[float, float, str, str, int]]] = {name: [] for name in lanes}
+    previous = begin_s
+    for index, event in enumerate(events):
+        at = _seconds(event) or previous
+        kind = _BAR_CLASS.get(event_type(event))
         if kind is not None and event.step in lanes:
             start = x_of(previous)
-            finish = x_of(at)
-            attempts[event.step].append(
-                Bar(
-                    start,
-                    max(2.0, finish - start),
-                    kind[0],
-                    kind[1],
-                    attempt_title(event),
-                    f"event-{event.sequence}",
-                )
-            )
+            spans[event.step].append((start, max(2.0, x_of(at) - start), kind[0], kind[1], index))
         previous = at
+
+    def bar(span: tuple[float, float, str, str, int]) -> Bar:
+        event = event_from_proto(events[span[4]])
+        return Bar(*span[:4], attempt_title(event), f"event-{event.sequence}")
+
+    attempts: dict[str, list[Bar]] = {}
+    for name, found in spans.items():
+        if len(found) <= MAX_BARS_PER_LANE:
+            attempts[name] = [bar(span) for span in found]
+            continue
+        half = MAX_BARS_PER_LANE // 2
+        middle = found[half:-half]
+        attempts[name] = [bar(span) for span in (*found[:half], *found[-half:])]
+        left = middle[0][0]
+        right = middle[-1][0] + middle[-1][1]
+        lanes[name].bands = [Band(left, max(2.0, right - left), len(middle))]
     if not truncated and saga.state in (SagaState.RUNNING, SagaState.COMPENSATING):
         for step in saga.steps:
             if step.state.value in ("RUNNING", "COMPENSATING") and step.name in lanes:
@@ -184,24 +223,17 @@ def build_timeline(
                 attempts[step.name].append(
                     Bar(
                         start,
-                        max(2.0, x_of(now) - start),
+                        max(2.0, x_of(now.timestamp()) - start),
                         operation,
                         "running",
                         f"{step.name} {operation}: {waiting}",
                         "",
                     )
                 )
+    begin = datetime.fromtimestamp(begin_s, UTC)
+    end = datetime.fromtimestamp(end_s, UTC)
     for name, bars in attempts.items():
-        lane = lanes[name]
-        if len(bars) <= MAX_BARS_PER_LANE:
-            lane.bars = bars
-            continue
-        half = MAX_BARS_PER_LANE // 2
-        first, middle, last = bars[:half], bars[half:-half], bars[-half:]
-        lane.bars = [*first, *last]
-        left = middle[0].x
-        right = middle[-1].x + middle[-1].width
-        lane.bands = [Band(left, max(2.0, right - left), len(middle))]
+        lanes[name].bars = bars
     ticks = tuple(
         Tick(LABEL_WIDTH + plot * i / 4, _tick_label(begin + (end - begin) * i / 4, total))
         for i in range(5)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from urllib.parse import quote
 
+from saga.v1 import saga_pb2
+
 from coordinator.core.model import Operation, request_id
 from coordinator.web.actions import waiting_step
-from coordinator.web.timeline import FAILURE_EVENTS, duration_text
-from saga_sdk.model import Saga, SagaEvent, SagaState, StepRun
+from coordinator.web.timeline import FAILURE_EVENTS, duration_text, event_type
+from saga_sdk.model import Saga, SagaEvent, SagaEventType, SagaState, StepRun, event_from_proto
 
 PAYLOAD_PREVIEW = 240
 """Characters of a payload shown in a summary."""
@@ -94,8 +96,10 @@ def _request_id(saga_id: str, step: str, operation: str) -> str:
     return ""
 
 
-def step_attempts(saga: Saga, events: Iterable[SagaEvent], now: datetime) -> list[StepAttempts]:
-    """Each step with its attempts, from the event log."""
+def step_attempts(
+    saga: Saga, events: Sequence[saga_pb2.SagaEvent], now: datetime
+) -> list[StepAttempts]:
+    """Each step with its attempts, from the event log's protos (only those listed converted)."""
     rows = {
         step.name: StepAttempts(
             step,
@@ -109,33 +113,33 @@ def step_attempts(saga: Saga, events: Iterable[SagaEvent], now: datetime) -> lis
         )
         for step in saga.steps
     }
-    every: dict[str, list[Attempt]] = {name: [] for name in rows}
-    for event in events:
-        if event.step not in rows or event.type.value in ("CREATED",):
-            continue
-        failure = event.failure
-        every[event.step].append(
-            Attempt(
-                sequence=event.sequence,
-                operation=event.operation or ("operator" if event.type.by_operator else ""),
-                attempt=event.attempt,
-                time=event.time,
-                outcome=event.type.value.replace("_", " ").lower(),
-                code=failure.code if failure else ("OK" if "SUCCEEDED" in event.type else ""),
-                reason=failure.reason if failure else event.reason,
-                message=failure.message if failure else (event.actor and f"by {event.actor}"),
-                request_id=_request_id(saga.saga_id, event.step, event.operation),
-            )
-        )
-    for name, attempts in every.items():
+    every: dict[str, list[int]] = {name: [] for name in rows}
+    for index, event in enumerate(events):
+        if event.step in every and event_type(event) is not SagaEventType.CREATED:
+            every[event.step].append(index)
+    for name, indexes in every.items():
         row = rows[name]
-        if len(attempts) > ATTEMPTS_SHOWN:
+        if len(indexes) > ATTEMPTS_SHOWN:
             half = ATTEMPTS_SHOWN // 2
-            row.attempts = [*attempts[:half], *attempts[-half:]]
-            row.left_out = len(attempts) - ATTEMPTS_SHOWN
-        else:
-            row.attempts = attempts
+            row.left_out = len(indexes) - ATTEMPTS_SHOWN
+            indexes = [*indexes[:half], *indexes[-half:]]
+        row.attempts = [_attempt(saga.saga_id, event_from_proto(events[i])) for i in indexes]
     return list(rows.values())
+
+
+def _attempt(saga_id: str, event: SagaEvent) -> Attempt:
+    failure = event.failure
+    return Attempt(
+        sequence=event.sequence,
+        operation=event.operation or ("operator" if event.type.by_operator else ""),
+        attempt=event.attempt,
+        time=event.time,
+        outcome=event.type.value.replace("_", " ").lower(),
+        code=failure.code if failure else ("OK" if "SUCCEEDED" in event.type else ""),
+        reason=failure.reason if failure else event.reason,
+        message=failure.message if failure else (event.actor and f"by {event.actor}"),
+        request_id=_request_id(saga_id, event.step, event.operation),
+    )
 
 
 def is_failure(event: SagaEvent) -> bool:
