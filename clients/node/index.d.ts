@@ -213,11 +213,17 @@ export interface SagaEvent {
   readonly attempt: number;
   readonly time: Date | null;
   readonly failure: Failure | null;
+  /** "execute" or "compensate" when the event concerns a call, else "". */
+  readonly operation: string;
   /** The action or compensation the event concerns, e.g. "OpenAccount" or "CloseAccount". */
   readonly action: string;
   /** The named event the step's success stands for (the definition's `emits`), e.g.
    * "UserCreated"; "" on other events and on steps that name none. */
   readonly emits: string;
+  /** Who asked, for cancellations and operator actions. */
+  readonly actor: string;
+  /** The reason given, for cancellations and operator actions. */
+  readonly reason: string;
 }
 
 /** One change of the change feed of every saga, with its position in the feed. */
@@ -350,6 +356,8 @@ export class SagaClient {
   cancel(sagaId: string, reason?: string): Promise<Saga>;
   /** Every saga matching the filters, oldest first, page after page. */
   list(filters?: ListFilters): AsyncIterableIterator<Saga>;
+  /** The saga's event log, oldest first, page after page (`pageSize` 1 to 1000, default 100). */
+  events(sagaId: string, options?: { pageSize?: number }): AsyncIterableIterator<SagaEvent>;
   /** The current saga, then each change, until it settles. Leaving early cancels the stream. */
   watch(sagaId: string): AsyncIterableIterator<SagaUpdate>;
   /**

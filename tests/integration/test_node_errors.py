@@ -1,16 +1,19 @@
 """The Node.js SDK's errors steer a real coordinator (``saga serve``): ``RetryLater`` makes it
-wait at least the asked delay before the next attempt, read from the saga's event log, and
-``PermanentFailure`` fails the step after exactly one attempt, then the saga compensates."""
+wait at least the asked delay before the next attempt, read from the saga's event log (by the
+Node.js client, checked against the Python one), and ``PermanentFailure`` fails the step after
+exactly one attempt, then the saga compensates."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -131,6 +134,37 @@ def of_step(events: list[SagaEvent], step: str) -> list[SagaEvent]:
     return [event for event in events if event.step == step]
 
 
+READ_EVENTS = """
+import { SagaClient } from './src/index.js';
+const [target, sagaId] = process.argv.slice(1);
+const client = new SagaClient(target);
+for await (const e of client.events(sagaId, { pageSize: 2 })) {
+  console.log(JSON.stringify({ type: e.type, step: e.step, attempt: e.attempt,
+    operation: e.operation, time: e.time.getTime(), code: e.failure?.code ?? '' }));
+}
+client.close();
+"""
+
+
+async def node_events(target: str, saga_id: str) -> list[dict[str, Any]]:
+    """The saga's event log as the Node.js client reads it, two events a page."""
+    assert NODE is not None
+    process = await asyncio.create_subprocess_exec(
+        NODE,
+        "--input-type=module",
+        "-e",
+        READ_EVENTS,
+        target,
+        saga_id,
+        cwd=PARTICIPANT.parents[1],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    return [json.loads(line) for line in out.decode().splitlines()]
+
+
 async def test_retry_later_makes_the_coordinator_wait_the_asked_delay(
     coordinator: str, payments: NodeParticipant
 ) -> None:
@@ -148,11 +182,19 @@ async def test_retry_later_makes_the_coordinator_wait_the_asked_delay(
         (SagaEventType.STEP_SUCCEEDED, 2),
     ]
     failed, succeeded = charge
+    from_node = await node_events(coordinator, "later-1")
+    assert [(e["type"], e["step"], e["attempt"], e["operation"]) for e in from_node] == [
+        (e.type.value, e.step, e.attempt, e.operation) for e in events
+    ]
+    node_charge = [e for e in from_node if e["step"] == "charge"]
+    assert node_charge[0]["code"] == "UNAVAILABLE"
+    node_gap = (node_charge[1]["time"] - node_charge[0]["time"]) / 1000
     assert failed.failure is not None
     assert (failed.failure.code, failed.failure.reason) == ("UNAVAILABLE", "CARD_NETWORK_BUSY")
     assert failed.time is not None
     assert succeeded.time is not None
     gap = (succeeded.time - failed.time).total_seconds()
+    assert abs(node_gap - gap) < 0.002, (node_gap, gap)  # the same log, at millisecond precision
     # The step's own backoff is at most 50 ms: only the RetryInfo explains a wait this long.
     assert gap >= RETRY_AFTER_MS / 1000, f"attempt 2 came {gap:.3f} s after attempt 1"
     print(f"\nRetryLater({RETRY_AFTER_MS} ms): attempt 2 recorded {gap:.3f} s after attempt 1")

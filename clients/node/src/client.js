@@ -16,7 +16,14 @@ import grpc from '@grpc/grpc-js';
 import { bearer, clientCredentials, connectionFromEnvironment } from './connection.js';
 import { loadContract } from './contract.js';
 import { WaitTimeout, errorFromGrpc } from './errors.js';
-import { SagaState, changeFromProto, sagaFromProto, settledSagaFromResponse, updateFromProto } from './model.js';
+import {
+  SagaState,
+  changeFromProto,
+  eventFromProto,
+  sagaFromProto,
+  settledSagaFromResponse,
+  updateFromProto,
+} from './model.js';
 import { encodePayload } from './payload.js';
 import { injectTraceContext } from './telemetry.js';
 
@@ -176,6 +183,30 @@ export class SagaClient {
       do {
         const response = await unary({ ...query, page_token: token });
         for (const saga of response.sagas) yield sagaFromProto(saga);
+        token = response.next_page_token;
+      } while (token);
+    })();
+  }
+
+  /**
+   * Iterate over a saga's event log, oldest first, page after page: what happened, to which
+   * step and attempt, when, and the failure each failed attempt answered.
+   *
+   * @param {string} sagaId
+   * @param {{pageSize?: number}} [options]
+   * @returns {AsyncIterableIterator<import('./model.js').SagaEvent>}
+   */
+  events(sagaId, { pageSize = 100 } = {}) {
+    if (!Number.isInteger(pageSize) || pageSize < 1 || pageSize > 1000) {
+      throw new TypeError('pageSize must be from 1 to 1000');
+    }
+    const name = sagaName(sagaId);
+    const unary = (request) => this.#unary('ListSagaEvents', request);
+    return (async function* pages() {
+      let token = '';
+      do {
+        const response = await unary({ name, page_size: pageSize, page_token: token });
+        for (const event of response.events) yield eventFromProto(event);
         token = response.next_page_token;
       } while (token);
     })();

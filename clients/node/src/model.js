@@ -165,8 +165,11 @@ export function eventFromProto(e) {
     attempt: e.attempt,
     time: time(e.time),
     failure: failureFromProto(e.failure),
+    operation: e.operation ?? '',
     action: e.action ?? '',
     emits: e.emits ?? '',
+    actor: e.actor ?? '',
+    reason: e.reason ?? '',
   });
 }
 
