@@ -18,6 +18,7 @@ import {
   RetryLater,
 } from '../src/index.js';
 import { PostgresBarrier } from '../src/postgres.js';
+import { ParticipantTestKit } from '../src/testing.js';
 import { call, compensateRequest, executeRequest, serve, silentLogger } from './helpers.js';
 
 const URL = process.env.SAGA_TEST_POSTGRES_URL ?? '';
@@ -349,4 +350,26 @@ test('a participant on PostgreSQL: async effects, concurrent duplicates over gRP
     assert.equal(error.reason, 'UNKNOWN_CURRENCY');
   }
   assert.equal(calls, 2, 'the stored permanent failure answers the duplicate');
+});
+
+test('the test kit finds the PostgreSQL barrier safe for retries, duplicates and early compensation', { skip }, async (t) => {
+  const { barrier, admin, entries } = await ledger(t, { max: 8 });
+  const participant = new Participant('ledger', { barrier, logger: silentLogger })
+    .action('Credit', async (ctx) => async (client) => {
+      await client.query(`INSERT INTO ${entries} VALUES ($1, $2)`, [ctx.sagaId, ctx.input.amount]);
+      return { credited: ctx.input.amount };
+    })
+    .compensation('Debit', async (ctx) => async (client) => {
+      await client.query(`INSERT INTO ${entries} VALUES ($1, $2)`, [ctx.sagaId, -ctx.executeOutput.credited]);
+    });
+  const kit = new ParticipantTestKit(participant);
+  const report = await kit.checkStep({
+    action: 'Credit',
+    compensation: 'Debit',
+    input: { amount: 7 },
+    observe: async (sagaId) =>
+      (await admin.query(`SELECT amount FROM ${entries} WHERE saga_id = $1 ORDER BY ctid`, [sagaId])).rows,
+  });
+  assert.deepEqual(report.first.json(), { credited: 7 });
+  assert.equal(report.late.reason, 'EXECUTE_AFTER_COMPENSATE');
 });
