@@ -191,12 +191,15 @@ export class PostgresBarrier {
       open = false; // #guarded committed or rolled back
       return outcome;
     } catch (error) {
-      if (open && !error?.[SETTLED]) {
+      if (error?.[SETTLED]) {
+        delete error[SETTLED];
+      } else if (!open) {
+        broken = error; // BEGIN itself failed: do not hand this connection out again
+      } else {
         await client.query('ROLLBACK').catch((rollbackError) => {
           broken = rollbackError; // the connection is unusable: release() destroys it
         });
       }
-      if (error?.[SETTLED]) delete error[SETTLED];
       throw error;
     } finally {
       client.release(broken);
