@@ -29,6 +29,7 @@ from saga_sdk.errors import Rejected
 from saga_sdk.participant import CompensateContext, ExecuteContext, Participant
 from saga_sdk.sqlite_barrier import SqliteBarrier
 from tests.support.coordinator import four_step_definition, write_definitions
+from tests.support.pki import CertificateAuthority
 from tests.support.processes import CoordinatorProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,21 +78,29 @@ class GoAccounts:
     database: Path
     log: Path
     port: int = field(default_factory=free_port)
+    flags: tuple[str, ...] = ()
+    """More command-line flags (TLS)."""
+    credentials: grpc.ChannelCredentials | None = None
+    """What the tests dial it with; plaintext when None."""
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def channel(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.credentials)
+
     def start(self) -> None:
         """Start it and wait until its health check answers SERVING."""
+        command = [str(self.binary), "-listen", self.address, "-database", str(self.database)]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(self.binary), "-listen", self.address, "-database", str(self.database)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                [*command, *self.flags], stdout=log, stderr=subprocess.STDOUT
             )
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for _ in range(400):
                 assert self.process.poll() is None, self.log.read_text()
@@ -200,6 +209,65 @@ def test_the_go_participant_passes_the_conformance_kit(go_accounts: GoAccounts) 
     assert {currency for _, _, currency in accounts} == {"USD"}
     assert blocked
     assert not {saga for (saga,) in blocked} & {saga for saga, _, _ in accounts}
+
+
+def test_the_go_participant_serves_mtls_to_callers_with_a_certificate_of_its_ca(
+    go_build: GoBuild, tmp_path: Path
+) -> None:
+    ca = CertificateAuthority()
+    server = ca.issue("accounts", ips=("127.0.0.1",), client=False).write(tmp_path, "accounts")
+    client = ca.issue("coordinator", server=False)
+    stranger = CertificateAuthority().issue("stranger", server=False)
+    ca_file = ca.write(tmp_path)
+    accounts = GoAccounts(
+        go_build.binary,
+        tmp_path / "accounts.db",
+        tmp_path / "go.log",
+        flags=("-tls-cert", str(server[0]), "-tls-key", str(server[1]), "-client-ca", str(ca_file)),
+        credentials=grpc.ssl_channel_credentials(ca.pem, client.key, client.certificate),
+    )
+    accounts.start()
+    try:
+        request = participant_service_pb2.ExecuteRequest(
+            saga="sagas/tls-1",
+            step="open-account",
+            action="OpenAccount",
+            request_id="tls-1-execute",
+            attempt=1,
+            input=b"{}",
+            previous_outputs={"create-user": b'{"user_id": "usr_tls"}'},
+        )
+        with accounts.channel() as channel:
+            answer = participant_service_pb2_grpc.ParticipantServiceStub(channel).Execute(
+                request, timeout=10
+            )
+        refused = []
+        for credentials in (
+            grpc.ssl_channel_credentials(ca.pem),  # no client certificate
+            grpc.ssl_channel_credentials(ca.pem, stranger.key, stranger.certificate),
+        ):
+            with (
+                grpc.secure_channel(accounts.address, credentials) as channel,
+                pytest.raises(grpc.RpcError) as caught,
+            ):
+                participant_service_pb2_grpc.ParticipantServiceStub(channel).Execute(
+                    participant_service_pb2.ExecuteRequest(
+                        saga="sagas/tls-2",
+                        step="open-account",
+                        action="OpenAccount",
+                        request_id="tls-2-execute",
+                        previous_outputs={"create-user": b'{"user_id": "usr_x"}'},
+                    ),
+                    timeout=10,
+                )
+            refused.append(caught.value.code())
+    finally:
+        assert accounts.stop() == 0, accounts.log.read_text()
+
+    assert json.loads(answer.output)["owner"] == "usr_tls"
+    assert refused == [grpc.StatusCode.UNAVAILABLE] * 2
+    assert accounts.query("SELECT saga_id FROM accounts") == [("tls-1",)]
+    assert "mTLS" in accounts.log.read_text()
 
 
 def python_participant(name: str, database: Path) -> Participant:
