@@ -37,6 +37,8 @@ GO = ROOT / "clients" / "go"
 NODE = ROOT / "clients" / "node"
 # Generous for compensations: the Go service is killed and restarted during one saga.
 PATIENT_RETRY = {"max_attempts": 40, "initial_backoff": "20ms", "max_backoff": "250ms"}
+# The first test also pays for the session's cold Go build (grpc-go and its dependencies).
+pytestmark = pytest.mark.timeout(400)
 
 
 @dataclass(frozen=True)
