@@ -263,7 +263,7 @@ def main() -> int:
             "sagas, label tenant=tenant-07": "/sagas?label=tenant%3Dtenant-07",
             "sagas, one day of creations": f"/sagas?{window}",
             "sagas, stuck on accounts": "/sagas?stuck_on=accounts",
-            "needs attention (2,000 oldest grouped)": "/attention",
+            "needs attention (500 oldest grouped)": "/attention",
             "definitions": "/definitions",
             "one saga": f"/saga?id={sample}",
             f"saga of {args.events:,} events": f"/saga?id={LONG_SAGA}",

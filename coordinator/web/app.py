@@ -33,7 +33,7 @@ from coordinator.web.views import (
     trace_link,
 )
 from saga_sdk import errors as sdk_errors
-from saga_sdk.model import Saga, SagaChange, SagaEvent, SagaState, SagaUpdate
+from saga_sdk.model import Saga, SagaChange, SagaCounts, SagaEvent, SagaState, SagaUpdate
 from saga_sdk.requests import ListQuery
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,11 @@ log = logging.getLogger(__name__)
 TIMELINE_EVENTS = 20_000
 """Events read to draw a saga's timeline and its attempts; a longer log is drawn in part."""
 LOG_PAGE = 50
-ATTENTION_LIMIT = 2000
-"""Parked sagas grouped on the needs-attention page (the oldest ones)."""
+ATTENTION_LIMIT = 500
+"""Parked sagas grouped on the needs-attention page: the oldest ones, read in one call."""
 KEEPALIVE = 15.0
+COUNT_BUDGET = 0.15
+"""Seconds a listing waits for its counts before it is shown without them (they follow)."""
 COUNTS_EVERY = 1.0
 """Seconds between two recounts a live listing asks for, however many changes come."""
 REWATCH_PAUSE = 1.0
@@ -198,10 +200,10 @@ async def sagas(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     query = filters.list_query()
     definitions = await gateway.definitions()
+    counting = asyncio.ensure_future(gateway.count(query))
     try:
-        page, counts = await asyncio.gather(
-            gateway.list_page(query, filters.cursor), gateway.count(query)
-        )
+        page = await gateway.list_page(query, filters.cursor)
+        counts = await _counts_in_time(counting)
     except sdk_errors.InvalidArgument as error:
         # The filters stay on the page, with what the coordinator found wrong in them.
         problems = [f"{v.field}: {v.description}" for v in error.field_violations]
@@ -215,8 +217,11 @@ async def sagas(request: web.Request) -> web.Response:
             definitions=definitions,
             rows=[],
             live_url="",
+            counts_url="",
             refused=[error.message, *problems],
         )
+    finally:
+        _forget(counting)
     return _render(
         request,
         "sagas.html",
@@ -226,8 +231,36 @@ async def sagas(request: web.Request) -> web.Response:
         definitions=definitions,
         rows=[(saga, waiting_step(saga)) for saga in page.sagas],
         live_url=filters.url("/sagas/live", cursor=""),
+        counts_url=filters.url("/sagas/counts", cursor=""),
         refused=[],
     )
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    """Cancel a call whose answer is no longer wanted, or take its failure if it has one."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
+
+
+async def _counts_in_time(counting: asyncio.Future[SagaCounts]) -> SagaCounts | None:
+    """The counts if the coordinator gives them within COUNT_BUDGET, else None (the page then
+    asks for them itself once shown: on a large store some filters take long to count)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(counting), COUNT_BUDGET)
+    except TimeoutError:
+        return None
+    finally:
+        _forget(counting)
+
+
+async def sagas_counts(request: web.Request) -> web.Response:
+    """The counts of a listing's filters, for a page that was shown before they were ready."""
+    filters = SagaFilters.from_params(_params(request))
+    counts = await request.app[GATEWAY].count(filters.list_query())
+    html = _fragment(request, "_counts.html", filters=filters, counts=counts)
+    return web.json_response({"html": html})
 
 
 def _matches(filters: SagaFilters, change: SagaChange) -> bool:
@@ -328,22 +361,15 @@ async def sagas_live(request: web.Request) -> web.StreamResponse:
 
 async def attention(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    query = ListQuery.of([SagaState.NEEDS_ATTENTION], page_size=1000)
-    parked: list[Saga] = []
-    token = ""
-    while len(parked) < ATTENTION_LIMIT:
-        page = await gateway.list_page(query, token)
-        parked.extend(page.sagas)
-        token = page.next_token
-        if not token:
-            break
-    counts = await gateway.count(ListQuery.of())
+    query = ListQuery.of([SagaState.NEEDS_ATTENTION], page_size=ATTENTION_LIMIT)
+    page, counts = await asyncio.gather(gateway.list_page(query), gateway.count(ListQuery.of()))
+    parked = page.sagas
     total = counts[SagaState.NEEDS_ATTENTION]
     return _render(
         request,
         "attention.html",
-        groups=attention_groups(parked[:ATTENTION_LIMIT]),
-        shown=min(len(parked), ATTENTION_LIMIT),
+        groups=attention_groups(parked),
+        shown=len(parked),
         total=total,
         filters=SagaFilters(),
     )
@@ -695,6 +721,7 @@ def create_app(gateway: Gateway, guard: Guard, config: ConsoleConfig) -> web.App
     app.router.add_get("/", index)
     app.router.add_get("/sagas", sagas)
     app.router.add_get("/sagas/live", sagas_live)
+    app.router.add_get("/sagas/counts", sagas_counts)
     app.router.add_get("/attention", attention)
     app.router.add_get("/saga", saga_page)
     app.router.add_get("/saga/live", saga_live)

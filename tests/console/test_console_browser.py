@@ -9,6 +9,7 @@ action posted from another site is refused.
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 import time
 import urllib.error
@@ -88,8 +89,10 @@ def test_an_operator_finds_a_parked_saga_resumes_it_and_sees_it_compensate_live(
     stack: Stack, browser: Any, parked: Saga
 ) -> None:
     _open(browser, f"{stack.url}/sagas")
-    counts = browser.find_element(By.CSS_SELECTOR, '[data-count="NEEDS_ATTENTION"]')
-    assert int(counts.text) >= 2
+    parked_count = _until(
+        browser, lambda b: b.find_element(By.CSS_SELECTOR, '[data-count="NEEDS_ATTENTION"]').text
+    )
+    assert int(parked_count) >= 2
     _shot(stack, browser, "1-sagas")
 
     # Filter: parked, label customer=c-1042, stuck on the accounts participant.
@@ -198,7 +201,10 @@ def test_needs_attention_groups_parked_sagas_by_definition_step_and_reason(
 
 def test_the_list_follows_the_change_feed_without_a_reload(stack: Stack, browser: Any) -> None:
     _open(browser, f"{stack.url}/sagas?label=batch%3Dlive-42")
-    assert browser.find_element(By.CSS_SELECTOR, '[data-count="ALL"]').text == "0"
+    _until(browser, lambda b: b.find_element(By.CSS_SELECTOR, '[data-count="ALL"]').text == "0")
+    # A page shown before its counts were ready asks for them with the same filters.
+    with urllib.request.urlopen(f"{stack.url}/sagas/counts?label=batch%3Dlive-42") as answer:
+        assert 'data-count="ALL">0<' in json.loads(answer.read())["html"]
     browser.execute_script("window.stillTheSamePage = true")
     time.sleep(0.3)  # the page's stream is open
     stack.switches.ledger_locked = False

@@ -113,7 +113,25 @@ function followSaga(root) {
   window.addEventListener("pagehide", () => source.close());
 }
 
+async function loadCounts(root) {
+  const pending = root.querySelector("[data-load-counts]");
+  if (!pending) return;
+  try {
+    const response = await fetch(pending.dataset.loadCounts, { headers: { "Accept": "application/json" } });
+    const answer = await response.json();
+    if (!response.ok) {
+      pending.querySelector("p").textContent = answer.error || `the console answered ${response.status}`;
+      return;
+    }
+    pending.innerHTML = answer.html;
+    pending.removeAttribute("aria-busy");
+  } catch (failure) {
+    pending.querySelector("p").textContent = `the counts could not be read (${failure})`;
+  }
+}
+
 function followList(root) {
+  loadCounts(root);
   const source = new EventSource(root.dataset.liveList);
   let fresh = 0;
   source.addEventListener("change", (message) => {
