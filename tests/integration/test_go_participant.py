@@ -67,6 +67,8 @@ def go_build(tmp_path_factory: pytest.TempPathFactory) -> GoBuild:
         **env,
         "GO111MODULE": "off",
         "GOPROXY": "off",
+        "GOFLAGS": "",
+        "CGO_ENABLED": "1",
         "GOPATH": f"{out / 'gopath'}:/usr/share/gocode",
     }
     return GoBuild(out / "accounts", out / "gopath" / "src" / "saga-coordinator", go_env)
