@@ -46,6 +46,8 @@ ATTENTION_LIMIT = 500
 KEEPALIVE = 15.0
 COUNT_BUDGET = 0.15
 """Seconds a listing waits for its counts before it is shown without them (they follow)."""
+COUNTS_FRESH = 5.0
+"""Seconds a count is shared by the pages asking for the same filters."""
 COUNTS_EVERY = 1.0
 """Seconds between two recounts a live listing asks for, however many changes come."""
 REWATCH_PAUSE = 1.0
@@ -64,6 +66,7 @@ class ConsoleConfig:
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 HUB: web.AppKey[ChangeHub] = web.AppKey("hub", ChangeHub)
+COUNTS: web.AppKey[CountCache] = web.AppKey("counts")
 GUARD: web.AppKey[Guard] = web.AppKey("guard", Guard)
 CONFIG: web.AppKey[ConsoleConfig] = web.AppKey("config", ConsoleConfig)
 TEMPLATES: web.AppKey[jinja2.Environment] = web.AppKey("templates", jinja2.Environment)
@@ -200,10 +203,9 @@ async def sagas(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     query = filters.list_query()
     definitions = await gateway.definitions()
-    counting = asyncio.ensure_future(gateway.count(query))
     try:
+        # The rows first: a store may read one query at a time, and counting can take longer.
         page = await gateway.list_page(query, filters.cursor)
-        counts = await _counts_in_time(counting)
     except sdk_errors.InvalidArgument as error:
         # The filters stay on the page, with what the coordinator found wrong in them.
         problems = [f"{v.field}: {v.description}" for v in error.field_violations]
@@ -220,8 +222,7 @@ async def sagas(request: web.Request) -> web.Response:
             counts_url="",
             refused=[error.message, *problems],
         )
-    finally:
-        _forget(counting)
+    counts = await _counts_in_time(request.app[COUNTS].get(query))
     return _render(
         request,
         "sagas.html",
@@ -236,29 +237,51 @@ async def sagas(request: web.Request) -> web.Response:
     )
 
 
-def _forget(task: asyncio.Future[Any]) -> None:
-    """Cancel a call whose answer is no longer wanted, or take its failure if it has one."""
-    if not task.done():
-        task.cancel()
-    elif not task.cancelled():
-        task.exception()
+class CountCache:
+    """Counts per filters, shared by the pages asking within COUNTS_FRESH seconds.
+
+    A page shown before its counts were ready asks for them again at once: both get the one
+    call to the coordinator (a count of a million sagas by label may take the store 400 ms).
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._calls: dict[tuple[object, ...], tuple[float, asyncio.Task[SagaCounts]]] = {}
+
+    def get(self, query: ListQuery, *, fresh: bool = False) -> asyncio.Task[SagaCounts]:
+        """The call counting `query`'s sagas: a recent one, or (`fresh`) a new one."""
+        key = query.count().SerializeToString(deterministic=True), query.page_size
+        now = asyncio.get_running_loop().time()
+        known = self._calls.get(key)
+        if known is not None and not fresh and now - known[0] < COUNTS_FRESH:
+            return known[1]
+        task = asyncio.ensure_future(self._gateway.count(query))
+        task.add_done_callback(lambda done: self._settled(key, done))
+        self._calls[key] = (now, task)
+        if len(self._calls) > 256:
+            del self._calls[next(iter(self._calls))]
+        return task
+
+    def _settled(self, key: tuple[object, ...], task: asyncio.Task[SagaCounts]) -> None:
+        if task.cancelled() or task.exception() is not None:  # never keep a failure
+            known = self._calls.get(key)
+            if known is not None and known[1] is task:
+                del self._calls[key]
 
 
-async def _counts_in_time(counting: asyncio.Future[SagaCounts]) -> SagaCounts | None:
-    """The counts if the coordinator gives them within COUNT_BUDGET, else None (the page then
-    asks for them itself once shown: on a large store some filters take long to count)."""
+async def _counts_in_time(counting: asyncio.Task[SagaCounts]) -> SagaCounts | None:
+    """The counts if they come within COUNT_BUDGET, else None: the page is shown without them
+    and asks for them itself (the call goes on, for that request)."""
     try:
         return await asyncio.wait_for(asyncio.shield(counting), COUNT_BUDGET)
     except TimeoutError:
         return None
-    finally:
-        _forget(counting)
 
 
 async def sagas_counts(request: web.Request) -> web.Response:
     """The counts of a listing's filters, for a page that was shown before they were ready."""
     filters = SagaFilters.from_params(_params(request))
-    counts = await request.app[GATEWAY].count(filters.list_query())
+    counts = await request.app[COUNTS].get(filters.list_query())
     html = _fragment(request, "_counts.html", filters=filters, counts=counts)
     return web.json_response({"html": html})
 
@@ -313,7 +336,6 @@ async def sagas_live(request: web.Request) -> web.StreamResponse:
     """The listing's live changes and counts, from the change feed."""
     filters = SagaFilters.from_params(_params(request))
     query = filters.list_query()
-    gateway = request.app[GATEWAY]
     response = await _open_stream(request)
     recount_at: float | None = None
     loop = asyncio.get_running_loop()
@@ -328,7 +350,7 @@ async def sagas_live(request: web.Request) -> web.StreamResponse:
                 if item is None:
                     if recount_at is not None and loop.time() >= recount_at:
                         recount_at = None
-                        counts = await gateway.count(query)
+                        counts = await request.app[COUNTS].get(query, fresh=True)
                         html = _fragment(request, "_counts.html", filters=filters, counts=counts)
                         await response.write(_sse("counts", {"html": html}))
                     else:
@@ -714,6 +736,7 @@ def create_app(gateway: Gateway, guard: Guard, config: ConsoleConfig) -> web.App
     app = web.Application(middlewares=[guarded], client_max_size=256 * 1024)
     app[GATEWAY] = gateway
     app[HUB] = ChangeHub(gateway)
+    app[COUNTS] = CountCache(gateway)
     app[GUARD] = guard
     app[CONFIG] = config
     app[TEMPLATES] = templates()
