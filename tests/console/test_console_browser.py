@@ -102,6 +102,8 @@ def test_an_operator_finds_a_parked_saga_resumes_it_and_sees_it_compensate_live(
     browser.find_element(By.NAME, "stuck_on").send_keys("accounts")
     browser.find_element(By.CSS_SELECTOR, ".filter-form button[type=submit]").click()
     _until(browser, lambda b: "stuck_on=accounts" in b.current_url)
+    _until(browser, lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-status"))
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-status") == "200"
     query = urllib.parse.parse_qs(urllib.parse.urlparse(browser.current_url).query)
     assert query["state"] == ["NEEDS_ATTENTION"]
     assert query["label"] == ["customer=c-1042"]
@@ -116,6 +118,7 @@ def test_an_operator_finds_a_parked_saga_resumes_it_and_sees_it_compensate_live(
     # Open it and read why it is parked.
     browser.find_element(By.LINK_TEXT, "initech-1").click()
     _until(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "[data-saga-state]"))
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-status") == "200"
     assert browser.find_element(By.CSS_SELECTOR, "[data-saga-state]").text == "NEEDS_ATTENTION"
     why = browser.find_element(By.CSS_SELECTOR, "[data-why]").text
     assert "open-account" in why
