@@ -42,6 +42,7 @@ from coordinator.console import (
 from coordinator.core.errors import InvalidDefinition, SagaError
 from coordinator.core.model import DEFAULT_TIMEOUT
 from coordinator.logs import configure_logging
+from coordinator.web import flags as console_flags
 from saga_sdk import conformance
 from saga_sdk import errors as sdk_errors
 from saga_sdk.client import SagaClient
@@ -569,6 +570,18 @@ def _parser() -> argparse.ArgumentParser:
         "compensation as a dotted edge going backwards.",
     )
     graph.add_argument("definition", metavar="NAME[@VERSION]|FILE")
+
+    console_command = commands.add_parser(
+        "console",
+        help="serve the web console: sagas, their timelines and repairs, in a browser",
+        description="Serve the web console, a client of the coordinator like any other: the "
+        "sagas with counts and filters, the parked ones grouped, one saga's timeline, log and "
+        "audit trail, the operator actions behind a confirmation, and the definitions.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    connection(console_command)
+    console_flags.add_arguments(console_command)
 
     check = commands.add_parser(
         "check-store",
@@ -1372,6 +1385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "bench":
         return bench.main(args)
+    if args.command == "console":
+        return console_flags.main(args)
     if args.command == "check-store":
         return _check_store(args.database)
     if args.command == "definitions" and args.definitions_command == "lint":
