@@ -29,6 +29,7 @@
 
 import Database from 'better-sqlite3';
 import { ExecuteAfterCompensate, PermanentFailure, Rejected } from './errors.js';
+import { ENDED_CHUNK, checkPruneOptions, endedAmong } from './retention.js';
 
 export const DEFAULT_TABLE = 'saga_barrier';
 
@@ -306,6 +307,56 @@ export class SqliteBarrier {
   lookup(key) {
     const row = this.#sql.read.get(...key.params());
     return row ? { ...row, output: row.output ?? null } : null;
+  }
+
+  /**
+   * Delete the rows of calls first seen more than `olderThanMs` ago, by the database's clock,
+   * and return how many (with `dryRun`, only count them). A window shorter than
+   * MINIMUM_RETENTION_MS is refused before the database is touched: a duplicate arriving after
+   * the prune would apply again. With `ended`, only the old rows of sagas it says have ended
+   * go: it is given the saga ids of the old rows, at most 500 at a time, and returns (or
+   * resolves to) those whose sagas have ended. Each chunk's rows are deleted when its answer
+   * comes; if `ended` throws, the prune stops there and the error is thrown.
+   *
+   * @param {{olderThanMs: number, dryRun?: boolean,
+   *          ended?: (sagaIds: string[]) => Iterable<string> | Promise<Iterable<string>>}} options
+   * @returns {Promise<number>}
+   */
+  async prune(options) {
+    const { olderThanMs, dryRun, ended } = checkPruneOptions(options);
+    const table = this.table;
+    // One cutoff for the whole prune, read from the database's clock: a row that turns old
+    // while `ended` is being asked waits for the next prune.
+    const { cutoff } = this.db
+      .prepare("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?) AS cutoff")
+      .get(`-${(olderThanMs / 1000).toFixed(3)} seconds`);
+    const old = 'created_at < ?';
+    if (ended === null) {
+      if (dryRun) return this.db.prepare(`SELECT count(*) AS n FROM ${table} WHERE ${old}`).get(cutoff).n;
+      return this.db.prepare(`DELETE FROM ${table} WHERE ${old}`).run(cutoff).changes;
+    }
+    if (this.db.inTransaction) {
+      throw new Error('prune() with ended cannot run inside an open transaction: it awaits ended()');
+    }
+    const distinct = `SELECT DISTINCT saga_id FROM ${table} WHERE ${old}`;
+    const firstPage = this.db.prepare(`${distinct} ORDER BY saga_id LIMIT ${ENDED_CHUNK}`).pluck();
+    const nextPage = this.db
+      .prepare(`${distinct} AND saga_id > ? ORDER BY saga_id LIMIT ${ENDED_CHUNK}`)
+      .pluck();
+    let count = 0;
+    let page = firstPage.all(cutoff);
+    while (page.length > 0) {
+      const done = await endedAmong(ended, page);
+      if (done.length > 0) {
+        const where = `${old} AND saga_id IN (${done.map(() => '?').join(', ')})`;
+        count += dryRun
+          ? this.db.prepare(`SELECT count(*) AS n FROM ${table} WHERE ${where}`).get(cutoff, ...done).n
+          : this.db.prepare(`DELETE FROM ${table} WHERE ${where}`).run(cutoff, ...done).changes;
+      }
+      if (page.length < ENDED_CHUNK) break;
+      page = nextPage.all(cutoff, page[page.length - 1]);
+    }
+    return count;
   }
 
   /** Close the database, when the barrier opened it. */

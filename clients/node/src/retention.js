@@ -1,0 +1,86 @@
+// Barrier retention: when the barrier rows of old calls may be deleted, the same rule as the
+// Python SDK's saga_sdk.retention.
+//
+// A barrier row is what makes a duplicate harmless: while the row of a call exists, the call's
+// repetitions (same request_id) answer the stored answer, and an Execute arriving after its
+// Compensate is refused. Once the row is gone, a repetition runs the handler again. So:
+//
+// - prune({ olderThanMs }) deletes the rows of calls first seen more than `olderThanMs` ago and
+//   keeps every row newer than that, by the database's clock;
+// - the window must exceed the longest time during which the coordinator can still send a call
+//   again: its retry horizon (a step's retries with their backoff and any RetryInfo wait, the
+//   saga's deadline) and the time an operator may take to resume or retry a saga parked in
+//   NEEDS_ATTENTION, which sends the same request_ids again;
+// - a window shorter than MINIMUM_RETENTION_MS is refused, whatever the backend;
+// - with `ended`, a function that says which sagas have ended, only the old rows of ended sagas
+//   go: the saga ids of the old rows are asked in chunks, outside any write transaction, and
+//   only ids that were asked and answered count.
+
+const DAY_MS = 24 * 60 * 60 * 1000;
+
+/**
+ * The shortest window prune() accepts, 7 days: longer than the coordinator's retry horizon by
+ * default (its longest RetryInfo wait is an hour past a step's max backoff), with days to spare
+ * for an operator to resume a parked saga.
+ */
+export const MINIMUM_RETENTION_MS = 7 * DAY_MS;
+
+/** The most saga ids given to one call of `ended`. */
+export const ENDED_CHUNK = 500;
+
+/**
+ * The options of prune() when they are safe; else throws a TypeError or RangeError saying why.
+ *
+ * @param {{olderThanMs: number, dryRun?: boolean, ended?: Function}} options
+ * @returns {{olderThanMs: number, dryRun: boolean, ended: Function | null}}
+ */
+export function checkPruneOptions(options) {
+  if (options === null || typeof options !== 'object') {
+    throw new TypeError('prune() takes an options object: prune({ olderThanMs, dryRun, ended })');
+  }
+  const { olderThanMs, dryRun = false, ended } = options;
+  if (typeof olderThanMs !== 'number') {
+    throw new TypeError(
+      `olderThanMs is a number of milliseconds, not ${olderThanMs === null ? 'null' : typeof olderThanMs}`,
+    );
+  }
+  if (!Number.isFinite(olderThanMs) || olderThanMs <= 0) {
+    throw new RangeError(`olderThanMs must be a positive finite number of milliseconds, not ${olderThanMs}`);
+  }
+  if (olderThanMs < MINIMUM_RETENTION_MS) {
+    throw new RangeError(
+      `a barrier retention window of ${describe(olderThanMs)} is shorter than the minimum of ` +
+        `${MINIMUM_RETENTION_MS / DAY_MS} days: a duplicate arriving after the prune would apply ` +
+        'again. Keep rows longer than the coordinator can resend a call (retries, saga ' +
+        'deadline, operator resumes)',
+    );
+  }
+  if (typeof dryRun !== 'boolean') throw new TypeError(`dryRun is a boolean, not ${typeof dryRun}`);
+  if (ended !== undefined && ended !== null && typeof ended !== 'function') {
+    throw new TypeError('ended is a function of an array of saga ids, returning those that ended');
+  }
+  return { olderThanMs, dryRun, ended: ended ?? null };
+}
+
+/**
+ * Ask `ended` about one chunk of saga ids; return those it says have ended, among the ids asked
+ * (an id it returns that was not asked is ignored: its old rows were not counted as candidates).
+ *
+ * @param {(sagaIds: string[]) => Iterable<string> | Promise<Iterable<string>>} ended
+ * @param {string[]} asked
+ * @returns {Promise<string[]>}
+ */
+export async function endedAmong(ended, asked) {
+  const answer = await ended([...asked]);
+  if (answer === null || typeof answer !== 'object' || typeof answer[Symbol.iterator] !== 'function') {
+    throw new TypeError('ended() must return (or resolve to) an array or a Set of saga ids');
+  }
+  const said = new Set(answer);
+  return asked.filter((sagaId) => said.has(sagaId));
+}
+
+function describe(ms) {
+  if (ms >= DAY_MS) return `${+(ms / DAY_MS).toFixed(3)} days`;
+  if (ms >= 3_600_000) return `${+(ms / 3_600_000).toFixed(3)} hours`;
+  return `${+(ms / 1000).toFixed(3)} seconds`;
+}
