@@ -41,7 +41,7 @@ call must skip the effect, and the body of a `with` block cannot be skipped.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
@@ -159,9 +159,17 @@ class Barrier(ABC):
     async def run_async(self, key: BarrierKey, effect: AsyncEffect) -> Outcome:
         """The asyncio twin of `run`, for an effect that is a coroutine function."""
 
-    def prune(self, older_than: timedelta, *, dry_run: bool = False) -> int:
+    def prune(
+        self,
+        older_than: timedelta,
+        *,
+        dry_run: bool = False,
+        ended: Callable[[list[str]], Iterable[str]] | None = None,
+    ) -> int:
         """Delete the rows of calls first seen more than `older_than` ago; return how many
-        (with `dry_run`, only count them). Refuses a window shorter than
+        (with `dry_run`, only count them). With `ended` (given saga ids, it returns those whose
+        sagas have ended; `saga_sdk.retention.ended_on(client)` asks the coordinator), only the
+        rows of those sagas. Refuses a window shorter than
         `saga_sdk.retention.MINIMUM_RETENTION`; see `saga_sdk.retention` for the rule."""
         raise NotImplementedError(f"{type(self).__name__} cannot prune")
 

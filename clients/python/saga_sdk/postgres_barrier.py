@@ -28,7 +28,7 @@ from saga_sdk.barrier import (
     run_guarded,
     run_guarded_async,
 )
-from saga_sdk.retention import check_window
+from saga_sdk.retention import EndedSagas, check_window, chunks, ended_among
 from saga_sdk.sqlite_barrier import check_identifier
 
 _SCHEMA = """
@@ -91,18 +91,36 @@ def _schema_is_current(checks: list[tuple[Any, ...]]) -> bool:
 
 
 def prune_rows(
-    connection: psycopg.Connection[Any], table: str, older_than: timedelta, *, dry_run: bool
+    connection: psycopg.Connection[Any],
+    table: str,
+    older_than: timedelta,
+    *,
+    dry_run: bool,
+    ended: EndedSagas | None = None,
 ) -> int:
-    """Delete (or with `dry_run` count) the rows first seen more than `older_than` ago."""
+    """Delete (or with `dry_run` count) the rows first seen more than `older_than` ago; with
+    `ended`, only those of the sagas it says have ended (asked before anything is deleted)."""
     check_window(older_than)
+    old = "created_at < now() - %s"
+    if ended is None:
+        return _pruned(connection, f"FROM {table} WHERE {old}", (older_than,), dry_run)
+    candidates = connection.execute(
+        _query(f"SELECT DISTINCT saga_id FROM {table} WHERE {old}"), (older_than,)
+    ).fetchall()
+    count = 0
+    for chunk in chunks(ended_among([str(row[0]) for row in candidates], ended)):
+        where = f"FROM {table} WHERE {old} AND saga_id = ANY(%s)"
+        count += _pruned(connection, where, (older_than, chunk), dry_run)
+    return count
+
+
+def _pruned(
+    connection: psycopg.Connection[Any], where: str, params: tuple[Any, ...], dry_run: bool
+) -> int:
     if dry_run:
-        row = connection.execute(
-            _query(f"SELECT count(*) FROM {table} WHERE created_at < now() - %s"), (older_than,)
-        ).fetchone()
+        row = connection.execute(_query(f"SELECT count(*) {where}"), params).fetchone()
         return 0 if row is None else int(row[0])
-    return connection.execute(
-        _query(f"DELETE FROM {table} WHERE created_at < now() - %s"), (older_than,)
-    ).rowcount
+    return connection.execute(_query(f"DELETE {where}"), params).rowcount
 
 
 def _query(sql: str) -> LiteralString:
@@ -147,13 +165,16 @@ class PostgresBarrier(Barrier):
         with psycopg.connect(self.conninfo) as connection:
             _migrate(connection, self.table)
 
-    def prune(self, older_than: timedelta, *, dry_run: bool = False) -> int:
-        """Delete the rows of calls first seen more than `older_than` ago; see `Barrier.prune`."""
+    def prune(
+        self, older_than: timedelta, *, dry_run: bool = False, ended: EndedSagas | None = None
+    ) -> int:
+        """Delete the rows of calls first seen more than `older_than` ago; see `Barrier.prune`.
+
+        Each statement commits on its own: no transaction stays open while `ended` asks."""
         check_window(older_than)
-        with psycopg.connect(self.conninfo) as connection:
+        with psycopg.connect(self.conninfo, autocommit=True) as connection:
             _migrate(connection, self.table)
-            with connection.transaction():
-                return prune_rows(connection, self.table, older_than, dry_run=dry_run)
+            return prune_rows(connection, self.table, older_than, dry_run=dry_run, ended=ended)
 
     def run(self, key: BarrierKey, effect: SyncEffect) -> Outcome:
         """Apply `effect` once for `key`; see `Barrier.run`."""

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy.orm import Session, SessionTransaction
 
 from saga_sdk.barrier import DEFAULT_TABLE, AsyncEffect, Barrier, BarrierKey, Outcome, SyncEffect
-from saga_sdk.retention import check_window
+from saga_sdk.retention import EndedSagas, check_window
 from saga_sdk.sqlite_barrier import check_identifier
 from saga_sdk.sqlite_barrier import ensure_schema as ensure_sqlite_schema
 from saga_sdk.sqlite_barrier import prune_rows as prune_sqlite_rows
@@ -61,7 +61,9 @@ class SqlAlchemyBarrier(Barrier):
             "not async def (it then runs in a worker thread)"
         )
 
-    def prune(self, older_than: timedelta, *, dry_run: bool = False) -> int:
+    def prune(
+        self, older_than: timedelta, *, dry_run: bool = False, ended: EndedSagas | None = None
+    ) -> int:
         """Delete the rows of calls first seen more than `older_than` ago; see `Barrier.prune`."""
         check_window(older_than)
         with self._factory() as session:
@@ -70,11 +72,15 @@ class SqlAlchemyBarrier(Barrier):
             try:
                 driver = alchemy.driver_connection()
                 if isinstance(driver, sqlite3.Connection):
-                    count = prune_sqlite_rows(driver, self.table, older_than, dry_run=dry_run)
+                    count = prune_sqlite_rows(
+                        driver, self.table, older_than, dry_run=dry_run, ended=ended
+                    )
                 else:
                     from saga_sdk.postgres_barrier import prune_rows as prune_postgres_rows
 
-                    count = prune_postgres_rows(driver, self.table, older_than, dry_run=dry_run)
+                    count = prune_postgres_rows(
+                        driver, self.table, older_than, dry_run=dry_run, ended=ended
+                    )
                 alchemy.commit()
                 return count
             except BaseException:

@@ -24,7 +24,7 @@ from saga_sdk.barrier import (
     run_guarded,
     run_guarded_async,
 )
-from saga_sdk.retention import check_window
+from saga_sdk.retention import EndedSagas, check_window, chunks, ended_among
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -88,18 +88,34 @@ def ensure_schema(connection: sqlite3.Connection, table: str) -> None:
 
 
 def prune_rows(
-    connection: sqlite3.Connection, table: str, older_than: timedelta, *, dry_run: bool
+    connection: sqlite3.Connection,
+    table: str,
+    older_than: timedelta,
+    *,
+    dry_run: bool,
+    ended: EndedSagas | None = None,
 ) -> int:
-    """Delete (or with `dry_run` count) the rows first seen more than `older_than` ago."""
+    """Delete (or with `dry_run` count) the rows first seen more than `older_than` ago; with
+    `ended`, only those of the sagas it says have ended (asked before anything is deleted)."""
     check_window(older_than)
-    cutoff = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
+    old = "created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
     age = (f"-{older_than.total_seconds():.3f} seconds",)
-    if dry_run:
-        row = connection.execute(
-            f"SELECT count(*) FROM {table} WHERE created_at < {cutoff}", age
-        ).fetchone()
-        return int(row[0])
-    return connection.execute(f"DELETE FROM {table} WHERE created_at < {cutoff}", age).rowcount
+    verb = "SELECT count(*)" if dry_run else "DELETE"
+    if ended is None:
+        return _counted(connection.execute(f"{verb} FROM {table} WHERE {old}", age), dry_run)
+    candidates = connection.execute(f"SELECT DISTINCT saga_id FROM {table} WHERE {old}", age)
+    count = 0
+    for chunk in chunks(ended_among([row[0] for row in candidates.fetchall()], ended)):
+        marks = ", ".join("?" for _ in chunk)
+        cursor = connection.execute(
+            f"{verb} FROM {table} WHERE {old} AND saga_id IN ({marks})", (*age, *chunk)
+        )
+        count += _counted(cursor, dry_run)
+    return count
+
+
+def _counted(cursor: sqlite3.Cursor, dry_run: bool) -> int:
+    return int(cursor.fetchone()[0]) if dry_run else cursor.rowcount
 
 
 def check_identifier(table: str) -> str:
@@ -178,12 +194,14 @@ class SqliteBarrier(Barrier):
         finally:
             connection.close()
 
-    def prune(self, older_than: timedelta, *, dry_run: bool = False) -> int:
+    def prune(
+        self, older_than: timedelta, *, dry_run: bool = False, ended: EndedSagas | None = None
+    ) -> int:
         """Delete the rows of calls first seen more than `older_than` ago; see `Barrier.prune`."""
         check_window(older_than)
         connection = self.connect()
         try:
-            return prune_rows(connection, self.table, older_than, dry_run=dry_run)
+            return prune_rows(connection, self.table, older_than, dry_run=dry_run, ended=ended)
         finally:
             connection.close()
 

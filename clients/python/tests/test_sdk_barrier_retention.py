@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from saga_sdk import ExecuteAfterCompensate, PermanentFailure
+from saga_sdk import ExecuteAfterCompensate, PermanentFailure, retention
 from saga_sdk.barrier import Barrier, BarrierKey, Operation, OutcomeKind
 from saga_sdk.postgres_barrier import PostgresBarrier
 from saga_sdk.retention import MINIMUM_RETENTION, parse_window
@@ -113,6 +113,46 @@ class RetentionContract(ABC):
         assert duplicate.output == b"recent"
         assert applied == ["old", "recent"]
         assert self.rows() == 3
+
+    def test_with_ended_only_the_old_rows_of_ended_sagas_go(
+        self, barrier: Barrier, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(retention, "LOOKUP_CHUNK", 2)  # several chunks, asked and deleted
+        finished = [execute_key() for _ in range(3)]
+        parked, recent = execute_key(), execute_key()
+        for key in [*finished, parked, recent]:
+            barrier.run(key, lambda tx: b"x")
+            if key is not recent:
+                self.age(key.saga_id, WINDOW + timedelta(days=1))
+        asked: list[list[str]] = []
+
+        def ended(saga_ids: list[str]) -> list[str]:
+            asked.append(saga_ids)
+            # Every saga but the parked one has ended; and one it was not asked about.
+            return [s for s in saga_ids if s != parked.saga_id] + [recent.saga_id]
+
+        counted = barrier.prune(WINDOW, dry_run=True, ended=ended)
+        asked_first = sorted(s for chunk in asked for s in chunk)
+        deleted = barrier.prune(WINDOW, ended=ended)
+
+        assert (counted, deleted) == (3, 3)
+        assert all(len(chunk) <= 2 for chunk in asked)
+        # Only the old rows' sagas are asked about; the recent one is kept though "ended".
+        assert asked_first == sorted([k.saga_id for k in finished] + [parked.saga_id])
+        assert self.rows() == 2
+        assert barrier.run(parked, lambda tx: b"again").kind is OutcomeKind.REPLAYED
+
+    def test_an_ended_lookup_that_fails_deletes_nothing(self, barrier: Barrier) -> None:
+        key = execute_key()
+        barrier.run(key, lambda tx: b"x")
+        self.age(key.saga_id, WINDOW + timedelta(days=1))
+
+        def unreachable(saga_ids: list[str]) -> list[str]:
+            raise ConnectionError("the coordinator is down")
+
+        with pytest.raises(ConnectionError):
+            barrier.prune(WINDOW, ended=unreachable)
+        assert self.rows() == 1
 
     def test_the_command_prunes_and_refuses_a_short_window(self, barrier: Barrier) -> None:
         key = execute_key()
