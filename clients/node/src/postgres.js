@@ -33,6 +33,9 @@ import {
   refusalState,
   storedRefusal,
 } from './barrier.js';
+import { ENDED_CHUNK, checkPruneOptions, endedAmong } from './retention.js';
+
+export { MINIMUM_RETENTION_MS } from './retention.js';
 
 let pg;
 try {
@@ -219,6 +222,62 @@ export class PostgresBarrier {
     await this.migrate();
     const { rows } = await this.pool.query(this.#sql.read, key.params());
     return rows[0] ?? null;
+  }
+
+  /**
+   * Delete the rows of calls first seen more than `olderThanMs` ago, by the database's clock,
+   * and return how many (with `dryRun`, only count them). A window shorter than
+   * MINIMUM_RETENTION_MS is refused before the database is touched: a duplicate arriving after
+   * the prune would apply again. With `ended`, only the old rows of sagas it says have ended
+   * go: it is given the saga ids of the old rows, at most 500 at a time, outside any
+   * transaction, and returns (or resolves to) those whose sagas have ended. Each chunk's rows
+   * are deleted when its answer comes; if `ended` throws, the prune stops there and the error
+   * is thrown.
+   *
+   * @param {{olderThanMs: number, dryRun?: boolean,
+   *          ended?: (sagaIds: string[]) => Iterable<string> | Promise<Iterable<string>>}} options
+   * @returns {Promise<number>}
+   */
+  async prune(options) {
+    const { olderThanMs, dryRun, ended } = checkPruneOptions(options);
+    await this.migrate();
+    const table = this.table;
+    // One cutoff for the whole prune, read from the database's clock (as text in UTC, to keep
+    // its microseconds): a row that turns old while `ended` is being asked waits for the next
+    // prune.
+    const { rows } = await this.pool.query(
+      "SELECT to_char((now() - make_interval(secs => $1)) AT TIME ZONE 'UTC', " +
+        `'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS cutoff`,
+      [olderThanMs / 1000],
+    );
+    const cutoff = rows[0].cutoff;
+    const old = 'created_at < $1::timestamptz';
+    if (ended === null) {
+      if (dryRun) {
+        return Number((await this.pool.query(`SELECT count(*) AS n FROM ${table} WHERE ${old}`, [cutoff])).rows[0].n);
+      }
+      return (await this.pool.query(`DELETE FROM ${table} WHERE ${old}`, [cutoff])).rowCount;
+    }
+    const distinct = `SELECT DISTINCT saga_id FROM ${table} WHERE ${old}`;
+    const sagaIds = async (sql, params) =>
+      (await this.pool.query(sql, params)).rows.map((row) => row.saga_id);
+    let count = 0;
+    let page = await sagaIds(`${distinct} ORDER BY saga_id LIMIT ${ENDED_CHUNK}`, [cutoff]);
+    while (page.length > 0) {
+      const done = await endedAmong(ended, page);
+      if (done.length > 0) {
+        const where = `${old} AND saga_id = ANY($2::text[])`;
+        count += dryRun
+          ? Number((await this.pool.query(`SELECT count(*) AS n FROM ${table} WHERE ${where}`, [cutoff, done])).rows[0].n)
+          : (await this.pool.query(`DELETE FROM ${table} WHERE ${where}`, [cutoff, done])).rowCount;
+      }
+      if (page.length < ENDED_CHUNK) break;
+      page = await sagaIds(`${distinct} AND saga_id > $2 ORDER BY saga_id LIMIT ${ENDED_CHUNK}`, [
+        cutoff,
+        page[page.length - 1],
+      ]);
+    }
+    return count;
   }
 
   /** End the pool, when the barrier made it. */
