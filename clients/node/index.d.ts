@@ -387,6 +387,34 @@ export const OutcomeKind: {
 
 export const DEFAULT_TABLE: 'saga_barrier';
 
+/**
+ * The shortest window `prune()` accepts: 7 days, in milliseconds. Longer than the coordinator's
+ * retry horizon by default, with days to spare for an operator to resume a parked saga; a
+ * shorter window would let a duplicate arriving after the prune apply again.
+ */
+export const MINIMUM_RETENTION_MS: 604800000;
+
+/** What `prune()` deletes. */
+export interface PruneOptions {
+  /**
+   * Delete the rows of calls first seen more than this many milliseconds ago, by the database's
+   * clock. At least MINIMUM_RETENTION_MS, and longer than the coordinator can still resend a
+   * call (a step's retries, the saga's deadline, an operator resuming a parked saga); a shorter
+   * window, or one that is not a positive finite number, is refused (RangeError / TypeError)
+   * before the database is touched.
+   */
+  olderThanMs: number;
+  /** Only count the rows that would be deleted. Default false. */
+  dryRun?: boolean;
+  /**
+   * Delete only the old rows of sagas that have ended: called with the saga ids (the
+   * `saga_id` column) of old rows, at most 500 at a time and outside any write transaction,
+   * it returns those whose sagas have ended. Ids it returns that it was not given are ignored.
+   * If it throws, the prune stops and throws; chunks already answered stay pruned.
+   */
+  ended?: (sagaIds: string[]) => Iterable<string> | Promise<Iterable<string>>;
+}
+
 /** Identifies one call: the saga, the step, the operation and its request_id. */
 export class BarrierKey {
   constructor(fields: {
@@ -461,6 +489,12 @@ export class SqliteBarrier implements Barrier<BetterSqlite3.Database> {
     reason: string;
     message: string;
   } | null;
+  /**
+   * Delete the rows of calls first seen more than `olderThanMs` ago (only those of ended sagas,
+   * with `ended`); resolves to how many were deleted, or with `dryRun` would be. Rejects a
+   * window shorter than MINIMUM_RETENTION_MS.
+   */
+  prune(options: PruneOptions): Promise<number>;
   /** Close the database, when the barrier opened it. */
   close(): void;
 }

@@ -2,7 +2,9 @@
 // TypeScript users install pg's types next to pg: npm install pg @types/pg
 
 import type { Pool, PoolClient } from 'pg';
-import type { Barrier, BarrierKey, Outcome } from './index.js';
+import type { Barrier, BarrierKey, Outcome, PruneOptions } from './index.js';
+
+export { MINIMUM_RETENTION_MS } from './index.js';
 
 /** A business effect on PostgreSQL: writes with `client` (never commits it), returns the output. */
 export type PostgresEffect = (
@@ -43,6 +45,12 @@ export class PostgresBarrier implements Barrier<PoolClient> {
     reason: string;
     message: string;
   } | null>;
+  /**
+   * Delete the rows of calls first seen more than `olderThanMs` ago, by the server's clock
+   * (only those of ended sagas, with `ended`); resolves to how many were deleted, or with
+   * `dryRun` would be. Rejects a window shorter than MINIMUM_RETENTION_MS.
+   */
+  prune(options: PruneOptions): Promise<number>;
   /** End the pool, when the barrier made it. */
   close(): Promise<void>;
 }

@@ -2,6 +2,7 @@
 
 import {
   BarrierKey,
+  MINIMUM_RETENTION_MS,
   Participant,
   PermanentFailure,
   Rejected,
@@ -15,7 +16,7 @@ import {
   type SagaUpdate,
 } from '@saga-coordinator/sdk';
 import { setupTracing } from '@saga-coordinator/sdk/tracing';
-import { PostgresBarrier } from '@saga-coordinator/sdk/postgres';
+import { MINIMUM_RETENTION_MS as MINIMUM_ON_POSTGRES, PostgresBarrier } from '@saga-coordinator/sdk/postgres';
 import { ParticipantTestKit, type Answer } from '@saga-coordinator/sdk/testing';
 import pg from 'pg';
 
@@ -48,6 +49,8 @@ async function participant(): Promise<number> {
     () => Buffer.from('ok'),
   );
   outcome.kind satisfies 'applied' | 'replayed' | 'null_compensation';
+  const wouldGo: number = await barrier.prune({ olderThanMs: 30 * 24 * 3600 * 1000, dryRun: true });
+  if (wouldGo >= 0) await barrier.prune({ olderThanMs: MINIMUM_RETENTION_MS, ended: (ids) => ids });
   await tracing.shutdown();
   return port;
 }
@@ -125,7 +128,12 @@ async function ledgerOnPostgres(): Promise<Answer> {
     observe: async (sagaId) => (await pool.query('SELECT amount FROM entries WHERE saga_id = $1', [sagaId])).rows,
   });
   const retried: number | null = report.first.retryDelayMs;
+  const pruned: number = await barrier.prune({
+    olderThanMs: 4 * MINIMUM_ON_POSTGRES,
+    ended: async (sagaIds) => new Set(sagaIds.filter((id) => id.startsWith('done-'))),
+  });
   await barrier.close();
+  if (pruned < 0) throw new Error('unreachable');
   return retried === null ? kit.step({ action: 'Credit' }).execute() : report.late;
 }
 
