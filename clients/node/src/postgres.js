@@ -252,12 +252,11 @@ export class PostgresBarrier {
     );
     const cutoff = rows[0].cutoff;
     const old = 'created_at < $1::timestamptz';
-    if (ended === null) {
-      if (dryRun) {
-        return Number((await this.pool.query(`SELECT count(*) AS n FROM ${table} WHERE ${old}`, [cutoff])).rows[0].n);
-      }
-      return (await this.pool.query(`DELETE FROM ${table} WHERE ${old}`, [cutoff])).rowCount;
-    }
+    const remove = async (where, params) =>
+      dryRun
+        ? Number((await this.pool.query(`SELECT count(*) AS n FROM ${table} WHERE ${where}`, params)).rows[0].n)
+        : (await this.pool.query(`DELETE FROM ${table} WHERE ${where}`, params)).rowCount;
+    if (ended === null) return remove(old, [cutoff]);
     const distinct = `SELECT DISTINCT saga_id FROM ${table} WHERE ${old}`;
     const sagaIds = async (sql, params) =>
       (await this.pool.query(sql, params)).rows.map((row) => row.saga_id);
@@ -265,12 +264,7 @@ export class PostgresBarrier {
     let page = await sagaIds(`${distinct} ORDER BY saga_id LIMIT ${ENDED_CHUNK}`, [cutoff]);
     while (page.length > 0) {
       const done = await endedAmong(ended, page);
-      if (done.length > 0) {
-        const where = `${old} AND saga_id = ANY($2::text[])`;
-        count += dryRun
-          ? Number((await this.pool.query(`SELECT count(*) AS n FROM ${table} WHERE ${where}`, [cutoff, done])).rows[0].n)
-          : (await this.pool.query(`DELETE FROM ${table} WHERE ${where}`, [cutoff, done])).rowCount;
-      }
+      if (done.length > 0) count += await remove(`${old} AND saga_id = ANY($2::text[])`, [cutoff, done]);
       if (page.length < ENDED_CHUNK) break;
       page = await sagaIds(`${distinct} AND saga_id > $2 ORDER BY saga_id LIMIT ${ENDED_CHUNK}`, [
         cutoff,

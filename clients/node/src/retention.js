@@ -79,8 +79,10 @@ export async function endedAmong(ended, asked) {
   return asked.filter((sagaId) => said.has(sagaId));
 }
 
+// A window in words, or in milliseconds when words would round it (7 days less 1 ms).
 function describe(ms) {
-  if (ms >= DAY_MS) return `${+(ms / DAY_MS).toFixed(3)} days`;
-  if (ms >= 3_600_000) return `${+(ms / 3_600_000).toFixed(3)} hours`;
-  return `${+(ms / 1000).toFixed(3)} seconds`;
+  const [unitMs, unit] = ms >= DAY_MS ? [DAY_MS, 'day'] : ms >= 3_600_000 ? [3_600_000, 'hour'] : [1000, 'second'];
+  const rounded = +(ms / unitMs).toFixed(3);
+  if (Math.abs(rounded * unitMs - ms) >= 1) return `${ms} ms`;
+  return `${rounded} ${unit}${rounded === 1 ? '' : 's'}`;
 }
