@@ -409,8 +409,9 @@ export interface PruneOptions {
   /**
    * Delete only the old rows of sagas that have ended: called with the saga ids (the
    * `saga_id` column) of old rows, at most 500 at a time and outside any write transaction,
-   * it returns those whose sagas have ended. Ids it returns that it was not given are ignored.
-   * If it throws, the prune stops and throws; chunks already answered stay pruned.
+   * it returns those whose sagas have ended. Ids it returns that are not among the old rows'
+   * are ignored. Every chunk is asked before anything is deleted: if it throws, nothing is
+   * deleted and `prune()` rejects with its error.
    */
   ended?: (sagaIds: string[]) => Iterable<string> | Promise<Iterable<string>>;
 }

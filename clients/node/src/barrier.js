@@ -29,7 +29,7 @@
 
 import Database from 'better-sqlite3';
 import { ExecuteAfterCompensate, PermanentFailure, Rejected } from './errors.js';
-import { ENDED_CHUNK, checkPruneOptions, endedAmong } from './retention.js';
+import { checkPruneOptions, chunks, endedAmong } from './retention.js';
 
 export const DEFAULT_TABLE = 'saga_barrier';
 
@@ -314,9 +314,9 @@ export class SqliteBarrier {
    * and return how many (with `dryRun`, only count them). A window shorter than
    * MINIMUM_RETENTION_MS is refused before the database is touched: a duplicate arriving after
    * the prune would apply again. With `ended`, only the old rows of sagas it says have ended
-   * go: it is given the saga ids of the old rows, at most 500 at a time, and returns (or
-   * resolves to) those whose sagas have ended. Each chunk's rows are deleted when its answer
-   * comes; if `ended` throws, the prune stops there and the error is thrown.
+   * go: it is given the saga ids of the old rows, at most 500 at a time and before anything is
+   * deleted, and returns (or resolves to) those whose sagas have ended; ids it returns that are
+   * not among them are ignored. If `ended` throws, nothing is deleted and the error is thrown.
    *
    * @param {{olderThanMs: number, dryRun?: boolean,
    *          ended?: (sagaIds: string[]) => Iterable<string> | Promise<Iterable<string>>}} options
@@ -338,23 +338,13 @@ export class SqliteBarrier {
     if (this.db.inTransaction) {
       throw new Error('prune() with ended cannot run inside an open transaction: it awaits ended()');
     }
-    const distinct = `SELECT DISTINCT saga_id FROM ${table} WHERE ${old}`;
-    const firstPage = this.db.prepare(`${distinct} ORDER BY saga_id LIMIT ${ENDED_CHUNK}`).pluck();
-    const nextPage = this.db
-      .prepare(`${distinct} AND saga_id > ? ORDER BY saga_id LIMIT ${ENDED_CHUNK}`)
-      .pluck();
+    const candidates = this.db.prepare(`SELECT DISTINCT saga_id FROM ${table} WHERE ${old}`).pluck().all(cutoff);
     let count = 0;
-    let page = firstPage.all(cutoff);
-    while (page.length > 0) {
-      const done = await endedAmong(ended, page);
-      if (done.length > 0) {
-        const where = `${old} AND saga_id IN (${done.map(() => '?').join(', ')})`;
-        count += dryRun
-          ? this.db.prepare(`SELECT count(*) AS n FROM ${table} WHERE ${where}`).get(cutoff, ...done).n
-          : this.db.prepare(`DELETE FROM ${table} WHERE ${where}`).run(cutoff, ...done).changes;
-      }
-      if (page.length < ENDED_CHUNK) break;
-      page = nextPage.all(cutoff, page[page.length - 1]);
+    for (const chunk of chunks(await endedAmong(ended, candidates))) {
+      const where = `${old} AND saga_id IN (${chunk.map(() => '?').join(', ')})`;
+      count += dryRun
+        ? this.db.prepare(`SELECT count(*) AS n FROM ${table} WHERE ${where}`).get(cutoff, ...chunk).n
+        : this.db.prepare(`DELETE FROM ${table} WHERE ${where}`).run(cutoff, ...chunk).changes;
     }
     return count;
   }

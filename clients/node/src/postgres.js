@@ -33,7 +33,7 @@ import {
   refusalState,
   storedRefusal,
 } from './barrier.js';
-import { ENDED_CHUNK, checkPruneOptions, endedAmong } from './retention.js';
+import { checkPruneOptions, chunks, endedAmong } from './retention.js';
 
 export { MINIMUM_RETENTION_MS } from './retention.js';
 
@@ -230,9 +230,9 @@ export class PostgresBarrier {
    * MINIMUM_RETENTION_MS is refused before the database is touched: a duplicate arriving after
    * the prune would apply again. With `ended`, only the old rows of sagas it says have ended
    * go: it is given the saga ids of the old rows, at most 500 at a time, outside any
-   * transaction, and returns (or resolves to) those whose sagas have ended. Each chunk's rows
-   * are deleted when its answer comes; if `ended` throws, the prune stops there and the error
-   * is thrown.
+   * transaction and before anything is deleted, and returns (or resolves to) those whose sagas
+   * have ended; ids it returns that are not among them are ignored. If `ended` throws, nothing
+   * is deleted and the error is thrown.
    *
    * @param {{olderThanMs: number, dryRun?: boolean,
    *          ended?: (sagaIds: string[]) => Iterable<string> | Promise<Iterable<string>>}} options
@@ -257,19 +257,12 @@ export class PostgresBarrier {
         ? Number((await this.pool.query(`SELECT count(*) AS n FROM ${table} WHERE ${where}`, params)).rows[0].n)
         : (await this.pool.query(`DELETE FROM ${table} WHERE ${where}`, params)).rowCount;
     if (ended === null) return remove(old, [cutoff]);
-    const distinct = `SELECT DISTINCT saga_id FROM ${table} WHERE ${old}`;
-    const sagaIds = async (sql, params) =>
-      (await this.pool.query(sql, params)).rows.map((row) => row.saga_id);
+    const candidates = (
+      await this.pool.query(`SELECT DISTINCT saga_id FROM ${table} WHERE ${old}`, [cutoff])
+    ).rows.map((row) => row.saga_id);
     let count = 0;
-    let page = await sagaIds(`${distinct} ORDER BY saga_id LIMIT ${ENDED_CHUNK}`, [cutoff]);
-    while (page.length > 0) {
-      const done = await endedAmong(ended, page);
-      if (done.length > 0) count += await remove(`${old} AND saga_id = ANY($2::text[])`, [cutoff, done]);
-      if (page.length < ENDED_CHUNK) break;
-      page = await sagaIds(`${distinct} AND saga_id > $2 ORDER BY saga_id LIMIT ${ENDED_CHUNK}`, [
-        cutoff,
-        page[page.length - 1],
-      ]);
+    for (const chunk of chunks(await endedAmong(ended, candidates))) {
+      count += await remove(`${old} AND saga_id = ANY($2::text[])`, [cutoff, chunk]);
     }
     return count;
   }

@@ -13,8 +13,9 @@
 //   NEEDS_ATTENTION, which sends the same request_ids again;
 // - a window shorter than MINIMUM_RETENTION_MS is refused, whatever the backend;
 // - with `ended`, a function that says which sagas have ended, only the old rows of ended sagas
-//   go: the saga ids of the old rows are asked in chunks, outside any write transaction, and
-//   only ids that were asked and answered count.
+//   go: the saga ids of the old rows are asked in chunks, outside any write transaction and
+//   before anything is deleted (a failing `ended` deletes nothing), and only answered ids that
+//   were among them count.
 
 const DAY_MS = 24 * 60 * 60 * 1000;
 
@@ -25,7 +26,7 @@ const DAY_MS = 24 * 60 * 60 * 1000;
  */
 export const MINIMUM_RETENTION_MS = 7 * DAY_MS;
 
-/** The most saga ids given to one call of `ended`. */
+/** The most saga ids given to one call of `ended`, and put into one statement. */
 export const ENDED_CHUNK = 500;
 
 /**
@@ -63,20 +64,34 @@ export function checkPruneOptions(options) {
 }
 
 /**
- * Ask `ended` about one chunk of saga ids; return those it says have ended, among the ids asked
- * (an id it returns that was not asked is ignored: its old rows were not counted as candidates).
+ * The candidates (saga ids of old rows) that `ended` says have ended, asked in sorted chunks of
+ * at most ENDED_CHUNK before anything is deleted; an id it answers that is not a candidate is
+ * ignored.
  *
  * @param {(sagaIds: string[]) => Iterable<string> | Promise<Iterable<string>>} ended
- * @param {string[]} asked
+ * @param {Iterable<string>} candidates
  * @returns {Promise<string[]>}
  */
-export async function endedAmong(ended, asked) {
-  const answer = await ended([...asked]);
-  if (answer === null || typeof answer !== 'object' || typeof answer[Symbol.iterator] !== 'function') {
-    throw new TypeError('ended() must return (or resolve to) an array or a Set of saga ids');
+export async function endedAmong(ended, candidates) {
+  const asked = [...new Set(candidates)].sort();
+  const candidate = new Set(asked);
+  const found = new Set();
+  for (const chunk of chunks(asked)) {
+    const answer = await ended(chunk);
+    if (answer === null || typeof answer !== 'object' || typeof answer[Symbol.iterator] !== 'function') {
+      throw new TypeError('ended() must return (or resolve to) an array or a Set of saga ids');
+    }
+    for (const sagaId of answer) if (candidate.has(sagaId)) found.add(sagaId);
   }
-  const said = new Set(answer);
-  return asked.filter((sagaId) => said.has(sagaId));
+  return [...found].sort();
+}
+
+/** `items` in arrays of at most ENDED_CHUNK. */
+export function chunks(items) {
+  const all = [...items];
+  const out = [];
+  for (let start = 0; start < all.length; start += ENDED_CHUNK) out.push(all.slice(start, start + ENDED_CHUNK));
+  return out;
 }
 
 // A window in words, or in milliseconds when words would round it (7 days less 1 ms).

@@ -118,21 +118,30 @@ test('with ended, only the old rows of the sagas it names go', async (t) => {
   assert.equal(remaining(barrier).length, 3, 'a failing ended deletes nothing');
 });
 
-test('ended is asked at most 500 saga ids at a time, and an id it was not asked is ignored', async (t) => {
+test('ended is asked at most 500 saga ids at a time, all before anything is deleted', async (t) => {
   const barrier = barrierOf(t);
   barrier.db.exec(`
     WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 599)
     INSERT INTO saga_barrier (saga_id, step, operation, request_id, state, created_at)
     SELECT printf('saga-%04d', i), 'charge', 'execute', 'exec', 'done',
            strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-9 days') FROM n`);
+  const failingLate = barrier.prune({
+    olderThanMs: 7 * DAY_MS,
+    ended: (sagaIds) => {
+      if (sagaIds.includes('saga-0599')) throw new Error('coordinator unreachable');
+      return sagaIds;
+    },
+  });
+  await assert.rejects(failingLate, /coordinator unreachable/);
+  assert.equal(barrier.db.prepare('SELECT count(*) FROM saga_barrier').pluck().get(), 600, 'all asked first');
   const sizes = [];
   const deleted = await barrier.prune({
     olderThanMs: 7 * DAY_MS,
     ended: (sagaIds) => {
       sizes.push(sagaIds.length);
       const even = sagaIds.filter((id) => Number(id.slice(5)) % 2 === 0);
-      // A wrong answer: saga-0599 is not in the first chunk, and has not ended.
-      return sizes.length === 1 ? [...even, 'saga-0599'] : even;
+      // saga-9999 has no row: an id that was not a candidate is ignored.
+      return sizes.length === 1 ? [...even, 'saga-9999'] : even;
     },
   });
   assert.deepEqual(sizes, [500, 100]);

@@ -470,14 +470,24 @@ test('with ended, only the old rows of the sagas it names go, asked 500 at a tim
       "SELECT 'saga-' || lpad(i::text, 4, '0'), 'charge', 'execute', 'exec', 'done', " +
       "now() - interval '9 days' FROM generate_series(0, 599) AS i",
   );
+  const failingLate = barrier.prune({
+    olderThanMs: 7 * DAY_MS,
+    ended: async (sagaIds) => {
+      if (sagaIds.includes('saga-0599')) throw new Error('coordinator unreachable');
+      return sagaIds;
+    },
+  });
+  await assert.rejects(failingLate, /coordinator unreachable/);
+  const count = async () => Number((await admin.query(`SELECT count(*) AS n FROM ${barrier.table}`)).rows[0].n);
+  assert.equal(await count(), 600, 'every chunk is asked before anything is deleted');
   const sizes = [];
   const evens = await barrier.prune({
     olderThanMs: 7 * DAY_MS,
     ended: async (sagaIds) => {
       sizes.push(sagaIds.length);
       const even = sagaIds.filter((id) => Number(id.slice(5)) % 2 === 0);
-      // A wrong answer: saga-0599 is not in the first chunk, and has not ended.
-      return sizes.length === 1 ? [...even, 'saga-0599'] : even;
+      // saga-9999 has no row: an id that was not a candidate is ignored.
+      return sizes.length === 1 ? [...even, 'saga-9999'] : even;
     },
   });
   assert.deepEqual(sizes, [500, 100]);
