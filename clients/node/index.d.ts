@@ -394,6 +394,15 @@ export const DEFAULT_TABLE: 'saga_barrier';
  */
 export const MINIMUM_RETENTION_MS: 604800000;
 
+/**
+ * An `ended` for `prune()` that asks the coordinator `client` reaches, one GetSaga per saga: a
+ * saga has ended when it is SUCCEEDED or COMPENSATED, or when the coordinator no longer knows it
+ * (NOT_FOUND: it prunes only ended sagas; ask the coordinator that calls this participant). Any
+ * other error rejects, and `prune()` deletes nothing. A saga parked in NEEDS_ATTENTION keeps its
+ * rows, however old, for the Compensate an operator's resume sends later.
+ */
+export function endedOn(client: SagaClient): (sagaIds: string[]) => Promise<string[]>;
+
 /** What `prune()` deletes. */
 export interface PruneOptions {
   /**

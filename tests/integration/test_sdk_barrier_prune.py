@@ -1,5 +1,6 @@
-"""``saga-barrier prune --coordinator``: only the barrier rows of sagas the coordinator says
-have ended go, against a real coordinator with a succeeded, a parked and a forgotten saga."""
+"""``saga-barrier prune --coordinator`` (Python) and ``prune({ended: endedOn(client)})``
+(Node.js): only the barrier rows of sagas the coordinator says have ended go, against a real
+coordinator with a succeeded, a parked and a forgotten saga."""
 
 from __future__ import annotations
 
@@ -39,6 +40,32 @@ def remaining(path: Path) -> list[str]:
         return sorted(row[0] for row in db.execute("SELECT saga_id FROM saga_barrier"))
 
 
+ROOT = Path(__file__).resolve().parents[2]
+NODE_PRUNE = """
+import { SagaClient, SqliteBarrier, endedOn } from './src/index.js';
+const [database, target] = process.argv.slice(1);
+const client = new SagaClient(target);
+const barrier = new SqliteBarrier(database);
+const options = { olderThanMs: 30 * 24 * 3600 * 1000, ended: endedOn(client) };
+const counted = await barrier.prune({ ...options, dryRun: true });
+const deleted = await barrier.prune(options);
+console.log(JSON.stringify({ counted, deleted }));
+barrier.close();
+client.close();
+"""
+
+
+def node_prune(database: Path, target: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["node", "--input-type=module", "-e", NODE_PRUNE, str(database), target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT / "clients" / "node",
+    )
+
+
 def prune(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "saga_sdk.retention", "prune", *args],
@@ -66,15 +93,17 @@ async def test_only_the_rows_of_sagas_the_coordinator_says_have_ended_are_pruned
         )
         await harness.create("onboard", saga_id="parked")
         assert (await harness.wait("parked")).state == saga_pb2.SAGA_STATE_NEEDS_ATTENTION
-        barrier = tmp_path / "accounts.db"
+        barrier, node_barrier = tmp_path / "accounts.db", tmp_path / "cards.db"
         # "forgotten": a saga the coordinator no longer knows (pruned after it ended).
         aged_rows(barrier, ["done", "parked", "forgotten"], days=40)
+        aged_rows(node_barrier, ["done", "parked", "forgotten"], days=40)
         target = f"127.0.0.1:{harness.coordinator.port}"
         database = ["--database", f"sqlite:///{barrier}", "--older-than", "30d"]
 
         dry = await asyncio.to_thread(prune, *database, "--coordinator", target, "--dry-run")
         pruned = await asyncio.to_thread(prune, *database, "--coordinator", target)
         down = await asyncio.to_thread(prune, *database, "--coordinator", "127.0.0.1:1")
+        from_node = await asyncio.to_thread(node_prune, node_barrier, target)
 
     for participant in participants.values():
         await participant.stop()
@@ -91,3 +120,7 @@ async def test_only_the_rows_of_sagas_the_coordinator_says_have_ended_are_pruned
     # A coordinator that cannot be asked prunes nothing.
     assert down.returncode == 1
     assert "UNAVAILABLE" in down.stderr or "Unavailable" in down.stderr
+    # The Node.js SDK's barrier, on the same table, asks the same coordinator.
+    assert from_node.returncode == 0, from_node.stderr
+    assert from_node.stdout.strip() == '{"counted":2,"deleted":2}'
+    assert remaining(node_barrier) == ["parked"]

@@ -4,7 +4,7 @@ export { SagaClient, DEFAULT_TIMEOUT_MS, sagaName, rewatchDelayMs } from './clie
 export { DEFAULT_TARGET, connectionFromEnvironment } from './connection.js';
 export { Participant, SERVICE_NAME } from './participant.js';
 export { SqliteBarrier, BarrierKey, Operation, OutcomeKind, DEFAULT_TABLE } from './barrier.js';
-export { MINIMUM_RETENTION_MS } from './retention.js';
+export { MINIMUM_RETENTION_MS, endedOn } from './retention.js';
 export {
   SdkError,
   SagaRpcError,

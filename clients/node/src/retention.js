@@ -101,3 +101,37 @@ function describe(ms) {
   if (Math.abs(rounded * unitMs - ms) >= 1) return `${ms} ms`;
   return `${rounded} ${unit}${rounded === 1 ? '' : 's'}`;
 }
+
+/**
+ * An `ended` for prune() that asks the coordinator a SagaClient reaches, one GetSaga per saga:
+ * a saga has ended when it is SUCCEEDED or COMPENSATED, or when the coordinator no longer knows
+ * it (NOT_FOUND: it prunes only ended sagas; so ask the coordinator that calls this
+ * participant). Any other error rejects, and prune() then deletes nothing. A saga parked in
+ * NEEDS_ATTENTION keeps its rows, however old: the Compensate an operator's resume sends later
+ * must still find its Execute.
+ *
+ * @param {{get(sagaId: string): Promise<{state: string}>}} client a SagaClient
+ * @returns {(sagaIds: string[]) => Promise<string[]>}
+ */
+export function endedOn(client) {
+  if (client === null || typeof client !== 'object' || typeof client.get !== 'function') {
+    throw new TypeError('endedOn() takes a SagaClient');
+  }
+  return async (sagaIds) => {
+    const ended = [];
+    for (const sagaId of sagaIds) {
+      let state;
+      try {
+        ({ state } = await client.get(sagaId));
+      } catch (error) {
+        if (error?.codeName === 'NOT_FOUND') {
+          ended.push(sagaId);
+          continue;
+        }
+        throw error;
+      }
+      if (state === 'SUCCEEDED' || state === 'COMPENSATED') ended.push(sagaId);
+    }
+    return ended;
+  };
+}

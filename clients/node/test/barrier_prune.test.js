@@ -5,8 +5,14 @@
 
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { test } from 'node:test';
-import { BarrierKey, MINIMUM_RETENTION_MS, OutcomeKind, SqliteBarrier } from '../src/index.js';
+import { describe, it, test } from 'node:test';
+import {
+  BarrierKey,
+  MINIMUM_RETENTION_MS,
+  OutcomeKind,
+  SqliteBarrier,
+  endedOn,
+} from '../src/index.js';
 import { tempDir } from './helpers.js';
 
 const DAY_MS = 24 * 60 * 60 * 1000;
@@ -169,4 +175,30 @@ test('after a prune, a duplicate of a call within the window is still absorbed',
   // Beyond the window the row is gone, and a duplicate would apply again: why the minimum.
   assert.equal((await barrier.run(key('old'), prepare)).kind, OutcomeKind.APPLIED);
   assert.equal(prepared, 1);
+});
+
+describe('endedOn(client)', () => {
+  const client = (states) => ({
+    async get(sagaId) {
+      const state = states[sagaId];
+      if (state instanceof Error) throw state;
+      if (state === undefined) {
+        throw Object.assign(new Error(`NOT_FOUND: no saga ${sagaId}`), { codeName: 'NOT_FOUND' });
+      }
+      return { state };
+    },
+  });
+
+  it('says ended for SUCCEEDED, COMPENSATED and sagas the coordinator no longer knows', async () => {
+    const ended = endedOn(
+      client({ a: 'SUCCEEDED', b: 'COMPENSATED', c: 'NEEDS_ATTENTION', d: 'RUNNING', e: 'COMPENSATING' }),
+    );
+    assert.deepEqual(await ended(['a', 'b', 'c', 'd', 'e', 'gone']), ['a', 'b', 'gone']);
+  });
+
+  it('rejects on any other error, so that prune() deletes nothing', async () => {
+    const down = Object.assign(new Error('UNAVAILABLE: connection refused'), { codeName: 'UNAVAILABLE' });
+    await assert.rejects(endedOn(client({ a: 'SUCCEEDED', b: down }))(['a', 'b']), /UNAVAILABLE/);
+    assert.throws(() => endedOn(null), TypeError);
+  });
 });
