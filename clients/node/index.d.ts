@@ -197,6 +197,8 @@ export class Saga {
   readonly endTime: Date | null;
   /** Number of events recorded for the saga. */
   readonly version: number;
+  /** The id of the saga's trace (32 hex digits), empty when the coordinator traces nothing. */
+  readonly traceId: string;
   /** True when SUCCEEDED, COMPENSATED or NEEDS_ATTENTION. */
   readonly settled: boolean;
   /** The input decoded as UTF-8 JSON (null when empty). */

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
@@ -134,7 +135,21 @@ def saga_to_proto(saga: Saga) -> saga_pb2.Saga:
         labels=saga.labels,
         audit=[audit_to_proto(entry) for entry in saga.audit],
         deadline_time=_timestamp(saga.deadline_at),
+        trace_id=trace_id_of(saga.trace_context),
     )
+
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_NO_TRACE = "0" * 32
+
+
+def trace_id_of(context: Mapping[str, str]) -> str:
+    """The trace id in a saga's W3C ``traceparent``; empty when there is none (or it is not a
+    valid one)."""
+    match = _TRACEPARENT.match(context.get("traceparent", "").strip().lower())
+    if match is None or match.group(1) == _NO_TRACE:
+        return ""
+    return match.group(1)
 
 
 def audit_to_proto(entry: AuditEntry) -> saga_pb2.AuditEntry:

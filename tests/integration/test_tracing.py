@@ -147,6 +147,8 @@ async def test_one_trace_per_saga_with_attempts_and_participant_spans_inside_it(
     assert roots["traced"].trace_id != roots["refused"].trace_id
     root = roots["traced"]
     assert root.is_root
+    # The saga names its trace, for a link to it (the console's --trace-url {trace_id}).
+    assert (ok.trace_id, refused.trace_id) == (root.trace_id, roots["refused"].trace_id)
     assert root.service == "saga-coordinator"
     assert root.start_ns == ns(ok.create_time)
     assert root.end_ns == ns(ok.end_time)

@@ -152,6 +152,7 @@ export function sagaFromProto(s) {
     updateTime: time(s.update_time),
     endTime: time(s.end_time),
     version: Number(s.version),
+    traceId: s.trace_id ?? '',
   });
 }
 

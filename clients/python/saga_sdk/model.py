@@ -199,6 +199,9 @@ class Saga:
     """Every operator action taken on the saga, oldest first."""
     deadline_time: datetime | None = None
     """When the saga's deadline passes, if its definition has one."""
+    trace_id: str = ""
+    """The id of the saga's trace (32 hex digits; for a link to it in Jaeger), empty when the
+    coordinator traces nothing."""
 
     def input_json(self) -> Any:
         """The input decoded as UTF-8 JSON (None when the input is empty)."""
@@ -490,6 +493,7 @@ def saga_from_proto(saga: saga_pb2.Saga) -> Saga:
         labels=MappingProxyType(dict(sorted(saga.labels.items()))),
         audit=tuple(audit_from_proto(entry) for entry in saga.audit),
         deadline_time=_time(saga, "deadline_time"),
+        trace_id=saga.trace_id,
     )
 
 

@@ -582,6 +582,7 @@ class Saga(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     AUDIT_FIELD_NUMBER: _builtins.int
     DEADLINE_TIME_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "sagas/{saga_id}"."""
     saga_id: _builtins.str
@@ -598,6 +599,10 @@ class Saga(_message.Message):
     """Set when the saga was cancelled: the reason given."""
     version: _builtins.int
     """Number of events recorded for the saga; grows by one with every change."""
+    trace_id: _builtins.str
+    """The id of the saga's trace (W3C, 32 lowercase hex digits), which spans the whole saga
+    across restarts and into the participants; empty when the coordinator traces nothing.
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepRun]:
         """One record per step of the definition, in order."""
@@ -649,10 +654,11 @@ class Saga(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         audit: _abc.Iterable[Global___AuditEntry] | None = ...,
         deadline_time: _timestamp_pb2.Timestamp | None = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline_time", b"deadline_time", "end_time", b"end_time", "failure", b"failure", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "cancel_reason", b"cancel_reason", "create_time", b"create_time", "deadline_time", b"deadline_time", "definition", b"definition", "definition_version", b"definition_version", "end_time", b"end_time", "failure", b"failure", "input", b"input", "labels", b"labels", "name", b"name", "saga_id", b"saga_id", "state", b"state", "steps", b"steps", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "cancel_reason", b"cancel_reason", "create_time", b"create_time", "deadline_time", b"deadline_time", "definition", b"definition", "definition_version", b"definition_version", "end_time", b"end_time", "failure", b"failure", "input", b"input", "labels", b"labels", "name", b"name", "saga_id", b"saga_id", "state", b"state", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
