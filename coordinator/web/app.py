@@ -59,7 +59,7 @@ class ConsoleConfig:
     """What the pages need besides the coordinator."""
 
     trace_url: str = ""
-    """URL template of a saga's trace: {saga_id} is filled in."""
+    """URL template of a saga's trace: {trace_id} and {saga_id} are filled in."""
     secure_cookies: bool = False
     """Whether cookies are sent over HTTPS only."""
 

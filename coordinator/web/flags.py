@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trace-url",
         metavar="TEMPLATE",
         default="",
-        help="link each saga to its trace, e.g. 'http://jaeger:16686/search?service="
-        "saga-coordinator&tags=%%7B%%22saga.id%%22%%3A%%22{saga_id}%%22%%7D'",
+        help="link each saga to its trace: {trace_id} and {saga_id} are filled in, e.g. "
+        "'http://jaeger:16686/trace/{trace_id}'",
     )
     parser.add_argument(
         "--allowed-host",

@@ -51,7 +51,7 @@ class ConsoleSettings:
     insecure_plaintext: bool = False
     """Serve plain HTTP on an address other than loopback."""
     trace_url: str = ""
-    """URL template of a saga's trace, with {saga_id}."""
+    """URL template of a saga's trace, with {trace_id} or {saga_id}."""
     allowed_hosts: tuple[str, ...] = ()
     """Other names (host or host:port) the console is reached by."""
     actor: str = field(default_factory=lambda: f"console:{default_actor()}")
@@ -79,7 +79,9 @@ def check_settings(settings: ConsoleSettings) -> None:
             "on the network could then read the sagas and act on them)"
         )
     if settings.trace_url and not settings.trace_url.startswith(("http://", "https://")):
-        raise ConsoleError("--trace-url: an http:// or https:// URL template with {saga_id}")
+        raise ConsoleError(
+            "--trace-url: an http:// or https:// URL template with {trace_id} or {saga_id}"
+        )
 
 
 def _ssl_context(settings: ConsoleSettings) -> ssl.SSLContext | None:

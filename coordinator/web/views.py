@@ -51,14 +51,13 @@ def state_class(state: SagaState | str) -> str:
 
 
 def trace_link(template: str, saga: Saga) -> str:
-    """The trace URL from the template: {saga_id} is filled in (URL-quoted), "" without one.
-
-    `CoordinatorService` does not give a saga's trace id, so a template naming {trace_id}
-    cannot be filled in and gives no link.
-    """
-    if not template or "{trace_id}" in template:
+    """The trace URL from the template: {trace_id} and {saga_id} are filled in (URL-quoted);
+    "" without a template, or when it names {trace_id} and the saga has none (the coordinator
+    traces nothing)."""
+    if not template or ("{trace_id}" in template and not saga.trace_id):
         return ""
-    return template.replace("{saga_id}", quote(saga.saga_id, safe=""))
+    filled = template.replace("{trace_id}", quote(saga.trace_id, safe=""))
+    return filled.replace("{saga_id}", quote(saga.saga_id, safe=""))
 
 
 @dataclass(frozen=True)

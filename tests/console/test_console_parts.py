@@ -165,7 +165,7 @@ def test_each_action_fits_or_says_why_not() -> None:
     assert all("has ended" in view.why_not for view in action_views(ended))
 
 
-def test_payloads_are_summarised_and_trace_links_quote_the_id() -> None:
+def test_payloads_are_summarised_and_trace_links_are_filled_in() -> None:
     assert payload_summary(None) == "none"
     assert payload_summary(b"") == "empty"
     assert payload_summary(b'{"a": 1}') == '8 bytes, 1 field: {"a": 1}'
@@ -174,5 +174,10 @@ def test_payloads_are_summarised_and_trace_links_quote_the_id() -> None:
     saga = _saga(SagaState.RUNNING)
     saga = Saga(**{**saga.__dict__, "saga_id": "a b&c"})
     assert trace_link("http://j/search?tags={saga_id}", saga) == "http://j/search?tags=a%20b%26c"
-    assert trace_link("http://j/trace/{trace_id}", saga) == ""
+    assert trace_link("http://j/trace/{trace_id}", saga) == ""  # a saga with no trace
     assert trace_link("", saga) == ""
+    traced = Saga(**{**saga.__dict__, "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"})
+    assert (
+        trace_link("http://jaeger:16686/trace/{trace_id}", traced)
+        == "http://jaeger:16686/trace/4bf92f3577b34da6a3ce929d0e0e4736"
+    )
