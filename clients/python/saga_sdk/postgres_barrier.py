@@ -104,14 +104,22 @@ def prune_rows(
     old = "created_at < now() - %s"
     if ended is None:
         return _pruned(connection, f"FROM {table} WHERE {old}", (older_than,), dry_run)
-    candidates = connection.execute(
-        _query(f"SELECT DISTINCT saga_id FROM {table} WHERE {old}"), (older_than,)
-    ).fetchall()
     count = 0
-    for chunk in chunks(ended_among([str(row[0]) for row in candidates], ended)):
+    for chunk in chunks(ended_among(old_saga_ids(connection, table, older_than), ended)):
         where = f"FROM {table} WHERE {old} AND saga_id = ANY(%s)"
         count += _pruned(connection, where, (older_than, chunk), dry_run)
     return count
+
+
+def old_saga_ids(
+    connection: psycopg.Connection[Any], table: str, older_than: timedelta
+) -> list[str]:
+    """The sagas with rows first seen more than `older_than` ago."""
+    rows = connection.execute(
+        _query(f"SELECT DISTINCT saga_id FROM {table} WHERE created_at < now() - %s"),
+        (older_than,),
+    ).fetchall()
+    return [str(row[0]) for row in rows]
 
 
 def _pruned(

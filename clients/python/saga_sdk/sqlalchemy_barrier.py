@@ -26,9 +26,10 @@ from typing import Any
 from sqlalchemy.orm import Session, SessionTransaction
 
 from saga_sdk.barrier import DEFAULT_TABLE, AsyncEffect, Barrier, BarrierKey, Outcome, SyncEffect
-from saga_sdk.retention import EndedSagas, check_window
+from saga_sdk.retention import EndedSagas, check_window, ended_among
 from saga_sdk.sqlite_barrier import check_identifier
 from saga_sdk.sqlite_barrier import ensure_schema as ensure_sqlite_schema
+from saga_sdk.sqlite_barrier import old_saga_ids as old_sqlite_saga_ids
 from saga_sdk.sqlite_barrier import prune_rows as prune_sqlite_rows
 
 
@@ -64,8 +65,14 @@ class SqlAlchemyBarrier(Barrier):
     def prune(
         self, older_than: timedelta, *, dry_run: bool = False, ended: EndedSagas | None = None
     ) -> int:
-        """Delete the rows of calls first seen more than `older_than` ago; see `Barrier.prune`."""
+        """Delete the rows of calls first seen more than `older_than` ago; see `Barrier.prune`.
+
+        With `ended`, the sagas are asked about first, with no transaction open (on SQLite the
+        barrier's transactions take the write lock, which every call would then wait for)."""
         check_window(older_than)
+        if ended is not None:
+            known = frozenset(ended_among(self._old_saga_ids(older_than), ended))
+            ended = lambda saga_ids: known  # noqa: E731 - asked already, answered from memory
         with self._factory() as session:
             alchemy = SqlAlchemySession.of(session, self.table)
             alchemy.begin()
@@ -86,6 +93,21 @@ class SqlAlchemyBarrier(Barrier):
             except BaseException:
                 alchemy.rollback()
                 raise
+
+    def _old_saga_ids(self, older_than: timedelta) -> list[str]:
+        """The sagas with old rows, read in a transaction that ends before they are asked about
+        (a read: on SQLite it takes no write lock)."""
+        with self._factory() as session:
+            SqlAlchemySession.of(session, self.table)  # a supported driver, or TypeError
+            driver: Any = session.connection().connection.driver_connection
+            try:
+                if isinstance(driver, sqlite3.Connection):
+                    return old_sqlite_saga_ids(driver, self.table, older_than)
+                from saga_sdk.postgres_barrier import old_saga_ids as old_postgres_saga_ids
+
+                return old_postgres_saga_ids(driver, self.table, older_than)
+            finally:
+                session.rollback()
 
 
 class SqlAlchemySession:

@@ -98,20 +98,30 @@ def prune_rows(
     """Delete (or with `dry_run` count) the rows first seen more than `older_than` ago; with
     `ended`, only those of the sagas it says have ended (asked before anything is deleted)."""
     check_window(older_than)
-    old = "created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
-    age = (f"-{older_than.total_seconds():.3f} seconds",)
+    old, age = _old(older_than)
     verb = "SELECT count(*)" if dry_run else "DELETE"
     if ended is None:
         return _counted(connection.execute(f"{verb} FROM {table} WHERE {old}", age), dry_run)
-    candidates = connection.execute(f"SELECT DISTINCT saga_id FROM {table} WHERE {old}", age)
     count = 0
-    for chunk in chunks(ended_among([row[0] for row in candidates.fetchall()], ended)):
+    for chunk in chunks(ended_among(old_saga_ids(connection, table, older_than), ended)):
         marks = ", ".join("?" for _ in chunk)
         cursor = connection.execute(
             f"{verb} FROM {table} WHERE {old} AND saga_id IN ({marks})", (*age, *chunk)
         )
         count += _counted(cursor, dry_run)
     return count
+
+
+def old_saga_ids(connection: sqlite3.Connection, table: str, older_than: timedelta) -> list[str]:
+    """The sagas with rows first seen more than `older_than` ago."""
+    old, age = _old(older_than)
+    rows = connection.execute(f"SELECT DISTINCT saga_id FROM {table} WHERE {old}", age)
+    return [str(row[0]) for row in rows.fetchall()]
+
+
+def _old(older_than: timedelta) -> tuple[str, tuple[str]]:
+    old = "created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
+    return old, (f"-{older_than.total_seconds():.3f} seconds",)
 
 
 def _counted(cursor: sqlite3.Cursor, dry_run: bool) -> int:

@@ -15,11 +15,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
 
 from saga_sdk import ExecuteAfterCompensate, PermanentFailure, retention
 from saga_sdk.barrier import Barrier, BarrierKey, Operation, OutcomeKind
 from saga_sdk.postgres_barrier import PostgresBarrier
 from saga_sdk.retention import MINIMUM_RETENTION, parse_window
+from saga_sdk.sqlalchemy_barrier import SqlAlchemyBarrier
 from saga_sdk.sqlite_barrier import SqliteBarrier
 
 WINDOW = timedelta(days=30)
@@ -75,6 +78,9 @@ class RetentionContract(ABC):
     def database_url(self) -> str:
         """The URL that the saga-barrier command takes."""
 
+    def assert_writable(self) -> None:  # noqa: B027 - PostgreSQL has no such lock to check
+        """Fail when another writer would have to wait for the database now."""
+
     def effect(self, applied: list[str], what: str) -> Any:
         def apply(tx: Any) -> bytes:
             applied.append(what)
@@ -127,6 +133,7 @@ class RetentionContract(ABC):
         asked: list[list[str]] = []
 
         def ended(saga_ids: list[str]) -> list[str]:
+            self.assert_writable()  # asking the coordinator holds up no participant's call
             asked.append(saga_ids)
             # Every saga but the parked one has ended; and one it was not asked about.
             return [s for s in saga_ids if s != parked.saga_id] + [recent.saga_id]
@@ -209,6 +216,20 @@ class TestSqliteRetention(RetentionContract):
 
     def database_url(self) -> str:
         return f"sqlite:///{self.path}"
+
+    def assert_writable(self) -> None:
+        with sqlite3.connect(self.path, timeout=0.5, isolation_level=None) as db:
+            db.execute("BEGIN IMMEDIATE")  # "database is locked" while a prune holds the lock
+            db.execute("ROLLBACK")
+
+
+class TestSqlAlchemySqliteRetention(TestSqliteRetention):
+    @pytest.fixture
+    def barrier(self, tmp_path: Path) -> Iterator[Barrier]:
+        self.path = tmp_path / "participant.db"
+        engine = create_engine(f"sqlite:///{self.path}")
+        yield SqlAlchemyBarrier(sessionmaker(engine))
+        engine.dispose()
 
 
 class TestPostgresRetention(RetentionContract):
