@@ -4,7 +4,8 @@ Every process of the run finds its material in one directory, under fixed names:
 
 - ``ca.pem``: the run's CA, which every side trusts;
 - ``coordinator.pem``/``.key``: the coordinators' server certificate (127.0.0.1), also what
-  they present to the participants, which require it (mTLS);
+  they present to the participants, which require a client certificate from the run's CA
+  (mTLS; the CA is checked, not the name: the harness's health checks use the client's);
 - ``participant.pem``/``.key``: the participants' server certificate (127.0.0.1), reached
   through the fault-injecting proxies, which forward the encrypted bytes unchanged;
 - ``client.pem``/``.key``: what the client, the feed consumer and the health checks present

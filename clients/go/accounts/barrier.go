@@ -14,7 +14,8 @@ import (
 )
 
 // Laid out like the Python and Node.js SDKs' barrier table, so that barrier rows read alike
-// whatever language wrote them.
+// whatever language wrote them; without their 'failed' state, which this participant never
+// writes (it has no permanent failure that is stored).
 const barrierSchema = `
 CREATE TABLE IF NOT EXISTS saga_barrier (
     saga_id    TEXT NOT NULL,

@@ -8,7 +8,8 @@
 // (the barrier, in the same transaction as the account), and stops gracefully on SIGTERM or
 // SIGINT: health turns NOT_SERVING, calls in flight finish, then it exits 0. With a
 // certificate it serves TLS; with a client CA it also requires the caller's certificate from
-// that CA (mTLS), so that only the coordinator reaches it.
+// that CA (mTLS): give it a CA that signs the coordinator's client certificate only, and only
+// the coordinator reaches it (the CA is checked, not the certificate's name).
 package main
 
 import (

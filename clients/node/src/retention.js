@@ -21,8 +21,8 @@ const DAY_MS = 24 * 60 * 60 * 1000;
 
 /**
  * The shortest window prune() accepts, 7 days: longer than the coordinator's retry horizon by
- * default (its longest RetryInfo wait is an hour past a step's max backoff), with days to spare
- * for an operator to resume a parked saga.
+ * default (a RetryInfo can make it wait up to the longer of an hour and a step's max backoff),
+ * with days to spare for an operator to resume a parked saga.
  */
 export const MINIMUM_RETENTION_MS = 7 * DAY_MS;
 

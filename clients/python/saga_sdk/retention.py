@@ -35,8 +35,10 @@ With `--coordinator`, TLS and the token come from the client's usual variables
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import sqlite3
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
@@ -47,8 +49,8 @@ if TYPE_CHECKING:
 
 MINIMUM_RETENTION = timedelta(days=7)
 """The shortest window `prune` accepts: longer than the coordinator's retry horizon by default
-(its longest RetryInfo wait is an hour past a step's max_backoff), with days to spare for an
-operator to resume a parked saga."""
+(a RetryInfo can make it wait up to the longer of an hour and a step's max_backoff), with
+days to spare for an operator to resume a parked saga."""
 
 EndedSagas = Callable[[list[str]], Iterable[str]]
 """Given saga ids (as the barrier stores them, without ``sagas/``), the ones that have ended."""
@@ -131,9 +133,19 @@ def prune_database(
     """Prune the barrier table of `database`: a `sqlite:///path` URL (or a plain file path)
     or a `postgresql://` URL; with `ended`, only the rows of the sagas it says have ended.
     Return the number of rows deleted (or, with `dry_run`, that would be)."""
+    from saga_sdk.sqlite_barrier import check_identifier
+
     check_window(older_than)
+    check_identifier(table)
     if database.startswith(("postgresql://", "postgres://")):
+        import psycopg
+
         from saga_sdk.postgres_barrier import PostgresBarrier
+
+        with psycopg.connect(database) as connection:
+            found = connection.execute("SELECT to_regclass(%s)", (table,)).fetchone()
+        if found is None or found[0] is None:
+            raise LookupError(f"no barrier table {table!r} in that database: nothing to prune")
 
         postgres = PostgresBarrier(database, table=table)
         try:
@@ -147,6 +159,12 @@ def prune_database(
         raise ValueError(f"a SQLite URL is sqlite:///path/to/file.db: {database!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no SQLite database at {path!r}")
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+        found = connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+        ).fetchone()
+    if found is None:  # never created here: a prune must not create (or upgrade) a table
+        raise LookupError(f"no barrier table {table!r} in {path!r}: nothing to prune")
     sqlite = SqliteBarrier(path, table=table)
     return sqlite.prune(older_than, dry_run=dry_run, ended=ended)
 

@@ -279,6 +279,29 @@ def test_the_command_refuses_a_sqlite_file_that_does_not_exist(tmp_path: Path) -
     assert not missing.exists()
 
 
+def test_the_command_creates_no_table_in_a_database_without_one(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE accounts (id TEXT)")
+    command = [sys.executable, "-m", "saga_sdk.retention", "prune", *WEEKS, "--dry-run"]
+
+    for database in (f"sqlite:///{other}", postgres_url):
+        done = subprocess.run(
+            [*command, "--database", database], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1, database
+        assert "no barrier table 'saga_barrier'" in done.stderr, database
+
+    with sqlite3.connect(other) as db:
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["accounts"]
+    with psycopg.connect(postgres_url) as db:
+        found = db.execute("SELECT to_regclass('saga_barrier')").fetchone()
+        assert found is not None
+        assert found[0] is None
+
+
 def test_a_sqlite_table_of_the_first_release_is_upgraded_and_keeps_its_rows(
     tmp_path: Path,
 ) -> None:
