@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -332,6 +331,28 @@ async def _next_or_stop(
     return waiting.result() if waiting in done else None
 
 
+class _StreamGuard:
+    """End a live stream quietly when its browser goes away, and when the coordinator fails it
+    (its headers are sent: no error page can follow); the browser's EventSource then opens it
+    again after the stream's retry delay."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: Any
+    ) -> bool:
+        if isinstance(error, ConnectionResetError | asyncio.CancelledError):
+            return True
+        if isinstance(error, sdk_errors.SagaSdkError):
+            log.warning("%s ended: the coordinator failed it (%s)", self._what, error)
+            return True
+        return False
+
+
 async def sagas_live(request: web.Request) -> web.StreamResponse:
     """The listing's live changes and counts, from the change feed."""
     filters = SagaFilters.from_params(_params(request))
@@ -339,7 +360,7 @@ async def sagas_live(request: web.Request) -> web.StreamResponse:
     response = await _open_stream(request)
     recount_at: float | None = None
     loop = asyncio.get_running_loop()
-    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+    with _StreamGuard("the sagas' live stream"):
         async with request.app[HUB].subscribe() as next_item:
             waiting = next_item()
             while True:
@@ -557,7 +578,7 @@ async def saga_live(request: web.Request) -> web.StreamResponse:
             _sse("saga", {"state": saga.state.value, "version": saga.version, "html": fragments})
         )
 
-    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+    with _StreamGuard(f"the live stream of saga {saga_id!r}"):
         async with request.app[HUB].subscribe() as next_item:
             while True:
                 slot: asyncio.Queue[SagaUpdate] = asyncio.Queue()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import grpc
 import pytest
 
 from coordinator.web.actions import Action, action_views
@@ -181,3 +182,22 @@ def test_payloads_are_summarised_and_trace_links_are_filled_in() -> None:
         trace_link("http://jaeger:16686/trace/{trace_id}", traced)
         == "http://jaeger:16686/trace/4bf92f3577b34da6a3ce929d0e0e4736"
     )
+
+
+def test_a_live_stream_ends_quietly_when_the_coordinator_fails_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from coordinator.web.app import _StreamGuard
+    from saga_sdk.errors import Unavailable
+
+    with _StreamGuard("the live stream of saga 'a'"):
+        raise ConnectionResetError  # the browser went away
+    with _StreamGuard("the live stream of saga 'a'"):
+        raise Unavailable(grpc.StatusCode.UNAVAILABLE, "connection refused")
+    with pytest.raises(KeyError), _StreamGuard("a stream"):
+        raise KeyError("a bug is not swallowed")
+
+    assert [r.getMessage() for r in caplog.records] == [
+        "the live stream of saga 'a' ended: the coordinator failed it (UNAVAILABLE: "
+        "connection refused)"
+    ]
