@@ -156,7 +156,7 @@ class Secrets:
                 "certificate": str(self.certs / "coordinator.pem"),
                 "key": str(self.certs / "coordinator.key"),
                 "client_ca": str(self.certs / "ca.pem"),
-                "allowed_clients": ["CN=demo-client"],
+                "allowed_clients": ["CN=demo-client", "CN=demo-console"],
             },
             "auth": {"tokens": str(self.certs / "tokens.yaml")},
         }
@@ -197,14 +197,17 @@ def make_secrets(workdir: Path) -> Secrets:
     for name in (*SERVICES, "coordinator"):
         ca.issue(name, **local).write(certs, name)  # type: ignore[arg-type]
     ca.issue("coordinator", server=False).write(certs, "coordinator-client")
-    ca.issue("demo-client", server=False).write(certs, "demo-client")
-    token = secrets.token_urlsafe(32)
-    token_file = certs / "demo-client.token"
-    token_file.touch(mode=0o600)
-    token_file.write_text(token)
-    entry = {"name": "demo-client", "sha256": token_digest(token), "roles": ["client"]}
-    (certs / "tokens.yaml").write_text(yaml.safe_dump({"tokens": [entry]}))
-    return Secrets(certs, token)
+    entries = []
+    # The demo's client starts and watches sagas; the console also repairs them (operator).
+    for name, role in (("demo-client", "client"), ("demo-console", "operator")):
+        ca.issue(name, server=False).write(certs, name)
+        token = secrets.token_urlsafe(32)
+        token_file = certs / f"{name}.token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(token)
+        entries.append({"name": name, "sha256": token_digest(token), "roles": [role]})
+    (certs / "tokens.yaml").write_text(yaml.safe_dump({"tokens": entries}))
+    return Secrets(certs, (certs / "demo-client.token").read_text())
 
 
 def service_command(
@@ -230,9 +233,9 @@ def start_console(processes: Processes, target: str, security: Secrets | None) -
     if security is not None:
         command += [
             *("--ca", str(security.certs / "ca.pem")),
-            *("--cert", str(security.certs / "demo-client.pem")),
-            *("--key", str(security.certs / "demo-client.key")),
-            *("--token-file", str(security.certs / "demo-client.token")),
+            *("--cert", str(security.certs / "demo-console.pem")),
+            *("--key", str(security.certs / "demo-console.key")),
+            *("--token-file", str(security.certs / "demo-console.token")),
         ]
     processes.spawn("console", command)
     address = f"http://127.0.0.1:{port}/"
