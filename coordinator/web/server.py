@@ -78,6 +78,13 @@ def check_settings(settings: ConsoleSettings) -> None:
             "--tls-certificate and --tls-key, or, knowingly, --insecure-plaintext (anyone "
             "on the network could then read the sagas and act on them)"
         )
+    host, _ = split_listen(settings.listen)
+    if settings.certificate is None and host in ("0.0.0.0", "::") and not settings.allowed_hosts:
+        raise ConsoleError(
+            f"--listen {settings.listen}: plaintext on every interface answers any Host header, "
+            "so a web page elsewhere could reach the console through DNS rebinding; give "
+            "--allowed-host NAME for each name it is reached by"
+        )
     if settings.trace_url and not settings.trace_url.startswith(("http://", "https://")):
         raise ConsoleError(
             "--trace-url: an http:// or https:// URL template with {trace_id} or {saga_id}"

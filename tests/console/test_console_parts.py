@@ -101,7 +101,10 @@ def test_plaintext_is_served_on_loopback_only_unless_asked() -> None:
     check_settings(ConsoleSettings(target="c:1", listen="[::1]:8080"))
     with pytest.raises(ConsoleError, match="plaintext HTTP is served on loopback only"):
         check_settings(ConsoleSettings(target="c:1", listen="0.0.0.0:8080"))
-    check_settings(ConsoleSettings(target="c:1", listen="0.0.0.0:8080", insecure_plaintext=True))
+    insecure = {"target": "c:1", "listen": "0.0.0.0:8080", "insecure_plaintext": True}
+    with pytest.raises(ConsoleError, match="give --allowed-host NAME"):
+        check_settings(ConsoleSettings(**insecure))  # type: ignore[arg-type]
+    check_settings(ConsoleSettings(**insecure, allowed_hosts=("console.internal",)))  # type: ignore[arg-type]
     with pytest.raises(ConsoleError, match="go together"):
         check_settings(
             ConsoleSettings(target="c:1", listen="0.0.0.0:1", key=__import__("pathlib").Path("k"))
