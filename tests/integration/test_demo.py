@@ -116,14 +116,19 @@ def test_the_demo_runs_with_tls_on_both_hops_and_a_token(tmp_path: Path) -> None
     assert "acme-corp SUCCEEDED, globex-corp COMPENSATED" in words
     config = yaml.safe_load((tmp_path / "saga-1.yaml").read_text())
     assert config["tls"]["client_ca"]
-    assert config["tls"]["allowed_clients"] == ["CN=demo-client"]
+    # The demo's client, and the console of `make console ARGS=--secure`.
+    assert config["tls"]["allowed_clients"] == ["CN=demo-client", "CN=demo-console"]
     assert config["auth"]["tokens"]
     for name, endpoint in config["participants"].items():
         assert endpoint["tls"] is True, name
         assert endpoint["client_certificate"].endswith("coordinator-client.pem"), name
     tokens = yaml.safe_load(Path(config["auth"]["tokens"]).read_text())["tokens"]
-    assert [(t["name"], t["roles"]) for t in tokens] == [("demo-client", ["client"])]
+    assert [(t["name"], t["roles"]) for t in tokens] == [
+        ("demo-client", ["client"]),
+        ("demo-console", ["operator"]),  # the console repairs sagas
+    ]
     keys = sorted((tmp_path / "certs").glob("*.key"))
-    assert len(keys) == 7
+    assert len(keys) == 8
     assert all(key.stat().st_mode & 0o077 == 0 for key in keys)
-    assert (tmp_path / "certs" / "demo-client.token").stat().st_mode & 0o077 == 0
+    for token in ("demo-client.token", "demo-console.token"):
+        assert (tmp_path / "certs" / token).stat().st_mode & 0o077 == 0
