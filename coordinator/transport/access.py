@@ -26,7 +26,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-import jwt
 import yaml
 
 from coordinator.core.errors import SagaError
@@ -254,6 +253,8 @@ class JwtTokens:
         audience: str | None = None,
     ) -> JwtTokens:
         """Read the key (the secret for HS*, the PEM public key otherwise)."""
+        import jwt  # noqa: F401 - loaded with the settings that need it, not at the first call
+
         if not algorithms:
             raise ValueError("jwt: algorithms: at least one, e.g. RS256 or HS256")
         unknown = [a for a in algorithms if a not in (*_HMAC, *_PUBLIC)]
@@ -278,6 +279,8 @@ class JwtTokens:
 
     def verify(self, token: str) -> Caller:
         """The caller the token names; Unauthenticated if it is not valid."""
+        import jwt  # imported by `load` already: a dictionary lookup
+
         try:
             claims = jwt.decode(
                 token,
