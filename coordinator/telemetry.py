@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -106,6 +107,20 @@ def parse_traceparent(value: str | None) -> SpanContext | None:
         return None
     context = trace.get_current_span(_PROPAGATOR.extract({TRACEPARENT: value})).get_span_context()
     return context if context.is_valid else None
+
+
+_TRACE_ID = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_NO_TRACE = "0" * 32
+
+
+def trace_id_of(context: Mapping[str, str]) -> str:
+    """The trace id (32 hex digits) in a saga's kept ``traceparent``; empty when there is none
+    or it is not valid. Read at every conversion of a saga, so a pattern rather than the
+    propagator ``parse_traceparent`` runs: the same answer, several times cheaper."""
+    match = _TRACE_ID.match(context.get(TRACEPARENT, "").strip().lower())
+    if match is None or match.group(1) == _NO_TRACE:
+        return ""
+    return match.group(1)
 
 
 def headers_of(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:

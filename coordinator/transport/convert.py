@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
@@ -43,6 +42,7 @@ from coordinator.core.model import (
     StepRun,
     StepState,
 )
+from coordinator.telemetry import trace_id_of
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _Value = TypeVar("_Value")
@@ -137,19 +137,6 @@ def saga_to_proto(saga: Saga) -> saga_pb2.Saga:
         deadline_time=_timestamp(saga.deadline_at),
         trace_id=trace_id_of(saga.trace_context),
     )
-
-
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-_NO_TRACE = "0" * 32
-
-
-def trace_id_of(context: Mapping[str, str]) -> str:
-    """The trace id in a saga's W3C ``traceparent``; empty when there is none (or it is not a
-    valid one)."""
-    match = _TRACEPARENT.match(context.get("traceparent", "").strip().lower())
-    if match is None or match.group(1) == _NO_TRACE:
-        return ""
-    return match.group(1)
 
 
 def audit_to_proto(entry: AuditEntry) -> saga_pb2.AuditEntry:

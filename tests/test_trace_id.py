@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.transport.convert import trace_id_of
+from coordinator.telemetry import trace_id_of
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
