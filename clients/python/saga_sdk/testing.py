@@ -160,19 +160,7 @@ class HandlerKit:
     ) -> Call:
         """A fresh Execute of `action` (attempt 1): new saga and request ids unless given.
         `input` and the previous outputs are sent as JSON, or as they are when bytes."""
-        request = pb.ExecuteRequest(
-            saga=f"sagas/{saga_id or _new_id('saga')}",
-            definition=DEFINITION,
-            definition_version=1,
-            step=step,
-            action=action,
-            request_id=request_id or _new_id("execute"),
-            attempt=1,
-            input=_payload(input),
-            previous_outputs={
-                name: _payload(value) for name, value in (previous_outputs or {}).items()
-            },
-        )
+        request = _execute_request(action, input, saga_id, step, request_id, previous_outputs)
         return self._send(request)
 
     def retry(self, call: Call) -> Call:
@@ -193,16 +181,7 @@ class HandlerKit:
     ) -> Call:
         """A Compensate for an Execute of `action` that was never delivered (a null
         compensation). `late_execute` then sends that Execute."""
-        execute = pb.ExecuteRequest(
-            saga=f"sagas/{saga_id or _new_id('saga')}",
-            definition=DEFINITION,
-            definition_version=1,
-            step="step",
-            action=action,
-            request_id=_new_id("execute"),
-            attempt=1,
-            input=_payload(input),
-        )
+        execute = _execute_request(action, input, saga_id)
         call = self._send(self._compensate_request(execute, compensation))
         self._late[call.request.request_id] = execute
         return call
@@ -390,16 +369,7 @@ class HandlerKit:
         copies: int,
         counted: bool,
     ) -> str:
-        request = pb.ExecuteRequest(
-            saga=f"sagas/{_new_id('saga')}",
-            definition=DEFINITION,
-            definition_version=1,
-            step="step",
-            action=action,
-            request_id=_new_id("execute"),
-            attempt=1,
-            input=_payload(input),
-        )
+        request = _execute_request(action, input)
         template = Call(request, grpc.StatusCode.UNKNOWN)
         answers = self.concurrently(template, copies)
         seen = sorted({a.describe() for a in answers})
@@ -472,6 +442,31 @@ class HandlerKit:
             coroutine.close()
             raise RuntimeError("the kit is closed")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(self._timeout)
+
+
+def _execute_request(
+    action: str,
+    input: object,
+    saga_id: str = "",
+    step: str = "step",
+    request_id: str = "",
+    previous_outputs: Mapping[str, object] | None = None,
+) -> pb.ExecuteRequest:
+    """A first Execute of `action`, as the coordinator sends it: new saga and request ids
+    unless given; `input` and the previous outputs as JSON, or as they are when bytes."""
+    return pb.ExecuteRequest(
+        saga=f"sagas/{saga_id or _new_id('saga')}",
+        definition=DEFINITION,
+        definition_version=1,
+        step=step,
+        action=action,
+        request_id=request_id or _new_id("execute"),
+        attempt=1,
+        input=_payload(input),
+        previous_outputs={
+            name: _payload(value) for name, value in (previous_outputs or {}).items()
+        },
+    )
 
 
 def _new_id(kind: str) -> str:
