@@ -21,16 +21,15 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.orm import Session, SessionTransaction
 
+from saga_sdk import sqlite_barrier
 from saga_sdk.barrier import DEFAULT_TABLE, AsyncEffect, Barrier, BarrierKey, Outcome, SyncEffect
 from saga_sdk.retention import EndedSagas, check_window, ended_among
 from saga_sdk.sqlite_barrier import check_identifier
 from saga_sdk.sqlite_barrier import ensure_schema as ensure_sqlite_schema
-from saga_sdk.sqlite_barrier import old_saga_ids as old_sqlite_saga_ids
-from saga_sdk.sqlite_barrier import prune_rows as prune_sqlite_rows
 
 
 class SqlAlchemyBarrier(Barrier):
@@ -78,16 +77,9 @@ class SqlAlchemyBarrier(Barrier):
             alchemy.begin()
             try:
                 driver = alchemy.driver_connection()
-                if isinstance(driver, sqlite3.Connection):
-                    count = prune_sqlite_rows(
-                        driver, self.table, older_than, dry_run=dry_run, ended=ended
-                    )
-                else:
-                    from saga_sdk.postgres_barrier import prune_rows as prune_postgres_rows
-
-                    count = prune_postgres_rows(
-                        driver, self.table, older_than, dry_run=dry_run, ended=ended
-                    )
+                count = _backend(driver).prune_rows(
+                    driver, self.table, older_than, dry_run=dry_run, ended=ended
+                )
                 alchemy.commit()
                 return count
             except BaseException:
@@ -101,13 +93,25 @@ class SqlAlchemyBarrier(Barrier):
             SqlAlchemySession.of(session, self.table)  # a supported driver, or TypeError
             driver: Any = session.connection().connection.driver_connection
             try:
-                if isinstance(driver, sqlite3.Connection):
-                    return old_sqlite_saga_ids(driver, self.table, older_than)
-                from saga_sdk.postgres_barrier import old_saga_ids as old_postgres_saga_ids
-
-                return old_postgres_saga_ids(driver, self.table, older_than)
+                return _backend(driver).old_saga_ids(driver, self.table, older_than)
             finally:
                 session.rollback()
+
+
+class _Rows(NamedTuple):
+    """A backend's statements on the barrier table, for a connection of its driver."""
+
+    prune_rows: Callable[..., int]
+    old_saga_ids: Callable[..., list[str]]
+
+
+def _backend(driver: Any) -> _Rows:
+    """The barrier-table statements that work on this driver's connection."""
+    if isinstance(driver, sqlite3.Connection):
+        return _Rows(sqlite_barrier.prune_rows, sqlite_barrier.old_saga_ids)
+    from saga_sdk import postgres_barrier  # psycopg: only with the postgresql extra
+
+    return _Rows(postgres_barrier.prune_rows, postgres_barrier.old_saga_ids)
 
 
 class SqlAlchemySession:
