@@ -66,6 +66,11 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _wildcard(host: str) -> bool:
+    """Whether listening on `host` means every interface."""
+    return host in ("0.0.0.0", "::")
+
+
 def check_settings(settings: ConsoleSettings) -> None:
     """Refuse what would expose the console (plaintext off loopback) or cannot work."""
     split_listen(settings.listen)
@@ -79,7 +84,7 @@ def check_settings(settings: ConsoleSettings) -> None:
             "on the network could then read the sagas and act on them)"
         )
     host, _ = split_listen(settings.listen)
-    if settings.certificate is None and host in ("0.0.0.0", "::") and not settings.allowed_hosts:
+    if settings.certificate is None and _wildcard(host) and not settings.allowed_hosts:
         raise ConsoleError(
             f"--listen {settings.listen}: plaintext on every interface answers any Host header, "
             "so a web page elsewhere could reach the console through DNS rebinding; give "
@@ -129,7 +134,7 @@ async def serve(settings: ConsoleSettings, stop: asyncio.Event) -> None:
     sock = bind(settings.listen)
     host, _ = split_listen(settings.listen)
     port = sock.getsockname()[1]
-    wildcard = host in ("0.0.0.0", "::")
+    wildcard = _wildcard(host)
     guard = Guard.create(
         listen_host=host,
         port=port,
