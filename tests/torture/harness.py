@@ -51,7 +51,7 @@ from coordinator.crashpoints import ENVIRONMENT_VARIABLE, CrashPoint
 from tests.support.processes import free_port
 from tests.torture.checker import CheckReport, check_run, input_digest
 from tests.torture.probe import ProbeFailed, StoreProbe
-from tests.torture.processes import ManagedProcess, health_serving, wait_serving
+from tests.torture.processes import ManagedProcess, dial, health_serving, wait_serving
 from tests.torture.proxy import FaultyLink
 from tests.torture.scenario import (
     DEFINITION,
@@ -848,14 +848,9 @@ class Torture:
         """Submit sagas until told to stop; each until acknowledged."""
         async with contextlib.AsyncExitStack() as channels:
             for replica in self.replicas:
-                dialled = (
-                    grpc.aio.insecure_channel(replica.target, options=CLIENT_OPTIONS)
-                    if self._credentials is None
-                    else grpc.aio.secure_channel(
-                        replica.target, self._credentials, options=CLIENT_OPTIONS
-                    )
+                channel = await channels.enter_async_context(
+                    dial(replica.target, self._credentials, CLIENT_OPTIONS)
                 )
-                channel = await channels.enter_async_context(dialled)
                 self._stubs.append(cpb_grpc.CoordinatorServiceStub(channel))
             slots = asyncio.Semaphore(self.settings.submitters)
             pending: set[asyncio.Task[None]] = set()

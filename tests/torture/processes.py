@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -115,16 +116,23 @@ class ManagedProcess:
         return code
 
 
+def dial(
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: Sequence[tuple[str, Any]] | None = None,
+) -> grpc.aio.Channel:
+    """An asyncio channel to ``target``: over TLS with ``credentials``, else in plaintext."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
 async def health_serving(
     target: str, timeout: float = 0.5, credentials: grpc.ChannelCredentials | None = None
 ) -> bool:
     """Whether the gRPC server at ``target`` answers its health check SERVING (over TLS with
     ``credentials``)."""
-    if credentials is None:
-        dialled = grpc.aio.insecure_channel(target)
-    else:
-        dialled = grpc.aio.secure_channel(target, credentials)
-    async with dialled as channel:
+    async with dial(target, credentials) as channel:
         try:
             response = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
