@@ -566,11 +566,15 @@ class Engine:
             del self._active[saga_id]
 
     async def saga_events(
-        self, saga_id: str, after_sequence: int, limit: int
+        self, saga_id: str, after_sequence: int, limit: int, *, newest_first: bool = False
     ) -> tuple[Saga, Sequence[RecordedEvent]]:
-        """The saga and up to ``limit`` events of its log after ``after_sequence``."""
+        """The saga and up to ``limit`` events of its log after ``after_sequence`` in the
+        reading order (see ``SagaStore.events_page``)."""
         saga = await self.get_saga(saga_id)
-        return saga, await self._store.events_page(saga_id, after_sequence, limit)
+        events = await self._store.events_page(
+            saga_id, after_sequence, limit, newest_first=newest_first
+        )
+        return saga, events
 
     async def count_sagas(self, where: SagaFilter) -> Mapping[SagaState, int]:
         """How many sagas match ``where`` in each state (every state present, zero included)."""

@@ -221,11 +221,12 @@ class SagaStore(Protocol):
         ...
 
     async def events_page(
-        self, saga_id: str, after_sequence: int, limit: int
+        self, saga_id: str, after_sequence: int, limit: int, *, newest_first: bool = False
     ) -> Sequence[RecordedEvent]:
-        """Up to ``limit`` events of the saga's log with sequence above ``after_sequence``
-        (none for an unknown saga). A limit below 1 raises ValueError, as in ``list`` and
-        ``prune``."""
+        """Up to ``limit`` events of the saga's log that come after ``after_sequence`` in the
+        reading order (none for an unknown saga): oldest first, those with a greater sequence;
+        ``newest_first``, those with a smaller one, newest first, and 0 starts at the newest.
+        A limit below 1 raises ValueError, as in ``list`` and ``prune``."""
         ...
 
     async def count_by_state(self, where: SagaFilter) -> Mapping[SagaState, int]:

@@ -197,14 +197,20 @@ class MemoryStore:
         return () if row is None else tuple(row.log)
 
     async def events_page(
-        self, saga_id: str, after_sequence: int, limit: int
+        self, saga_id: str, after_sequence: int, limit: int, *, newest_first: bool = False
     ) -> Sequence[RecordedEvent]:
-        """Up to ``limit`` events of the saga's log with sequence above ``after_sequence``."""
+        """Up to ``limit`` events of the saga's log; see ``SagaStore.events_page``."""
         self._check_open()
         check_limit(limit, "event")
         row = self._rows.get(saga_id)
         if row is None:
             return ()
+        if newest_first:
+            return tuple(
+                event
+                for event in reversed(row.log)
+                if after_sequence <= 0 or event.sequence < after_sequence
+            )[:limit]
         return tuple(event for event in row.log if event.sequence > after_sequence)[:limit]
 
     # --- replicas and leases -----------------------------------------------------------------

@@ -51,6 +51,7 @@ from coordinator.store.postgres_rows import (
 )
 from coordinator.store.postgres_schema import describe, load_migrations, migrate
 from coordinator.store.rows import (
+    BEYOND_EVERY_SEQUENCE,
     event_row,
     events_of,
     feed_change_of,
@@ -314,14 +315,17 @@ class PostgresStore:
             return events_of(saga, await cursor.fetchall())
 
     async def events_page(
-        self, saga_id: str, after_sequence: int, limit: int
+        self, saga_id: str, after_sequence: int, limit: int, *, newest_first: bool = False
     ) -> Sequence[RecordedEvent]:
-        """Up to ``limit`` events of the saga's log with sequence above ``after_sequence``."""
+        """Up to ``limit`` events of the saga's log; see ``SagaStore.events_page``."""
         check_limit(limit, "event")
+        if newest_first:
+            below = after_sequence if after_sequence > 0 else BEYOND_EVERY_SEQUENCE
+            query, bound = sql.SELECT_EVENTS_PAGE_BACKWARDS, below
+        else:
+            query, bound = sql.SELECT_EVENTS_PAGE, after_sequence
         async with self._reading(f"reading the events of saga {saga_id}") as connection:
-            cursor = await connection.execute(
-                sql.SELECT_EVENTS_PAGE, (saga_id, after_sequence, limit)
-            )
+            cursor = await connection.execute(query, (saga_id, bound, limit))
             rows = await cursor.fetchall()
             if not rows:
                 return ()

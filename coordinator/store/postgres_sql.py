@@ -148,6 +148,10 @@ SELECT_EVENTS_PAGE = """
 SELECT sequence, recorded_at, type, body FROM saga_events WHERE saga_id = %s AND sequence > %s
 ORDER BY sequence LIMIT %s
 """
+SELECT_EVENTS_PAGE_BACKWARDS = """
+SELECT sequence, recorded_at, type, body FROM saga_events WHERE saga_id = %s AND sequence < %s
+ORDER BY sequence DESC LIMIT %s
+"""
 # Each state's oldest saga is the first entry of its range of sagas_by_state.
 SELECT_OLDEST_UNENDED = "SELECT least({})".format(
     ", ".join(

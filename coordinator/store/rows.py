@@ -273,6 +273,10 @@ def saga_of(
         raise StoreCorrupt(f"saga {saga_id} cannot be read back: {error}") from error
 
 
+BEYOND_EVERY_SEQUENCE = 2**63 - 1
+"""Above every event's sequence: where a newest-first page starts when asked from the newest."""
+
+
 def events_of(saga: Saga, rows: Iterable[Sequence[Any]]) -> tuple[RecordedEvent, ...]:
     """Recorded events of ``saga`` from rows of (sequence, recorded_at, type, body)."""
 

@@ -369,14 +369,16 @@ class SqliteStore:
         return await self._read(events, f"reading the events of saga {saga_id}")
 
     async def events_page(
-        self, saga_id: str, after_sequence: int, limit: int
+        self, saga_id: str, after_sequence: int, limit: int, *, newest_first: bool = False
     ) -> Sequence[RecordedEvent]:
-        """Up to ``limit`` events of the saga's log with sequence above ``after_sequence``."""
+        """Up to ``limit`` events of the saga's log; see ``SagaStore.events_page``."""
         check_limit(limit, "event")
         definitions = self._definitions
 
         def events_page(connection: sqlite3.Connection) -> Sequence[RecordedEvent]:
-            return read_events_page(connection, definitions, saga_id, after_sequence, limit)
+            return read_events_page(
+                connection, definitions, saga_id, after_sequence, limit, newest_first
+            )
 
         return await self._read(events_page, f"reading the events of saga {saga_id}")
 

@@ -20,7 +20,11 @@ from coordinator.core.model import Saga, SagaDefinition
 from coordinator.ports import FeedChange
 from coordinator.store.errors import StoreCorrupt
 from coordinator.store.packing import digest, pack_definition
+
+# Built once for both SQL stores (``rows``); named here too for the scripts that write SQLite
+# rows by hand, which import them from this module.
 from coordinator.store.rows import (
+    BEYOND_EVERY_SEQUENCE,
     INSERTED_SAGA_COLUMNS,
     SAGA_COLUMNS,
     STEP_COLUMNS,
@@ -29,9 +33,6 @@ from coordinator.store.rows import (
     feed_change_of,
     saga_of,
 )
-
-# Built once for both SQL stores (``rows``); named here too for the scripts that write SQLite
-# rows by hand, which import them from this module.
 from coordinator.store.rows import SAGA_FIELDS as SAGA_FIELDS
 from coordinator.store.rows import event_row as event_row
 from coordinator.store.rows import saga_row as saga_row
@@ -117,6 +118,10 @@ SELECT sequence, recorded_at, type, body FROM saga_events WHERE saga_id = ? ORDE
 _SELECT_EVENTS_PAGE = """
 SELECT sequence, recorded_at, type, body FROM saga_events WHERE saga_id = ? AND sequence > ?
 ORDER BY sequence LIMIT ?
+"""
+_SELECT_EVENTS_PAGE_BACKWARDS = """
+SELECT sequence, recorded_at, type, body FROM saga_events WHERE saga_id = ? AND sequence < ?
+ORDER BY sequence DESC LIMIT ?
 """
 
 
@@ -242,10 +247,16 @@ def read_events_page(
     saga_id: str,
     after_sequence: int,
     limit: int,
+    newest_first: bool = False,
 ) -> tuple[RecordedEvent, ...]:
-    """Up to ``limit`` events of the saga's log after ``after_sequence``, in order (none if the
-    saga does not exist)."""
-    rows = connection.execute(_SELECT_EVENTS_PAGE, (saga_id, after_sequence, limit)).fetchall()
+    """Up to ``limit`` events of the saga's log after ``after_sequence`` in the reading order
+    (none if the saga does not exist); see ``SagaStore.events_page``."""
+    if newest_first:
+        below = after_sequence if after_sequence > 0 else BEYOND_EVERY_SEQUENCE
+        query, cursor = _SELECT_EVENTS_PAGE_BACKWARDS, below
+    else:
+        query, cursor = _SELECT_EVENTS_PAGE, after_sequence
+    rows = connection.execute(query, (saga_id, cursor, limit)).fetchall()
     if not rows:
         return ()
     saga = read_saga(connection, definitions, saga_id)

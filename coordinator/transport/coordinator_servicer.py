@@ -281,6 +281,33 @@ def decode_page_token(token: str, where: SagaFilter) -> ListCursor:
     return cursor
 
 
+_NEWEST_FIRST = "<"
+"""What starts the body of a newest-first ListSagaEvents token."""
+_SEQUENCE = re.compile(r"[0-9]{1,18}")
+
+
+def _events_token(sequence: int, newest_first: bool) -> str:
+    """An opaque ListSagaEvents token: the page after the event ``sequence`` in the order read."""
+    body = f"{_NEWEST_FIRST if newest_first else ''}{sequence}"
+    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+
+def _events_cursor(token: str, newest_first: bool) -> int:
+    """The sequence inside an ``_events_token``; ValueError (saying why) for anything else."""
+    try:
+        body = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValueError("not a token returned by ListSagaEvents") from None
+    backwards = body.startswith(_NEWEST_FIRST)
+    digits = body.removeprefix(_NEWEST_FIRST)
+    if not _SEQUENCE.fullmatch(digits) or (backwards and int(digits) < 1):
+        raise ValueError("not a token returned by ListSagaEvents")
+    if backwards != newest_first:
+        order = "newest first" if backwards else "oldest first"
+        raise ValueError(f"a token of a page read {order}: keep newest_first the same")
+    return int(digits)
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     """Validates requests and calls the engine; it raises the coordinator's errors, which
     ``coordinator.transport.server`` turns into rich statuses for every method alike."""
@@ -421,22 +448,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         after = 0
         if request.page_token:
             try:
-                after = int(base64.urlsafe_b64decode(request.page_token + "==").decode())
-                if after < 0:
-                    raise ValueError(after)
-            except (ValueError, binascii.Error, UnicodeDecodeError):
-                violations.append(
-                    FieldViolation("page_token", "not a token returned by ListSagaEvents")
-                )
+                after = _events_cursor(request.page_token, request.newest_first)
+            except ValueError as error:
+                violations.append(FieldViolation("page_token", str(error)))
         if violations:
             raise InvalidArgument("invalid ListSagaEvents request", tuple(violations))
         size = request.page_size or DEFAULT_PAGE_SIZE
-        saga, events = await self._engine.saga_events(saga_id, after, size + 1)
+        saga, events = await self._engine.saga_events(
+            saga_id, after, size + 1, newest_first=request.newest_first
+        )
         current_caller().check_definition(saga.definition.name)
         page = events[:size]
         token = ""
         if len(events) > size:
-            token = base64.urlsafe_b64encode(str(page[-1].sequence).encode()).decode().rstrip("=")
+            token = _events_token(page[-1].sequence, request.newest_first)
         return pb.ListSagaEventsResponse(
             events=[event_to_proto(record, saga) for record in page], next_page_token=token
         )

@@ -158,6 +158,77 @@ async def test_resume_after_the_participant_is_fixed_ends_compensated_with_no_ne
     assert compensations[-2:] == ["CloseAccount", "DeactivateUser"]
 
 
+async def _log(harness: Harness, saga_id: str, size: int, newest_first: bool) -> list[int]:
+    """The sequences of a saga's whole log, read in pages of ``size`` in one order."""
+    sequences: list[int] = []
+    token = ""
+    while True:
+        page = await harness.stub.ListSagaEvents(
+            cpb.ListSagaEventsRequest(
+                name=f"sagas/{saga_id}", page_size=size, page_token=token, newest_first=newest_first
+            )
+        )
+        assert len(page.events) <= size
+        sequences.extend(event.sequence for event in page.events)
+        token = page.next_page_token
+        if not token:
+            return sequences
+
+
+async def test_the_log_reads_newest_first_in_pages_and_tokens_keep_their_order(
+    harness: Harness, participants: dict[str, ScriptedParticipant]
+) -> None:
+    participants["cards"].script("IssueCard", reject("CARD_REFUSED", "no card for you"))
+    saga = await harness.wait((await harness.create("onboard", saga_id="told-1")).saga_id)
+    assert state(saga) == "COMPENSATED"
+
+    oldest_first = await _log(harness, "told-1", 100, newest_first=False)
+    assert oldest_first == list(range(1, len(oldest_first) + 1))
+    assert len(oldest_first) >= 7
+    for size in (1, 3, len(oldest_first), 1000):
+        assert await _log(harness, "told-1", size, newest_first=True) == oldest_first[::-1]
+
+    newest = await harness.stub.ListSagaEvents(
+        cpb.ListSagaEventsRequest(name="sagas/told-1", page_size=2, newest_first=True)
+    )
+    last = newest.events[0]
+    assert last.sequence == oldest_first[-1]
+    assert (last.type, last.action) == (
+        saga_pb2.SAGA_EVENT_TYPE_COMPENSATION_SUCCEEDED,
+        "DeactivateUser",
+    )
+    forward = await harness.stub.ListSagaEvents(
+        cpb.ListSagaEventsRequest(name="sagas/told-1", page_size=2)
+    )
+    for token, newest_first, why in (
+        (newest.next_page_token, False, "read newest first: keep newest_first the same"),
+        (forward.next_page_token, True, "read oldest first: keep newest_first the same"),
+        ("bm90IGEgdG9rZW4", True, "not a token returned by ListSagaEvents"),
+        ("PDA", True, "not a token returned by ListSagaEvents"),  # "<0"
+    ):
+        refused = await _refused(
+            harness.stub.ListSagaEvents(
+                cpb.ListSagaEventsRequest(
+                    name="sagas/told-1", page_size=2, page_token=token, newest_first=newest_first
+                )
+            )
+        )
+        assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert why in _violations(refused)["page_token"]
+
+
+def _violations(refused: grpc.aio.AioRpcError) -> dict[str, str]:
+    status = rpc_status.from_call(refused)
+    assert status is not None
+    found: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            request = error_details_pb2.BadRequest()
+            detail.Unpack(request)
+            found.update((v.field, v.description) for v in request.field_violations)
+    return found
+
+
 def _retry_request(saga_id: str, step: str, reason: str = "now") -> cpb.RetrySagaStepRequest:
     return cpb.RetrySagaStepRequest(name=f"sagas/{saga_id}", step=step, reason=reason)
 

@@ -769,6 +769,22 @@ class StoreContract:
         with pytest.raises(ValueError, match="at least one"):
             await store.events_page("s-1", 0, 0)
 
+    async def test_events_page_reads_the_log_newest_first(self, store: SagaStore) -> None:
+        history = run_history("s-1", [OK, NO, OK, OK], labels={"tenant": "acme"})
+        await store_history(store, history)
+        newest = tuple(reversed(history.log))
+        assert [event.sequence for event in newest] == [5, 4, 3, 2, 1]
+
+        assert await store.events_page("s-1", 0, 2, newest_first=True) == newest[:2]
+        assert await store.events_page("s-1", 4, 2, newest_first=True) == newest[2:4]
+        assert await store.events_page("s-1", 2, 2, newest_first=True) == newest[4:]
+        assert await store.events_page("s-1", 1, 2, newest_first=True) == ()
+        assert await store.events_page("s-1", 0, 100, newest_first=True) == newest
+        assert await store.events_page("s-1", 99, 100, newest_first=True) == newest
+        assert await store.events_page("s-2", 0, 10, newest_first=True) == ()
+        with pytest.raises(ValueError, match="at least one"):
+            await store.events_page("s-1", 0, 0, newest_first=True)
+
     # --- what operators watch ----------------------------------------------------------------
 
     async def test_oldest_unfinished_is_the_oldest_running_compensating_or_parked_saga(

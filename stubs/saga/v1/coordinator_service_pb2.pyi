@@ -396,22 +396,28 @@ class ListSagaEventsRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name of the saga, "sagas/{saga_id}"."""
     page_size: _builtins.int
     """Most events to return, from 1 to 1000; zero means 100."""
     page_token: _builtins.str
-    """Token from a previous response's next_page_token."""
+    """Token from a previous response's next_page_token, asked in the same order."""
+    newest_first: _builtins.bool
+    """Newest event first: the end of a long log (why a saga is where it is) without reading
+    it all. Tokens of one order are refused in the other.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        newest_first: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
