@@ -340,6 +340,16 @@ export interface ListFilters {
   pageSize?: number;
 }
 
+export interface EventsOptions {
+  /** Events fetched per request, 1 to 1000. Default 100. */
+  pageSize?: number;
+  /**
+   * Newest event first: the end of a long log (why a saga is where it is) without reading it
+   * all. Default false: oldest first.
+   */
+  newestFirst?: boolean;
+}
+
 /** A client of the coordinator's CoordinatorService. */
 export class SagaClient {
   constructor(target: string, options?: SagaClientOptions);
@@ -358,8 +368,8 @@ export class SagaClient {
   cancel(sagaId: string, reason?: string): Promise<Saga>;
   /** Every saga matching the filters, oldest first, page after page. */
   list(filters?: ListFilters): AsyncIterableIterator<Saga>;
-  /** The saga's event log, oldest first, page after page (`pageSize` 1 to 1000, default 100). */
-  events(sagaId: string, options?: { pageSize?: number }): AsyncIterableIterator<SagaEvent>;
+  /** The saga's event log, oldest first (newest first with `newestFirst`), page after page. */
+  events(sagaId: string, options?: EventsOptions): AsyncIterableIterator<SagaEvent>;
   /** The current saga, then each change, until it settles. Leaving early cancels the stream. */
   watch(sagaId: string): AsyncIterableIterator<SagaUpdate>;
   /**

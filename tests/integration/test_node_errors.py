@@ -136,9 +136,10 @@ def of_step(events: list[SagaEvent], step: str) -> list[SagaEvent]:
 
 READ_EVENTS = """
 import { SagaClient } from './src/index.js';
-const [target, sagaId] = process.argv.slice(1);
+const [target, sagaId, order] = process.argv.slice(1);
 const client = new SagaClient(target);
-for await (const e of client.events(sagaId, { pageSize: 2 })) {
+const newestFirst = order === 'newest-first';
+for await (const e of client.events(sagaId, { pageSize: 2, newestFirst })) {
   console.log(JSON.stringify({ type: e.type, step: e.step, attempt: e.attempt,
     operation: e.operation, time: e.time.getTime(), code: e.failure?.code ?? '' }));
 }
@@ -146,7 +147,9 @@ client.close();
 """
 
 
-async def node_events(target: str, saga_id: str) -> list[dict[str, Any]]:
+async def node_events(
+    target: str, saga_id: str, *, newest_first: bool = False
+) -> list[dict[str, Any]]:
     """The saga's event log as the Node.js client reads it, two events a page."""
     assert NODE is not None
     process = await asyncio.create_subprocess_exec(
@@ -156,6 +159,7 @@ async def node_events(target: str, saga_id: str) -> list[dict[str, Any]]:
         READ_EVENTS,
         target,
         saga_id,
+        "newest-first" if newest_first else "oldest-first",
         cwd=PARTICIPANT.parents[1],
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -186,6 +190,7 @@ async def test_retry_later_makes_the_coordinator_wait_the_asked_delay(
     assert [(e["type"], e["step"], e["attempt"], e["operation"]) for e in from_node] == [
         (e.type.value, e.step, e.attempt, e.operation) for e in events
     ]
+    assert await node_events(coordinator, "later-1", newest_first=True) == from_node[::-1]
     node_charge = [e for e in from_node if e["step"] == "charge"]
     assert node_charge[0]["code"] == "UNAVAILABLE"
     node_gap = (node_charge[1]["time"] - node_charge[0]["time"]) / 1000

@@ -190,22 +190,26 @@ export class SagaClient {
 
   /**
    * Iterate over a saga's event log, oldest first, page after page: what happened, to which
-   * step and attempt, when, and the failure each failed attempt answered.
+   * step and attempt, when, and the failure each failed attempt answered. With `newestFirst`
+   * the log comes newest event first: why a saga is where it is, without reading it all.
    *
    * @param {string} sagaId
-   * @param {{pageSize?: number}} [options]
+   * @param {{pageSize?: number, newestFirst?: boolean}} [options]
    * @returns {AsyncIterableIterator<import('./model.js').SagaEvent>}
    */
-  events(sagaId, { pageSize = 100 } = {}) {
+  events(sagaId, { pageSize = 100, newestFirst = false } = {}) {
     if (!Number.isInteger(pageSize) || pageSize < 1 || pageSize > 1000) {
       throw new TypeError('pageSize must be from 1 to 1000');
     }
-    const name = sagaName(sagaId);
+    if (typeof newestFirst !== 'boolean') {
+      throw new TypeError(`newestFirst must be a boolean, got ${typeof newestFirst}`);
+    }
+    const query = { name: sagaName(sagaId), page_size: pageSize, newest_first: newestFirst };
     const unary = (request) => this.#unary('ListSagaEvents', request);
     return (async function* pages() {
       let token = '';
       do {
-        const response = await unary({ name, page_size: pageSize, page_token: token });
+        const response = await unary({ ...query, page_token: token });
         for (const event of response.events) yield eventFromProto(event);
         token = response.next_page_token;
       } while (token);

@@ -1,5 +1,5 @@
 // The client against a fake CoordinatorService on loopback: requests sent, answers converted,
-// rich errors parsed, pagination, watch and wait.
+// rich errors parsed, pagination (of sagas and of a saga's log, either way), watch and wait.
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
@@ -127,6 +127,59 @@ test('every call carries the client metadata and honours its deadline', async (t
 });
 
 const event = (sequence, type, step = '') => ({ sequence, type: `SAGA_EVENT_TYPE_${type}`, step, attempt: 1 });
+
+test('events with newestFirst reads the whole log newest first, page after page', async (t) => {
+  const { fake, client } = await setup(t);
+  fake.logs.set('a', [
+    event(1, 'CREATED'),
+    event(2, 'STEP_SUCCEEDED', 'create-user'),
+    event(3, 'STEP_SUCCEEDED', 'open-account'),
+    event(4, 'STEP_ATTEMPT_FAILED', 'issue-card'),
+    event(5, 'STEP_REJECTED', 'issue-card'),
+    event(6, 'COMPENSATION_SUCCEEDED', 'open-account'),
+    event(7, 'COMPENSATION_SUCCEEDED', 'create-user'),
+  ]);
+  const read = async (options) => {
+    const seen = [];
+    for await (const e of client.events('a', options)) seen.push([e.sequence, e.type, e.step]);
+    return seen;
+  };
+  const oldestFirst = await read({ pageSize: 2 });
+  assert.deepEqual(oldestFirst.map(([sequence]) => sequence), [1, 2, 3, 4, 5, 6, 7]);
+  const newestFirst = await read({ pageSize: 2, newestFirst: true });
+  assert.deepEqual(newestFirst, [...oldestFirst].reverse());
+  assert.deepEqual(newestFirst[0], [7, 'COMPENSATION_SUCCEEDED', 'create-user']);
+
+  const pages = fake.requests.filter((r) => r.method === 'ListSagaEvents').map((r) => r.request);
+  assert.deepEqual(
+    pages.map((p) => [p.name, p.page_size, p.page_token, p.newest_first]),
+    [
+      ['sagas/a', 2, '', false],
+      ['sagas/a', 2, 'oldest-2', false],
+      ['sagas/a', 2, 'oldest-4', false],
+      ['sagas/a', 2, 'oldest-6', false],
+      ['sagas/a', 2, '', true],
+      ['sagas/a', 2, 'newest-2', true],
+      ['sagas/a', 2, 'newest-4', true],
+      ['sagas/a', 2, 'newest-6', true],
+    ],
+  );
+});
+
+test('events refuses a newestFirst that is not a boolean before any call', async (t) => {
+  const { fake, client } = await setup(t);
+  assert.throws(() => client.events('a', { newestFirst: 'yes' }), {
+    name: 'TypeError',
+    message: 'newestFirst must be a boolean, got string',
+  });
+  for (const newestFirst of [1, null, 'false']) assert.throws(() => client.events('a', { newestFirst }), TypeError);
+  assert.throws(() => client.events('a', { pageSize: 0 }), TypeError);
+  for await (const _ of client.events('a', { newestFirst: undefined })); // eslint-disable-line no-unused-vars
+  assert.deepEqual(
+    fake.requests.map((r) => [r.method, r.request.newest_first]),
+    [['ListSagaEvents', false]],
+  );
+});
 
 test('watch yields the current saga first, then each change, and ends when it settles', async (t) => {
   const { fake, client } = await setup(t);

@@ -33,6 +33,8 @@ export class FakeCoordinator {
   feed = [];
   /** How many of the next change feed streams break (UNAVAILABLE) after their first message. */
   breakFeeds = 0;
+  /** Each saga's event log: saga id to SagaEvent protos in sequence order. */
+  logs = new Map();
 
   handlers() {
     const record = (method, call) => this.requests.push({ method, request: call.request, metadata: call.metadata });
@@ -85,6 +87,26 @@ export class FakeCoordinator {
         const page = all.slice(start, start + (size || 100));
         const next = start + page.length < all.length ? `offset-${start + page.length}` : '';
         return cb(null, { sagas: page, next_page_token: next });
+      },
+      ListSagaEvents: (call, cb) => {
+        record('ListSagaEvents', call);
+        const { name, page_size: size, page_token: token, newest_first: newestFirst } = call.request;
+        // As the coordinator's tokens: a token read in one order is refused in the other.
+        const order = newestFirst ? 'newest-' : 'oldest-';
+        if (token && !token.startsWith(order)) {
+          return cb(
+            statusError(grpc.status.INVALID_ARGUMENT, 'invalid ListSagaEvents request', {
+              errorInfo: { reason: 'INVALID_ARGUMENT', domain: 'saga-coordinator' },
+              fieldViolations: [{ field: 'page_token', description: 'keep newest_first the same' }],
+            }),
+          );
+        }
+        const log = this.logs.get(name.replace('sagas/', '')) ?? [];
+        const all = newestFirst ? [...log].reverse() : log;
+        const start = token ? Number(token.slice(order.length)) : 0;
+        const page = all.slice(start, start + (size || 100));
+        const next = start + page.length < all.length ? `${order}${start + page.length}` : '';
+        return cb(null, { events: page, next_page_token: next });
       },
       CancelSaga: (call, cb) => {
         record('CancelSaga', call);

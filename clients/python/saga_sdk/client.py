@@ -356,15 +356,20 @@ class SagaClient:
         )
         return saga_from_proto(self._call(self._stub.CompleteStep, request).saga)
 
-    def events(self, saga_id: str, *, page_size: int = 100) -> Iterator[SagaEvent]:
-        """Iterate over a saga's whole event log, oldest first, page after page."""
-        events_request(saga_id, page_size)  # checks the arguments before the first call
+    def events(
+        self, saga_id: str, *, page_size: int = 100, newest_first: bool = False
+    ) -> Iterator[SagaEvent]:
+        """Iterate over a saga's whole event log, oldest first (or newest first), page after
+        page. Newest first reads the end of a long log without reading the rest."""
+        # checks the arguments before the first call
+        events_request(saga_id, page_size, newest_first=newest_first)
 
         def pages() -> Iterator[SagaEvent]:
             token = ""
             while True:
                 response = self._call(
-                    self._stub.ListSagaEvents, events_request(saga_id, page_size, token)
+                    self._stub.ListSagaEvents,
+                    events_request(saga_id, page_size, token, newest_first=newest_first),
                 )
                 for event in response.events:
                     yield event_from_proto(event)
@@ -781,15 +786,20 @@ class AsyncSagaClient:
         )
         return saga_from_proto((await self._call(self._stub.CompleteStep, request)).saga)
 
-    def events(self, saga_id: str, *, page_size: int = 100) -> AsyncIterator[SagaEvent]:
-        """Iterate over a saga's whole event log, oldest first, page after page."""
-        events_request(saga_id, page_size)  # checks the arguments before the first call
+    def events(
+        self, saga_id: str, *, page_size: int = 100, newest_first: bool = False
+    ) -> AsyncIterator[SagaEvent]:
+        """Iterate over a saga's whole event log, oldest first (or newest first), page after
+        page. Newest first reads the end of a long log without reading the rest."""
+        # checks the arguments before the first call
+        events_request(saga_id, page_size, newest_first=newest_first)
 
         async def pages() -> AsyncIterator[SagaEvent]:
             token = ""
             while True:
                 response = await self._call(
-                    self._stub.ListSagaEvents, events_request(saga_id, page_size, token)
+                    self._stub.ListSagaEvents,
+                    events_request(saga_id, page_size, token, newest_first=newest_first),
                 )
                 for event in response.events:
                     yield event_from_proto(event)

@@ -218,12 +218,18 @@ def complete_request(
 
 
 def events_request(
-    saga_id: str, page_size: int = 100, page_token: str = ""
+    saga_id: str, page_size: int = 100, page_token: str = "", *, newest_first: bool = False
 ) -> coordinator_service_pb2.ListSagaEventsRequest:
-    """Build a ListSagaEventsRequest for one page of a saga's log."""
+    """Build a ListSagaEventsRequest for one page of a saga's log (newest event first if
+    asked: every page of one listing must be asked in the same order)."""
     _check_page_size(page_size)
+    if not isinstance(newest_first, bool):
+        raise TypeError(f"newest_first must be True or False, not {newest_first!r}")
     return coordinator_service_pb2.ListSagaEventsRequest(
-        name=saga_name(saga_id), page_size=page_size, page_token=page_token
+        name=saga_name(saga_id),
+        page_size=page_size,
+        page_token=page_token,
+        newest_first=newest_first,
     )
 
 

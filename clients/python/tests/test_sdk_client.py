@@ -241,6 +241,8 @@ class FakeCoordinator(coordinator_service_pb2_grpc.CoordinatorServiceServicer):
         saga = self._find(request.name, context)
         self.event_requests.append(request)
         log = self.events.get(saga.saga_id, [])
+        if request.newest_first:
+            log = log[::-1]
         start = int(request.page_token or "0")
         end = start + (request.page_size or 100)
         return coordinator_service_pb2.ListSagaEventsResponse(
@@ -962,6 +964,39 @@ def test_events_walk_the_whole_log_page_by_page(
     assert [r.page_token for r in fake.event_requests[:3]] == ["", "100", "200"]
     assert events[0].action == "OpenAccount"
     assert events[0].operation == "execute"
+    assert not any(r.newest_first for r in fake.event_requests)
+
+
+def test_events_newest_first_asks_every_page_newest_first(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    with SagaClient(target) as client:
+        client.create("onboard", saga_id="ev")
+        fake.log("ev", 250)
+        events = list(client.events("ev", page_size=100, newest_first=True))
+        with pytest.raises(TypeError, match="newest_first must be True or False"):
+            client.events("ev", newest_first="yes")  # type: ignore[arg-type]
+
+    assert [e.sequence for e in events] == list(range(250, 0, -1))
+    assert [(r.page_token, r.newest_first) for r in fake.event_requests] == [
+        ("", True),
+        ("100", True),
+        ("200", True),
+    ]
+
+
+async def test_async_events_newest_first_reads_the_end_first(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, target = coordinator
+    async with AsyncSagaClient(target) as client:
+        await client.create("onboard", saga_id="ev")
+        fake.log("ev", 30)
+        events = [event async for event in client.events("ev", page_size=7, newest_first=True)]
+
+    assert [e.sequence for e in events] == list(range(30, 0, -1))
+    assert {r.newest_first for r in fake.event_requests} == {True}
 
 
 def test_count_and_list_send_every_filter(coordinator: tuple[FakeCoordinator, str]) -> None:

@@ -74,6 +74,9 @@ async function client(): Promise<Saga> {
   for await (const s of c.list({ states: ['RUNNING', 'SAGA_STATE_COMPENSATING'], pageSize: 10 })) {
     s.steps.map((step) => step.outputJson<{ id: string }>()?.id);
   }
+  for await (const e of c.events('acme-1', { pageSize: 10, newestFirst: true })) {
+    if (e.type === 'STEP_REJECTED') break;
+  }
   for await (const update of c.watch('acme-1')) {
     const u: SagaUpdate = update;
     const named: string = u.event?.emits ?? u.event?.action ?? '';
