@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -32,21 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coordinator.core.model import RetryPolicy, SagaDefinition, StepDefinition
-from coordinator.store.packing import to_micros
-from coordinator.store.sqlite_rows import (
-    INSERT_EVENT,
-    INSERT_LABEL,
-    INSERT_SAGA,
-    INSERT_STEP,
-    Definitions,
-    saga_row,
-    step_rows,
-)
 from saga_sdk.client import SagaClient
 from saga_sdk.model import SagaState
 from scripts import million  # the million-saga store, built the same way
-from tests.store.strategies import BROKEN, NO, OK, UNAVAILABLE, run_history
+from tests.support.long_saga import write_long_saga
 from tests.support.participants import ScriptedParticipant
 from tests.support.processes import CoordinatorProcess, free_port
 
@@ -58,68 +45,17 @@ def say(line: str = "") -> None:
     print(line, flush=True)
 
 
-def long_definition() -> SagaDefinition:
-    """Two steps; the first may be retried 20,000 times (a flaky ledger, patiently waited for)."""
-    patient = RetryPolicy(
-        max_attempts=20_000,
-        initial_backoff=timedelta(milliseconds=100),
-        max_backoff=timedelta(seconds=1),
-    )
-    return SagaDefinition(
-        name="long-haul",
-        version=1,
-        steps=(
-            StepDefinition(
-                name="reserve",
-                participant="accounts",
-                action="Reserve",
-                compensation="Release",
-                retry=patient,
-                compensation_retry=patient,
-            ),
-            StepDefinition(
-                name="charge",
-                participant="cards",
-                action="Charge",
-                compensation="Refund",
-            ),
-        ),
-    )
-
-
 def add_long_saga(path: Path, events: int) -> int:
     """Add one saga whose log has `events` events; return how many it has."""
-    definition = long_definition()
-    tail = (OK, NO, BROKEN)  # reserve succeeds at last, charge is refused, its refund is broken
-    failures = max(0, events - 1 - len(tail))
-    history = run_history(
+    history = write_long_saga(
+        path,
         LONG_SAGA,
-        (*([UNAVAILABLE] * failures), *tail),
-        definition=definition,
+        events,
         at=million.BEGIN + timedelta(days=30),
-        step=timedelta(milliseconds=150),
         input=million.INPUT,
         trace_context=million.TRACE_CONTEXT,
         labels={"tenant": "tenant-01"},
     )
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-        db.execute("BEGIN IMMEDIATE")
-        store = Definitions()
-        definition_id = store.store(db, definition)
-        store.register_first(db, definition, definition_id, to_micros(million.BEGIN))
-        saga = history.last
-        template = million.Template(
-            "long",
-            history,
-            list(saga_row(saga, definition_id, million.FINGERPRINT)),
-            step_rows(saga),
-        )
-        rows = template.rows(LONG_SAGA, history.first.created_at, dict(saga.labels))
-        db.execute(INSERT_SAGA, rows[0])
-        db.executemany(INSERT_STEP, rows[1])
-        db.executemany(INSERT_EVENT, rows[2])
-        db.executemany(INSERT_LABEL, rows[3])
-        db.execute("COMMIT")
     return len(history.log)
 
 

@@ -37,8 +37,9 @@ from saga_sdk.requests import ListQuery
 
 log = logging.getLogger(__name__)
 
-TIMELINE_EVENTS = 20_000
-"""Events read to draw a saga's timeline and its attempts; a longer log is drawn in part."""
+TIMELINE_WINDOW = 1000
+"""Events read from each end of a saga's log to draw its timeline and attempts: a log of up to
+twice as many is drawn whole, a longer one from its two ends (two reads, however long)."""
 LOG_PAGE = 50
 ATTENTION_LIMIT = 500
 """Parked sagas grouped on the needs-attention page: the oldest ones, read in one call."""
@@ -469,8 +470,8 @@ async def _log_view(gateway: Gateway, saga_id: str, cursor: str, failures_only: 
 
 
 INLINE_EVENTS = 2000
-"""A saga with a longer log gets its page first, then its timeline and attempts (which read
-the whole log) in a second request the page makes at once."""
+"""A saga with a longer log gets its page first, then its timeline and attempts (two reads of
+TIMELINE_WINDOW events, about a tenth of a second) in a second request the page makes at once."""
 PARTS = ("timeline", "steps")
 
 
@@ -503,12 +504,13 @@ async def _saga_fragments(
         )
         names.extend(("header", "actions", "log", "audit"))
     if parts:
-        events, truncated = await gateway.log_protos(saga.saga_id, TIMELINE_EVENTS)
+        ends = await gateway.log_ends(saga.saga_id, TIMELINE_WINDOW)
         context.update(
-            timeline=build_timeline(saga, events, now, truncated=truncated),
-            steps=step_attempts(saga, events, now),
-            events_read=len(events),
-            truncated=truncated,
+            timeline=build_timeline(saga, ends.head, now, tail=ends.tail, unread=ends.unread),
+            steps=step_attempts(saga, [*ends.head, *ends.tail], now),
+            head_read=len(ends.head),
+            tail_read=len(ends.tail),
+            unread=ends.unread,
         )
         names.extend(PARTS)
         fragments = {name: _fragment(request, f"_saga_{name}.html", **context) for name in names}

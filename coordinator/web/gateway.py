@@ -13,7 +13,7 @@ from datetime import datetime
 
 import grpc
 import grpc.aio
-from saga.v1 import coordinator_service_pb2_grpc, saga_pb2
+from saga.v1 import coordinator_service_pb2, coordinator_service_pb2_grpc, saga_pb2
 
 from saga_sdk.client import AsyncSagaClient
 from saga_sdk.connection import BearerToken, TokenSource
@@ -43,6 +43,17 @@ class SagaPage:
 
     sagas: tuple[Saga, ...]
     next_token: str
+
+
+@dataclass(frozen=True)
+class LogEnds:
+    """The two ends of a saga's event log, oldest first, and how many events lie between."""
+
+    head: list[saga_pb2.SagaEvent]
+    tail: list[saga_pb2.SagaEvent]
+    """The newest events after `head`, oldest first (empty when `head` is the whole log)."""
+    unread: int
+    """How many events lie between `head` and `tail`, not read."""
 
 
 @dataclass(frozen=True)
@@ -105,27 +116,33 @@ class Gateway:
             tuple(event_from_proto(event) for event in response.events), response.next_page_token
         )
 
-    async def log_protos(self, saga_id: str, limit: int) -> tuple[list[saga_pb2.SagaEvent], bool]:
-        """The first `limit` events of a saga's log as protos, and whether there are more.
+    async def _events_protos(
+        self, saga_id: str, page_size: int, *, newest_first: bool
+    ) -> coordinator_service_pb2.ListSagaEventsResponse:
+        try:
+            return await self._stub.ListSagaEvents(
+                events_request(saga_id, page_size, newest_first=newest_first),
+                timeout=UNARY_TIMEOUT,
+                metadata=await self._metadata(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_aio(exc) from None
+
+    async def log_ends(self, saga_id: str, each: int) -> LogEnds:
+        """The first and the last `each` events of a saga's log, as protos (the whole log when
+        it holds no more than twice `each`).
 
         Protos, not the SDK's views: a long log is laid out from a few fields of each event,
-        and only what is shown is converted.
+        and only what is shown is converted. Two reads at most, however long the log.
         """
-        events: list[saga_pb2.SagaEvent] = []
-        token = ""
-        while len(events) < limit:
-            request = events_request(saga_id, min(1000, limit - len(events)), token)
-            try:
-                response = await self._stub.ListSagaEvents(
-                    request, timeout=UNARY_TIMEOUT, metadata=await self._metadata()
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise error_from_aio(exc) from None
-            events.extend(response.events)
-            token = response.next_page_token
-            if not token:
-                return events, False
-        return events, True
+        head = await self._events_protos(saga_id, each, newest_first=False)
+        if not head.next_page_token:
+            return LogEnds(list(head.events), [], 0)
+        newest = await self._events_protos(saga_id, each, newest_first=True)
+        read_up_to = head.events[-1].sequence
+        tail = [event for event in reversed(newest.events) if event.sequence > read_up_to]
+        unread = tail[0].sequence - read_up_to - 1 if tail else 0
+        return LogEnds(list(head.events), tail, unread)
 
     async def get(self, saga_id: str) -> Saga:
         """The saga with this id (NotFound when there is none)."""

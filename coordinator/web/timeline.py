@@ -4,6 +4,10 @@ An attempt's bar runs from the saga's previous event (when the call could leave,
 earliest) to the event that recorded its answer; the saga sends one call at a time, so bars
 never overlap. Forward calls and compensations have their own classes, and so do refusals,
 failures and the operators' marks.
+
+A long log is drawn from its two ends (its first and its last events, two reads however long
+it is): the stretch between them is one gap across every lane, which says how many events it
+holds and where to read them.
 """
 
 from __future__ import annotations
@@ -83,6 +87,23 @@ class Lane:
 
 
 @dataclass(frozen=True)
+class Gap:
+    """The events between a long log's two ends, not drawn one by one."""
+
+    x: float
+    width: float
+    first: int
+    """The sequence of the first event not read."""
+    last: int
+    """The sequence of the last event not read."""
+
+    @property
+    def count(self) -> int:
+        """How many events the gap holds."""
+        return self.last - self.first + 1
+
+
+@dataclass(frozen=True)
 class Tick:
     """A time mark on the axis."""
 
@@ -102,8 +123,8 @@ class Timeline:
     bar_height: int
     span: str
     """The time the drawing covers, for people."""
-    truncated: bool
-    """Whether only the start of a longer log is drawn."""
+    gap: Gap | None
+    """The middle of a long log, drawn from its two ends (None: every event is drawn)."""
 
 
 def duration_text(value: timedelta | None) -> str:
@@ -156,23 +177,22 @@ def _seconds(event: saga_pb2.SagaEvent) -> float | None:
 
 def build_timeline(
     saga: Saga,
-    events: Sequence[saga_pb2.SagaEvent],
+    head: Sequence[saga_pb2.SagaEvent],
     now: datetime,
     *,
-    truncated: bool = False,
+    tail: Sequence[saga_pb2.SagaEvent] = (),
+    unread: int = 0,
 ) -> Timeline:
-    """Lay out the saga's attempts from its event log (oldest first).
+    """Lay out the saga's attempts from its event log (oldest first): `head` is the whole log,
+    or its start when `unread` events lie between it and `tail`, the log's end.
 
     The log is read from its protos and only the bars drawn are converted (a saga retried
     thousands of times has thousands of events, and a lane draws at most MAX_BARS_PER_LANE).
     """
+    events = [*head, *tail]
     first = _seconds(events[0]) if events else None
-    last = _seconds(events[-1]) if events else None
     begin_s = saga.create_time.timestamp() if saga.create_time else (first or now.timestamp())
-    if saga.end_time:
-        end_s = saga.end_time.timestamp()
-    else:
-        end_s = last if truncated and last is not None else now.timestamp()
+    end_s = saga.end_time.timestamp() if saga.end_time else now.timestamp()
     end_s = max(end_s, begin_s + 0.001)
     total = end_s - begin_s
     plot = WIDTH - LABEL_WIDTH
@@ -187,8 +207,14 @@ def build_timeline(
     # (x, width, operation, outcome, index of the event in the log) per lane, then Bars.
     spans: dict[str, list[tuple[float, float, str, str, int]]] = {name: [] for name in lanes}
     previous = begin_s
+    gap: Gap | None = None
     for index, event in enumerate(events):
         at = _seconds(event) or previous
+        if unread and tail and index == len(head):
+            # The event before this one was not read: its bar starts where it ends.
+            left = x_of(previous)
+            gap = Gap(left, max(2.0, x_of(at) - left), event.sequence - unread, event.sequence - 1)
+            previous = at
         kind = _BAR_CLASS.get(event_type(event))
         if kind is not None and event.step in lanes:
             start = x_of(previous)
@@ -207,10 +233,14 @@ def build_timeline(
         half = MAX_BARS_PER_LANE // 2
         middle = found[half:-half]
         attempts[name] = [bar(span) for span in (*found[:half], *found[-half:])]
-        left = middle[0][0]
-        right = middle[-1][0] + middle[-1][1]
-        lanes[name].bands = [Band(left, max(2.0, right - left), len(middle))]
-    if not truncated and saga.state in (SagaState.RUNNING, SagaState.COMPENSATING):
+        # One band on each side of the gap: a band holds only attempts that were read.
+        split = len(head) if gap is not None else len(events)
+        sides = [
+            [span for span in middle if span[4] < split],
+            [span for span in middle if span[4] >= split],
+        ]
+        lanes[name].bands = [_band(side) for side in sides if side]
+    if saga.state in (SagaState.RUNNING, SagaState.COMPENSATING):
         for step in saga.steps:
             if step.state.value in ("RUNNING", "COMPENSATING") and step.name in lanes:
                 start = x_of(previous)
@@ -246,8 +276,14 @@ def build_timeline(
         label_width=LABEL_WIDTH,
         bar_height=BAR_HEIGHT,
         span=duration_text(end - begin),
-        truncated=truncated,
+        gap=gap,
     )
+
+
+def _band(spans: Sequence[tuple[float, float, str, str, int]]) -> Band:
+    left = spans[0][0]
+    right = spans[-1][0] + spans[-1][1]
+    return Band(left, max(2.0, right - left), len(spans))
 
 
 def _tick_label(moment: datetime, total: float) -> str:
