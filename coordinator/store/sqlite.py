@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -137,6 +138,12 @@ _PRUNE = (
 )
 
 
+READERS = 2
+"""Read connections, each used by one thread at a time: a slow read (counting a million sagas
+by a label) does not hold up the reads behind it. SQLite runs them side by side in WAL mode,
+without the GIL."""
+
+
 class SqliteStore:
     """Sagas and their append-only event logs in one SQLite file.
 
@@ -147,14 +154,18 @@ class SqliteStore:
         self,
         path: Path,
         writer: GroupCommitWriter,
-        reader: sqlite3.Connection,
-        reader_thread: ThreadPoolExecutor,
+        readers: Sequence[sqlite3.Connection],
+        reader_threads: ThreadPoolExecutor,
     ) -> None:
         """Assemble an opened store; use ``SqliteStore.open``."""
         self._path = path
         self._writer = writer
-        self._reader = reader
-        self._reader_thread = reader_thread
+        self._readers = tuple(readers)
+        # As many threads as read connections: a thread running a read always finds one idle.
+        self._idle_readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        for reader in readers:
+            self._idle_readers.put(reader)
+        self._reader_threads = reader_threads
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
         self._definitions = Definitions()
@@ -199,16 +210,24 @@ class SqliteStore:
 
         writer = GroupCommitWriter(connect, max_batch=max_batch, name=f"saga-store-writer {file}")
         await writer.start()
-        reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saga-store-reader")
+        reader_threads = ThreadPoolExecutor(
+            max_workers=READERS, thread_name_prefix="saga-store-reader"
+        )
+        readers: list[sqlite3.Connection] = []
         try:
-            reader = await asyncio.get_running_loop().run_in_executor(
-                reader_thread, open_reader, file, busy_timeout_ms
-            )
+            for _ in range(READERS):
+                readers.append(
+                    await asyncio.get_running_loop().run_in_executor(
+                        reader_threads, open_reader, file, busy_timeout_ms
+                    )
+                )
         except BaseException:
+            for reader in readers:
+                reader.close()
             await writer.stop()
-            reader_thread.shutdown(wait=False)
+            reader_threads.shutdown(wait=False)
             raise
-        return cls(file, writer, reader, reader_thread)
+        return cls(file, writer, readers, reader_threads)
 
     @property
     def path(self) -> Path:
@@ -562,7 +581,8 @@ class SqliteStore:
     # --- life cycle --------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Finish the queued writes, then close both connections and threads. Idempotent."""
+        """Finish the queued reads and writes, then close the connections and threads.
+        Idempotent."""
         self._closed = True
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._shut_down())
@@ -570,11 +590,10 @@ class SqliteStore:
 
     async def _shut_down(self) -> None:
         try:
-            # Queued behind any read still running, so that read finishes first.
-            await asyncio.get_running_loop().run_in_executor(
-                self._reader_thread, self._reader.close
-            )
-            self._reader_thread.shutdown(wait=False)
+            # Any read still running or queued finishes first.
+            await asyncio.to_thread(self._reader_threads.shutdown, wait=True)
+            for reader in self._readers:
+                reader.close()
         finally:
             # The writer closes last: as the file's last connection, and a writable one, it
             # checkpoints the WAL into the file (a read-only last connection may not).
@@ -587,8 +606,10 @@ class SqliteStore:
     async def _read(self, query: Callable[[sqlite3.Connection], T], doing: str) -> T:
         self._check_open()
 
+        idle = self._idle_readers
+
         def read() -> T:
-            connection = self._reader
+            connection = idle.get_nowait()
             try:
                 connection.execute("BEGIN")
                 try:
@@ -599,8 +620,10 @@ class SqliteStore:
                 raise translate(error, f"{doing} in {self._path}") from error
             except StoreCorrupt as error:
                 raise StoreCorrupt(f"{doing} in {self._path}: {error}") from error
+            finally:
+                idle.put(connection)
 
-        return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
+        return await asyncio.get_running_loop().run_in_executor(self._reader_threads, read)
 
     def _check_open(self) -> None:
         if self._closed:

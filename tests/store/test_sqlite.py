@@ -8,6 +8,7 @@ import hashlib
 import random
 import sqlite3
 import stat
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
@@ -435,6 +436,50 @@ async def test_close_finishes_the_writes_already_queued(db: Path) -> None:
 
     assert all(write.result()[1] for write in writes)
     assert query(db, "SELECT count(*) FROM sagas") == [(100,)]
+
+
+async def test_a_slow_read_does_not_hold_up_the_reads_behind_it(db: Path) -> None:
+    store = await SqliteStore.open(db)
+    try:
+        await store_history(store, run_history("s-1", [OK]))
+        released = threading.Event()
+
+        def slow(connection: sqlite3.Connection) -> bool:
+            connection.execute("SELECT count(*) FROM sagas").fetchone()
+            return released.wait(30)  # holds its connection until the reads behind it are done
+
+        slow_read = asyncio.ensure_future(store._read(slow, "a slow read"))
+        await asyncio.sleep(0.05)
+        # With one read connection this would wait for the slow read, which waits for it.
+        saga = await asyncio.wait_for(store.get("s-1"), 10)
+        events = await asyncio.wait_for(store.events_page("s-1", 0, 10, newest_first=True), 10)
+        assert saga is not None
+        assert [event.sequence for event in events] == list(range(len(events), 0, -1))
+        assert not slow_read.done()
+        released.set()
+        assert await slow_read is True
+    finally:
+        released.set()
+        await store.close()
+
+
+async def test_close_lets_a_running_read_finish(db: Path) -> None:
+    store = await SqliteStore.open(db)
+    await store_history(store, run_history("s-1", [OK]))
+    released = threading.Event()
+
+    def slow(connection: sqlite3.Connection) -> int:
+        released.wait(30)
+        return int(connection.execute("SELECT count(*) FROM sagas").fetchone()[0])
+
+    slow_read = asyncio.ensure_future(store._read(slow, "a slow read"))
+    await asyncio.sleep(0.05)
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()
+    released.set()
+    await asyncio.wait_for(closing, 10)
+    assert await slow_read == 1
 
 
 # --- the compact shape of rows ---------------------------------------------------------------
