@@ -406,8 +406,7 @@ async def sagas_live(request: web.Request) -> web.StreamResponse:
 async def attention(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     query = ListQuery.of([SagaState.NEEDS_ATTENTION], page_size=ATTENTION_LIMIT)
-    page, counts = await asyncio.gather(gateway.list_page(query), gateway.count(ListQuery.of()))
-    parked = page.sagas
+    parked, counts = await asyncio.gather(gateway.list_protos(query), gateway.count(ListQuery.of()))
     total = counts[SagaState.NEEDS_ATTENTION]
     return _render(
         request,

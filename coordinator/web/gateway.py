@@ -102,6 +102,17 @@ class Gateway:
             tuple(saga_from_proto(saga) for saga in response.sagas), response.next_page_token
         )
 
+    async def list_protos(self, query: ListQuery) -> list[saga_pb2.Saga]:
+        """The first page of the sagas `query` selects, as protos (a page that only groups
+        them converts the few it names)."""
+        try:
+            response = await self._stub.ListSagas(
+                query.page(""), timeout=UNARY_TIMEOUT, metadata=await self._metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_aio(exc) from None
+        return list(response.sagas)
+
     async def events_page(self, saga_id: str, page_size: int, token: str = "") -> EventPage:
         """One page of a saga's event log, oldest first, from the cursor `token`."""
         try:

@@ -13,7 +13,15 @@ from saga.v1 import saga_pb2
 from coordinator.core.model import Operation, request_id
 from coordinator.web.actions import waiting_step
 from coordinator.web.timeline import FAILURE_EVENTS, duration_text, event_type
-from saga_sdk.model import Saga, SagaEvent, SagaEventType, SagaState, StepRun, event_from_proto
+from saga_sdk.model import (
+    Saga,
+    SagaEvent,
+    SagaEventType,
+    SagaState,
+    StepRun,
+    event_from_proto,
+    saga_from_proto,
+)
 
 PAYLOAD_PREVIEW = 240
 """Characters of a payload shown in a summary."""
@@ -146,6 +154,10 @@ def is_failure(event: SagaEvent) -> bool:
     return event.type in FAILURE_EVENTS
 
 
+SHOWN_PER_GROUP = 10
+"""Sagas named per needs-attention group (the oldest); the group counts them all."""
+
+
 @dataclass
 class AttentionGroup:
     """Parked sagas of one definition, stuck on one step for one reason."""
@@ -155,26 +167,42 @@ class AttentionGroup:
     reason: str
     message: str
     sagas: list[Saga] = field(default_factory=list)
+    """The SHOWN_PER_GROUP parked longest ago, oldest first."""
+    count: int = 0
+    """How many of the sagas grouped are in the group."""
 
     @property
     def oldest(self) -> Saga:
-        """The saga parked longest ago (the list is oldest first)."""
+        """The saga parked longest ago."""
         return self.sagas[0]
 
 
-def attention_groups(sagas: Sequence[Saga]) -> list[AttentionGroup]:
-    """Group parked sagas by definition, failing step and reason, oldest group first."""
+def _parked_at(saga: saga_pb2.Saga) -> tuple[int, int]:
+    moment = saga.update_time if saga.HasField("update_time") else saga.create_time
+    return moment.seconds, moment.nanos
+
+
+def attention_groups(sagas: Sequence[saga_pb2.Saga]) -> list[AttentionGroup]:
+    """Group parked sagas by definition, failing step and reason, oldest group first.
+
+    Read from the protos: only the sagas a group names are converted (a page groups hundreds).
+    """
     groups: dict[tuple[str, str, str], AttentionGroup] = {}
-    for saga in sorted(sagas, key=lambda s: s.update_time or s.create_time or datetime.min):
-        failure = saga.failure
-        waiting = waiting_step(saga)
-        step = failure.step if failure and failure.step else (waiting.name if waiting else "")
-        reason = (failure.reason or failure.code) if failure else "(no reason recorded)"
-        key = (saga.definition, step, reason)
+    for message in sorted(sagas, key=_parked_at):
+        failed = message.HasField("failure")
+        failure = message.failure
+        step = failure.step
+        if not step:
+            waiting = waiting_step(saga_from_proto(message))
+            step = waiting.name if waiting else ""
+        reason = (failure.reason or failure.code) if failed else "(no reason recorded)"
+        key = (message.definition, step, reason)
         group = groups.get(key)
         if group is None:
             group = groups[key] = AttentionGroup(
-                saga.definition, step, reason, failure.message if failure else ""
+                message.definition, step, reason, failure.message if failed else ""
             )
-        group.sagas.append(saga)
+        group.count += 1
+        if len(group.sagas) < SHOWN_PER_GROUP:
+            group.sagas.append(saga_from_proto(message))
     return list(groups.values())

@@ -6,12 +6,18 @@ from datetime import UTC, datetime
 
 import grpc
 import pytest
+from saga.v1 import saga_pb2
 
 from coordinator.web.actions import Action, action_views
 from coordinator.web.query import QueryError, SagaFilters
 from coordinator.web.security import Forbidden, Guard
 from coordinator.web.server import ConsoleError, ConsoleSettings, check_settings
-from coordinator.web.views import payload_summary, trace_link
+from coordinator.web.views import (
+    SHOWN_PER_GROUP,
+    attention_groups,
+    payload_summary,
+    trace_link,
+)
 from saga_sdk.model import Saga, SagaState, StepKind, StepRun, StepState
 
 
@@ -204,3 +210,34 @@ def test_a_live_stream_ends_quietly_when_the_coordinator_fails_it(
         "the live stream of saga 'a' ended: the coordinator failed it (UNAVAILABLE: "
         "connection refused)"
     ]
+
+
+def _parked(saga_id: str, definition: str, reason: str, minute: int) -> saga_pb2.Saga:
+    saga = saga_pb2.Saga(
+        name=f"sagas/{saga_id}",
+        saga_id=saga_id,
+        definition=definition,
+        definition_version=1,
+        state=saga_pb2.SAGA_STATE_NEEDS_ATTENTION,
+        failure=saga_pb2.Failure(step="charge", code="UNAVAILABLE", reason=reason, message="down"),
+    )
+    saga.create_time.FromDatetime(datetime(2026, 1, 1, tzinfo=UTC))
+    saga.update_time.FromDatetime(datetime(2026, 1, 1, 0, minute, tzinfo=UTC))
+    return saga
+
+
+def test_parked_sagas_are_grouped_and_counted_and_only_the_oldest_named() -> None:
+    parked = [_parked(f"a-{i:02d}", "pay", "LEDGER_DOWN", 50 - i) for i in range(25)]
+    parked += [_parked("b-1", "pay", "CARD_REFUSED", 55), _parked("c-1", "ship", "", 1)]
+    groups = attention_groups(parked)
+
+    assert [(g.definition, g.step, g.reason, g.count) for g in groups] == [
+        ("ship", "charge", "UNAVAILABLE", 1),  # no reason: its code stands for it
+        ("pay", "charge", "LEDGER_DOWN", 25),
+        ("pay", "charge", "CARD_REFUSED", 1),
+    ]
+    ledger = groups[1]
+    assert len(ledger.sagas) == SHOWN_PER_GROUP
+    assert [saga.saga_id for saga in ledger.sagas] == [f"a-{i:02d}" for i in range(24, 14, -1)]
+    assert ledger.oldest.saga_id == "a-24"
+    assert ledger.message == "down"
