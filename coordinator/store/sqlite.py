@@ -1,9 +1,10 @@
 """The SQLite saga store: one file, WAL mode, group commit, the embedded default.
 
 Writes go through one writer thread that commits concurrent writes together (see
-``sqlite_writer``); reads go through a second connection on a reader thread, which in WAL mode
-neither blocks the writer nor waits for it. Each read runs in one read transaction: a saga's
-row and its steps, or a page and the counts it was planned with, come from one snapshot.
+``sqlite_writer``); reads go through read connections on reader threads (``READERS``), which
+in WAL mode neither block the writer nor wait for it, nor for each other. Each read runs in one
+read transaction: a saga's row and its steps, or a page and the counts it was planned with, come
+from one snapshot.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ ORDER BY sequence DESC LIMIT ?
 class Definitions(DefinitionCache):
     """The stored definitions and their ids, cached in both directions (``DefinitionCache``).
 
-    Shared by the writer and the reader thread: entries are only ever added, and an id is only
+    Shared by the writer and the reader threads: entries are only ever added, and an id is only
     cached once it is known to be committed.
     """
 
