@@ -35,7 +35,7 @@ from saga_sdk.model import SagaState
 from scripts import million  # the million-saga store, built the same way
 from tests.support.long_saga import write_long_saga
 from tests.support.participants import ScriptedParticipant
-from tests.support.processes import CoordinatorProcess, free_port
+from tests.support.processes import CoordinatorProcess, start_console
 
 LONG_SAGA = "long-haul-1"
 SERVICES = ("identity", "accounts", "cards", "billing")
@@ -155,28 +155,7 @@ def main() -> int:
         asyncio.run(coordinator.start(timeout=600))
         say(f"coordinator serving in {time.monotonic() - began:.1f} s on {coordinator.target}")
         wait_recovered(coordinator.target, 600)
-        port = free_port()
-        log = folder / "console.log"
-        with log.open("wb") as out:
-            console = subprocess.Popen(
-                [
-                    sys.executable,
-                    *("-m", "coordinator.cli", "console"),
-                    *("--coordinator", coordinator.target, "--listen", f"127.0.0.1:{port}"),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                fetch(base + "/definitions")
-                break
-            except OSError:
-                if time.monotonic() > deadline or console.poll() is not None:
-                    raise SystemExit(f"the console did not start:\n{log.read_text()}") from None
-                time.sleep(0.1)
+        console, base = start_console(coordinator.target, folder / "console.log")
         with SagaClient(coordinator.target) as client:
             sample = next(iter(client.list(states=[SagaState.SUCCEEDED], page_size=1))).saga_id
             counts = client.count()

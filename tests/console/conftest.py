@@ -7,10 +7,7 @@ import asyncio
 import os
 import shutil
 import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +20,7 @@ from saga.v1 import participant_service_pb2 as pb
 from saga_sdk.client import SagaClient
 from tests.support.coordinator import NAMES, four_step_definition, write_definitions
 from tests.support.participants import Answer, ScriptedParticipant, error, reject
-from tests.support.processes import CoordinatorProcess, free_port
+from tests.support.processes import CoordinatorProcess, start_console
 
 _T = TypeVar("_T")
 
@@ -88,22 +85,6 @@ def _rules(switches: Switches, participants: dict[str, ScriptedParticipant]) -> 
     participants["accounts"].rule = accounts
 
 
-def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"saga console exited: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"saga console did not start: {log.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`saga serve` on SQLite, four scripted participants, and `saga console` against it."""
@@ -121,23 +102,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         write_definitions(tmp / "definitions", [four_step_definition("onboard")])
         coordinator = CoordinatorProcess.configure(tmp / "saga.yaml", tmp / "saga.db", participants)
         loop.run(coordinator.start())
-        port = free_port()
         log = tmp / "console.log"
-        with log.open("wb") as out:
-            console = subprocess.Popen(
-                [
-                    sys.executable,
-                    *("-m", "coordinator.cli", "console"),
-                    *("--coordinator", coordinator.target),
-                    *("--listen", f"127.0.0.1:{port}"),
-                    *("--trace-url", TRACE_URL),
-                    *("--actor", "ops-console"),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/definitions", console, log)
+        console, url = start_console(
+            coordinator.target, log, "--trace-url", TRACE_URL, "--actor", "ops-console"
+        )
         shots = os.environ.get(SCREENSHOTS)
         with SagaClient(coordinator.target) as client:
             yield Stack(

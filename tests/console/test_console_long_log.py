@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,9 +21,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from coordinator.store import open_store
-from tests.console.conftest import SCREENSHOTS, _wait_http
+from tests.console.conftest import SCREENSHOTS
 from tests.support.long_saga import write_long_saga
-from tests.support.processes import CoordinatorProcess, free_port
+from tests.support.processes import CoordinatorProcess, start_console
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,20 +55,8 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     console: subprocess.Popen[bytes] | None = None
     try:
         asyncio.run(coordinator.start())
-        port = free_port()
         log = tmp / "console.log"
-        with log.open("wb") as out:
-            console = subprocess.Popen(
-                [
-                    sys.executable,
-                    *("-m", "coordinator.cli", "console"),
-                    *("--coordinator", coordinator.target, "--listen", f"127.0.0.1:{port}"),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/definitions", console, log)
+        console, url = start_console(coordinator.target, log)
         yield url
         text = log.read_text()
         assert "Traceback" not in text, text[-3000:]

@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,3 +113,37 @@ class CoordinatorProcess:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         return await asyncio.to_thread(self.process.wait, timeout)
+
+
+def start_console(target: str, log: Path, *options: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`saga console` against the coordinator at ``target`` on a free loopback port, its output
+    in ``log``, once it answers: the process and its base URL. RuntimeError (with the end of
+    its log) if it exits or does not answer within 30 s."""
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                *("-m", "coordinator.cli", "console"),
+                *("--coordinator", target, "--listen", f"127.0.0.1:{port}"),
+                *options,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"saga console exited: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/definitions", timeout=2) as answer:
+                if answer.status == 200:
+                    return process, url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.terminate()
+            process.wait(10)
+            raise RuntimeError(f"saga console did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.05)
