@@ -62,10 +62,12 @@ console: install
 	$(BIN)/python scripts/demo.py --console $(ARGS)
 
 ## Lint, type checks, layer contracts, the contract's lint, stubs drift, then every test:
-## the Node.js SDK's with Node's own runner, then the Python suite (which runs Node processes).
+## the Node.js SDK's with Node's own runner, then the Python suite (which runs Node processes)
+## on two workers, then the short torture runs alone, so that nothing else shares their cores.
 test: install lint
 	cd clients/node && npm test --silent
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --ignore=tests/torture
+	$(BIN)/python -m pytest -q tests/torture
 
 lint: install check-stubs
 	$(BIN)/ruff check .
