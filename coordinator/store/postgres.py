@@ -51,9 +51,9 @@ from coordinator.store.postgres_rows import (
 )
 from coordinator.store.postgres_schema import describe, load_migrations, migrate
 from coordinator.store.rows import (
-    BEYOND_EVERY_SEQUENCE,
     event_row,
     events_of,
+    events_page_bound,
     feed_change_of,
     label_rows,
     saga_row,
@@ -319,11 +319,8 @@ class PostgresStore:
     ) -> Sequence[RecordedEvent]:
         """Up to ``limit`` events of the saga's log; see ``SagaStore.events_page``."""
         check_limit(limit, "event")
-        if newest_first:
-            below = after_sequence if after_sequence > 0 else BEYOND_EVERY_SEQUENCE
-            query, bound = sql.SELECT_EVENTS_PAGE_BACKWARDS, below
-        else:
-            query, bound = sql.SELECT_EVENTS_PAGE, after_sequence
+        query = sql.SELECT_EVENTS_PAGE_BACKWARDS if newest_first else sql.SELECT_EVENTS_PAGE
+        bound = events_page_bound(after_sequence, newest_first)
         async with self._reading(f"reading the events of saga {saga_id}") as connection:
             cursor = await connection.execute(query, (saga_id, bound, limit))
             rows = await cursor.fetchall()

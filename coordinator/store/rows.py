@@ -277,6 +277,14 @@ BEYOND_EVERY_SEQUENCE = 2**63 - 1
 """Above every event's sequence: where a newest-first page starts when asked from the newest."""
 
 
+def events_page_bound(after_sequence: int, newest_first: bool) -> int:
+    """The sequence an events page's query compares with: above it oldest first, below it
+    newest first (where 0 means from the newest)."""
+    if newest_first and after_sequence <= 0:
+        return BEYOND_EVERY_SEQUENCE
+    return after_sequence
+
+
 def events_of(saga: Saga, rows: Iterable[Sequence[Any]]) -> tuple[RecordedEvent, ...]:
     """Recorded events of ``saga`` from rows of (sequence, recorded_at, type, body)."""
 

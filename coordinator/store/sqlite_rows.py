@@ -24,12 +24,12 @@ from coordinator.store.packing import digest, pack_definition
 # Built once for both SQL stores (``rows``); named here too for the scripts that write SQLite
 # rows by hand, which import them from this module.
 from coordinator.store.rows import (
-    BEYOND_EVERY_SEQUENCE,
     INSERTED_SAGA_COLUMNS,
     SAGA_COLUMNS,
     STEP_COLUMNS,
     DefinitionCache,
     events_of,
+    events_page_bound,
     feed_change_of,
     saga_of,
 )
@@ -251,12 +251,9 @@ def read_events_page(
 ) -> tuple[RecordedEvent, ...]:
     """Up to ``limit`` events of the saga's log after ``after_sequence`` in the reading order
     (none if the saga does not exist); see ``SagaStore.events_page``."""
-    if newest_first:
-        below = after_sequence if after_sequence > 0 else BEYOND_EVERY_SEQUENCE
-        query, cursor = _SELECT_EVENTS_PAGE_BACKWARDS, below
-    else:
-        query, cursor = _SELECT_EVENTS_PAGE, after_sequence
-    rows = connection.execute(query, (saga_id, cursor, limit)).fetchall()
+    query = _SELECT_EVENTS_PAGE_BACKWARDS if newest_first else _SELECT_EVENTS_PAGE
+    bound = events_page_bound(after_sequence, newest_first)
+    rows = connection.execute(query, (saga_id, bound, limit)).fetchall()
     if not rows:
         return ()
     saga = read_saga(connection, definitions, saga_id)

@@ -256,13 +256,23 @@ def encode_page_token(cursor: ListCursor, where: SagaFilter) -> str:
     body = json.dumps(
         {"t": cursor.created_at.isoformat(), "i": cursor.saga_id, "f": _filter_key(where)}
     )
+    return _token_of(body)
+
+
+def _token_of(body: str) -> str:
+    """A page token: its body in unpadded URL-safe base64."""
     return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+
+def _body_of(token: str) -> str:
+    """The body of ``_token_of``; ValueError (or binascii.Error) for anything else."""
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
 
 
 def decode_page_token(token: str, where: SagaFilter) -> ListCursor:
     """The cursor inside a page token; InvalidArgument if it is not one of ours or filters moved."""
     try:
-        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        body = json.loads(_body_of(token))
         created_at = datetime.fromisoformat(body["t"])
         if created_at.tzinfo is None:
             raise ValueError("a page token's time is in UTC")
@@ -288,14 +298,13 @@ _SEQUENCE = re.compile(r"[0-9]{1,18}")
 
 def _events_token(sequence: int, newest_first: bool) -> str:
     """An opaque ListSagaEvents token: the page after the event ``sequence`` in the order read."""
-    body = f"{_NEWEST_FIRST if newest_first else ''}{sequence}"
-    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+    return _token_of(f"{_NEWEST_FIRST if newest_first else ''}{sequence}")
 
 
 def _events_cursor(token: str, newest_first: bool) -> int:
     """The sequence inside an ``_events_token``; ValueError (saying why) for anything else."""
     try:
-        body = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        body = _body_of(token)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ValueError("not a token returned by ListSagaEvents") from None
     backwards = body.startswith(_NEWEST_FIRST)
