@@ -107,7 +107,6 @@ def _fragment(request: web.Request, name: str, **context: Any) -> str:
         csrf_field=CSRF_FIELD,
         coordinator=app[GATEWAY].target,
         path=request.path,
-        now=_now(),
         **context,
     )
 
@@ -250,7 +249,7 @@ class CountCache:
 
     def get(self, query: ListQuery, *, fresh: bool = False) -> asyncio.Task[SagaCounts]:
         """The call counting `query`'s sagas: a recent one, or (`fresh`) a new one."""
-        key = query.count().SerializeToString(deterministic=True), query.page_size
+        key = (query.count().SerializeToString(deterministic=True),)
         now = asyncio.get_running_loop().time()
         known = self._calls.get(key)
         if known is not None and not fresh and now - known[0] < COUNTS_FRESH:
@@ -406,7 +405,8 @@ async def sagas_live(request: web.Request) -> web.StreamResponse:
 async def attention(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     query = ListQuery.of([SagaState.NEEDS_ATTENTION], page_size=ATTENTION_LIMIT)
-    parked, counts = await asyncio.gather(gateway.list_protos(query), gateway.count(ListQuery.of()))
+    page, counts = await asyncio.gather(gateway.list_protos(query), gateway.count(ListQuery.of()))
+    parked = page.sagas
     total = counts[SagaState.NEEDS_ATTENTION]
     return _render(
         request,
@@ -512,9 +512,8 @@ async def _saga_fragments(
             unread=ends.unread,
         )
         names.extend(PARTS)
-        fragments = {name: _fragment(request, f"_saga_{name}.html", **context) for name in names}
-    else:
-        fragments = {name: _fragment(request, f"_saga_{name}.html", **context) for name in names}
+    fragments = {name: _fragment(request, f"_saga_{name}.html", **context) for name in names}
+    if not parts:
         for name in PARTS:
             fragments[name] = _fragment(request, "_saga_pending_part.html", part=name, **context)
     return fragments
@@ -703,11 +702,7 @@ async def saga_action(request: web.Request) -> web.StreamResponse:
     message = f"{action.label}: done; the saga is {saga.state.value}"
     if _wants_json(request):
         return web.json_response({"ok": True, "message": message, "state": saga.state.value})
-    raise web.HTTPSeeOther(f"/saga?{_encode([('id', saga_id), ('done', message)])}")
-
-
-def _encode(pairs: list[tuple[str, str]]) -> str:
-    return urlencode(pairs)
+    raise web.HTTPSeeOther(f"/saga?{urlencode([('id', saga_id), ('done', message)])}")
 
 
 # --- definitions -------------------------------------------------------------------------------
@@ -732,7 +727,7 @@ async def definition(request: web.Request) -> web.Response:
         raise QueryError(f"version: {version_text!r} is not a version number")
     gateway = request.app[GATEWAY]
     registered, summaries = await asyncio.gather(
-        gateway.definition(name, int(version_text)), gateway.definitions()
+        gateway.definition(name, int(version_text)), gateway.definitions(name)
     )
     summary = next((s for s in summaries if s.name == name), None)
     return _render(

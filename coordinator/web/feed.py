@@ -59,8 +59,6 @@ class ChangeHub:
         self._gateway = gateway
         self._subscribers: set[_Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
-        self.position = 0
-        """Position of the last change received."""
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[Callable[[], asyncio.Future[FeedItem]]]:
@@ -99,7 +97,6 @@ class ChangeHub:
         while True:
             try:
                 async for change in self._gateway.changes():
-                    self.position = change.position
                     self._publish(change)
                 return
             except SagaSdkError as error:

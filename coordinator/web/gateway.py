@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 import grpc
 import grpc.aio
-from saga.v1 import coordinator_service_pb2, coordinator_service_pb2_grpc, saga_pb2
+from saga.v1 import coordinator_service_pb2_grpc, saga_pb2
+from saga.v1.coordinator_service_pb2 import ListSagaEventsResponse, ListSagasResponse
 
 from saga_sdk.client import AsyncSagaClient
 from saga_sdk.connection import BearerToken, TokenSource
@@ -27,11 +29,15 @@ from saga_sdk.model import (
     SagaEvent,
     SagaState,
     SagaUpdate,
+    counts_from_proto,
     event_from_proto,
     saga_from_proto,
 )
 from saga_sdk.requests import ListQuery, events_request
 from saga_sdk.tls import ClientTLS
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
 
 UNARY_TIMEOUT = 10.0
 """Deadline of each unary call, in seconds: a page waits no longer for the coordinator."""
@@ -87,57 +93,40 @@ class Gateway:
         self.target = target
         self.actor = actor
 
-    async def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return () if self._token is None else (await self._token.header_async(),)
+    async def _call(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+    ) -> _Response:
+        """One unary call with the client's deadline and token; the SDK's errors."""
+        metadata = () if self._token is None else (await self._token.header_async(),)
+        try:
+            return await method(request, timeout=UNARY_TIMEOUT, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_aio(exc) from None
+
+    async def list_protos(self, query: ListQuery, token: str = "") -> ListSagasResponse:
+        """One page of the sagas `query` selects, from the cursor `token`, as protos (a page
+        that only groups them converts the few it names)."""
+        return await self._call(self._stub.ListSagas, query.page(token))
 
     async def list_page(self, query: ListQuery, token: str = "") -> SagaPage:
         """One page of the sagas `query` selects, from the cursor `token`."""
-        try:
-            response = await self._stub.ListSagas(
-                query.page(token), timeout=UNARY_TIMEOUT, metadata=await self._metadata()
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_aio(exc) from None
+        response = await self.list_protos(query, token)
         return SagaPage(
             tuple(saga_from_proto(saga) for saga in response.sagas), response.next_page_token
         )
 
-    async def list_protos(self, query: ListQuery) -> list[saga_pb2.Saga]:
-        """The first page of the sagas `query` selects, as protos (a page that only groups
-        them converts the few it names)."""
-        try:
-            response = await self._stub.ListSagas(
-                query.page(""), timeout=UNARY_TIMEOUT, metadata=await self._metadata()
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_aio(exc) from None
-        return list(response.sagas)
+    async def _events_protos(
+        self, saga_id: str, page_size: int, token: str = "", *, newest_first: bool = False
+    ) -> ListSagaEventsResponse:
+        request = events_request(saga_id, page_size, token, newest_first=newest_first)
+        return await self._call(self._stub.ListSagaEvents, request)
 
     async def events_page(self, saga_id: str, page_size: int, token: str = "") -> EventPage:
         """One page of a saga's event log, oldest first, from the cursor `token`."""
-        try:
-            response = await self._stub.ListSagaEvents(
-                events_request(saga_id, page_size, token),
-                timeout=UNARY_TIMEOUT,
-                metadata=await self._metadata(),
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_aio(exc) from None
+        response = await self._events_protos(saga_id, page_size, token)
         return EventPage(
             tuple(event_from_proto(event) for event in response.events), response.next_page_token
         )
-
-    async def _events_protos(
-        self, saga_id: str, page_size: int, *, newest_first: bool
-    ) -> coordinator_service_pb2.ListSagaEventsResponse:
-        try:
-            return await self._stub.ListSagaEvents(
-                events_request(saga_id, page_size, newest_first=newest_first),
-                timeout=UNARY_TIMEOUT,
-                metadata=await self._metadata(),
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_aio(exc) from None
 
     async def log_ends(self, saga_id: str, each: int) -> LogEnds:
         """The first and the last `each` events of a saga's log, as protos (the whole log when
@@ -161,19 +150,11 @@ class Gateway:
 
     async def count(self, query: ListQuery) -> SagaCounts:
         """How many sagas `query`'s filters (states aside) select, per state."""
-        return await self.client.count(
-            definition=query.definition,
-            definition_version=query.definition_version,
-            labels=dict(query.labels),
-            created_after=query.created_after,
-            created_before=query.created_before,
-            stuck_on_participant=query.stuck_on_participant,
-            stuck_on_step=query.stuck_on_step,
-        )
+        return counts_from_proto(await self._call(self._stub.CountSagas, query.count()))
 
-    async def definitions(self) -> list[DefinitionSummary]:
-        """Every registered definition with its versions."""
-        return await self.client.definitions()
+    async def definitions(self, name: str | None = None) -> list[DefinitionSummary]:
+        """Every registered definition (or only `name`'s) with its versions."""
+        return await self.client.definitions(name)
 
     async def definition(self, name: str, version: int = 0) -> RegisteredDefinition:
         """One version of a definition (0: the newest)."""

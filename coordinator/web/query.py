@@ -12,12 +12,11 @@ from saga_sdk.requests import ListQuery
 
 PAGE_SIZES = (20, 50, 100, 200)
 DEFAULT_PAGE_SIZE = 50
-FILTER_STATES = tuple(state for state in SagaState if state is not SagaState.UNSPECIFIED)
-"""The states a listing filters on, NEEDS_ATTENTION first (the order of the counts)."""
 FILTER_STATES = (
     SagaState.NEEDS_ATTENTION,
-    *(state for state in FILTER_STATES if state is not SagaState.NEEDS_ATTENTION),
+    *(s for s in SagaState if s not in (SagaState.UNSPECIFIED, SagaState.NEEDS_ATTENTION)),
 )
+"""The states a listing filters on, NEEDS_ATTENTION first (the order of the counts)."""
 
 
 class QueryError(ValueError):
@@ -169,6 +168,5 @@ class SagaFilters:
     @property
     def filtered(self) -> bool:
         """Whether any filter is set."""
-        return bool(self.params(cursor=False)) and self.params(cursor=False) != [
-            ("size", str(self.page_size))
-        ]
+        params = self.params(cursor=False)
+        return bool(params) and params != [("size", str(self.page_size))]

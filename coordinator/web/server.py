@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -73,7 +74,7 @@ def _wildcard(host: str) -> bool:
 
 def check_settings(settings: ConsoleSettings) -> None:
     """Refuse what would expose the console (plaintext off loopback) or cannot work."""
-    split_listen(settings.listen)
+    host, _ = split_listen(settings.listen)
     if (settings.certificate is None) != (settings.key is None):
         raise ConsoleError("--tls-certificate and --tls-key go together")
     plaintext = settings.certificate is None and not settings.insecure_plaintext
@@ -83,7 +84,6 @@ def check_settings(settings: ConsoleSettings) -> None:
             "--tls-certificate and --tls-key, or, knowingly, --insecure-plaintext (anyone "
             "on the network could then read the sagas and act on them)"
         )
-    host, _ = split_listen(settings.listen)
     if settings.certificate is None and _wildcard(host) and not settings.allowed_hosts:
         raise ConsoleError(
             f"--listen {settings.listen}: plaintext on every interface answers any Host header, "
@@ -198,7 +198,7 @@ def settings_from(args: argparse.Namespace) -> ConsoleSettings:
         allowed_hosts=tuple(args.allowed_host),
     )
     if args.actor:
-        settings = ConsoleSettings(**{**settings.__dict__, "actor": args.actor})
+        settings = dataclasses.replace(settings, actor=args.actor)
     check_settings(settings)
     return settings
 
