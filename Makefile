@@ -63,10 +63,11 @@ console: install
 
 ## Lint, type checks, layer contracts, the contract's lint, stubs drift, then every test:
 ## the Node.js SDK's with Node's own runner, then the Python suite (which runs Node processes)
-## on two workers, then the short torture runs alone, so that nothing else shares their cores.
+## on two workers (a file's tests on one, in order, sharing its module fixtures), then the
+## short torture runs alone, so that nothing else shares their cores.
 test: install lint
 	cd clients/node && npm test --silent
-	$(BIN)/python -m pytest -q -n 2 --ignore=tests/torture
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --ignore=tests/torture
 	$(BIN)/python -m pytest -q tests/torture
 
 lint: install check-stubs
