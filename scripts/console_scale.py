@@ -33,16 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from saga_sdk.client import SagaClient
 from saga_sdk.model import SagaState
 from scripts import million  # the million-saga store, built the same way
+from scripts.million import say
 from tests.support.long_saga import write_long_saga
 from tests.support.participants import ScriptedParticipant
 from tests.support.processes import CoordinatorProcess, start_console
 
 LONG_SAGA = "long-haul-1"
 SERVICES = ("identity", "accounts", "cards", "billing")
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
 
 
 def add_long_saga(path: Path, events: int) -> int:

@@ -41,7 +41,6 @@ def _shot(stack: Stack, browser: Any, name: str) -> None:
     browser.set_window_size(size["width"], min(max(height, size["height"]), 2400))
     browser.save_screenshot(str(stack.shots / f"{name}.png"))
     browser.set_window_size(size["width"], size["height"])
-    stack.taken.append(name)
 
 
 def _open(browser: Any, url: str, status: int = 200) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,7 +22,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from coordinator.store import open_store
 from tests.console.conftest import SCREENSHOTS
 from tests.support.long_saga import write_long_saga
-from tests.support.processes import CoordinatorProcess, start_console
+from tests.support.processes import CoordinatorProcess, running_console
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,19 +51,11 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         database,
         {"accounts": "127.0.0.1:9", "cards": "127.0.0.1:9"},  # parked sagas call no one
     )
-    console: subprocess.Popen[bytes] | None = None
     try:
         asyncio.run(coordinator.start())
-        log = tmp / "console.log"
-        console, url = start_console(coordinator.target, log)
-        yield url
-        text = log.read_text()
-        assert "Traceback" not in text, text[-3000:]
-        assert "ERROR" not in text, text[-3000:]
+        with running_console(coordinator.target, tmp / "console.log") as url:
+            yield url
     finally:
-        if console is not None:
-            console.terminate()
-            console.wait(10)
         if coordinator.process is not None:
             asyncio.run(coordinator.stop())
 

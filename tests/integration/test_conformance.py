@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 INPUT = json.dumps({"company": "Initech", "admin": "bill@initech.example", "plan": "business"})
@@ -24,19 +21,6 @@ SERVICES = {
     "cards": ("IssueCard", "CancelCard", ['open-account={"account_id": "acc_1"}']),
     "billing": ("CreateSubscription", "CancelSubscription", ['open-account={"account_id": "a"}']),
 }
-
-
-def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(300):
-            assert process.poll() is None, f"the service exited:\n{log.read_text()[-3000:]}"
-            try:
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                return
-            except grpc.RpcError:
-                time.sleep(0.05)
-    raise AssertionError(f"{address} did not start")
 
 
 @pytest.fixture

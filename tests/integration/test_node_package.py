@@ -19,15 +19,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, wait_serving
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_SDK = REPO / "clients" / "node"
@@ -262,20 +259,6 @@ def readme_participant_process(consumer: Path) -> Iterator[str]:
         if process.poll() is None:
             process.kill()
             process.wait(10)
-
-
-def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                return
-            except grpc.RpcError:
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
 
 
 def test_the_readme_participant_passes_conformance(

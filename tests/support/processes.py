@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,3 +148,35 @@ def start_console(target: str, log: Path, *options: str) -> tuple[subprocess.Pop
             process.wait(10)
             raise RuntimeError(f"saga console did not start: {log.read_text()[-3000:]}")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running_console(target: str, log: Path, *options: str) -> Iterator[str]:
+    """`saga console` (``start_console``) while the block runs: its base URL. When the block
+    ends normally, the console must have logged no traceback and no error; it is stopped in
+    any case."""
+    process, url = start_console(target, log, *options)
+    try:
+        yield url
+        text = log.read_text()
+        assert "Traceback" not in text, text[-3000:]
+        assert "ERROR" not in text, text[-3000:]
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait (30 s at most) until the gRPC health service at ``address`` answers; fail with the
+    end of ``log`` if ``process`` exits first or it never answers."""
+    deadline = time.monotonic() + 30
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            assert process.poll() is None, f"the service exited:\n{log.read_text()[-3000:]}"
+            try:
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                return
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, f"{address} did not start:\n{log.read_text()}"
+                time.sleep(0.05)
