@@ -52,6 +52,12 @@ export function rewatchDelayMs(attempt) {
   return Math.min(2000, 50 * 2 ** Math.max(0, attempt - 1));
 }
 
+function checkPageSize(pageSize) {
+  if (!Number.isInteger(pageSize) || pageSize < 1 || pageSize > 1000) {
+    throw new TypeError('pageSize must be from 1 to 1000');
+  }
+}
+
 function stateFilter(state) {
   const name = String(state).replace(/^SAGA_STATE_/, '');
   if (!Object.hasOwn(SagaState, name) || name === SagaState.UNSPECIFIED) {
@@ -173,19 +179,9 @@ export class SagaClient {
    * @returns {AsyncIterableIterator<import('./model.js').Saga>}
    */
   list({ states = [], definition = '', pageSize = 100 } = {}) {
-    if (!Number.isInteger(pageSize) || pageSize < 1 || pageSize > 1000) {
-      throw new TypeError('pageSize must be from 1 to 1000');
-    }
+    checkPageSize(pageSize);
     const query = { states: [...states].map(stateFilter), definition: definition ?? '', page_size: pageSize };
-    const unary = (request) => this.#unary('ListSagas', request);
-    return (async function* pages() {
-      let token = '';
-      do {
-        const response = await unary({ ...query, page_token: token });
-        for (const saga of response.sagas) yield sagaFromProto(saga);
-        token = response.next_page_token;
-      } while (token);
-    })();
+    return this.#pages('ListSagas', query, (response) => response.sagas.map(sagaFromProto));
   }
 
   /**
@@ -198,19 +194,25 @@ export class SagaClient {
    * @returns {AsyncIterableIterator<import('./model.js').SagaEvent>}
    */
   events(sagaId, { pageSize = 100, newestFirst = false } = {}) {
-    if (!Number.isInteger(pageSize) || pageSize < 1 || pageSize > 1000) {
-      throw new TypeError('pageSize must be from 1 to 1000');
-    }
+    checkPageSize(pageSize);
     if (typeof newestFirst !== 'boolean') {
       throw new TypeError(`newestFirst must be a boolean, got ${typeof newestFirst}`);
     }
     const query = { name: sagaName(sagaId), page_size: pageSize, newest_first: newestFirst };
-    const unary = (request) => this.#unary('ListSagaEvents', request);
+    return this.#pages('ListSagaEvents', query, (response) => response.events.map(eventFromProto));
+  }
+
+  /**
+   * Every item of a paged listing: `method` is called with `query` and each page's token in
+   * turn, and `itemsOf` turns a response into its items.
+   */
+  #pages(method, query, itemsOf) {
+    const unary = (request) => this.#unary(method, request);
     return (async function* pages() {
       let token = '';
       do {
         const response = await unary({ ...query, page_token: token });
-        for (const event of response.events) yield eventFromProto(event);
+        yield* itemsOf(response);
         token = response.next_page_token;
       } while (token);
     })();
