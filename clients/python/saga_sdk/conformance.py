@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,10 +47,15 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 from saga.v1 import participant_service_pb2, participant_service_pb2_grpc
 
-from saga_sdk.errors import STATUS_DETAILS_KEY, SagaRpcError, error_from_status
+from saga_sdk.errors import (
+    REASON_PATTERN,
+    STATUS_DETAILS_KEY,
+    SagaRpcError,
+    error_from_status,
+)
 from saga_sdk.requests import encode_payload
 
 TRANSIENT_CODES = frozenset(
@@ -98,9 +102,6 @@ class Answer:
         return f"{self.error.code.name}{reason}"
 
 
-_REASON = re.compile(r"^[A-Z][A-Z0-9_]*[A-Z0-9]$")
-
-
 def mapping_problems(
     code: grpc.StatusCode, trailing: Iterable[tuple[str, str | bytes]] | None
 ) -> tuple[status_pb2.Status | None, list[str]]:
@@ -115,32 +116,24 @@ def mapping_problems(
             status = status_pb2.Status.FromString(value if isinstance(value, bytes) else b"")
         except DecodeError:
             problems.append(f"{code.name} with status details that are not a google.rpc.Status")
-    reason = ""
-    retry: error_details_pb2.RetryInfo | None = None
-    if status is not None:
-        if status.code != code.value[0]:
-            problems.append(
-                f"{code.name} whose status details say code {status.code}: the coordinator "
-                "reads the call's code, the details disagree"
-            )
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-    if retry is not None and code not in TRANSIENT_CODES:
+    if status is not None and status.code != code.value[0]:
+        problems.append(
+            f"{code.name} whose status details say code {status.code}: the coordinator "
+            "reads the call's code, the details disagree"
+        )
+    # Read as the SDK reads any failed call: its ErrorInfo reason and RetryInfo delay.
+    read = error_from_status(code, "", status)
+    reason, retry_after = read.reason, read.retry_after
+    if retry_after is not None and code not in TRANSIENT_CODES:
         problems.append(
             f"a RetryInfo on {code.name}, which is not retried: the delay means nothing there "
             "(send UNAVAILABLE to be retried later)"
         )
-    if retry is not None and retry.retry_delay.ToTimedelta().total_seconds() < 0:
+    if retry_after is not None and retry_after.total_seconds() < 0:
         problems.append(f"a negative RetryInfo delay on {code.name}")
     if code is grpc.StatusCode.FAILED_PRECONDITION and not reason:
         problems.append("FAILED_PRECONDITION without an ErrorInfo reason (a rejection needs one)")
-    elif code is grpc.StatusCode.FAILED_PRECONDITION and not _REASON.match(reason):
+    elif code is grpc.StatusCode.FAILED_PRECONDITION and not REASON_PATTERN.match(reason):
         problems.append(f"a rejection whose ErrorInfo reason {reason!r} is not UPPER_SNAKE")
     return status, problems
 
@@ -346,17 +339,15 @@ async def _unknown_action(c: _Caller) -> str:
     return ", ".join(seen)
 
 
-async def _check(
-    name: str, run: Callable[[], Awaitable[str]], caller: _Caller | None = None
-) -> CheckResult:
-    seen = len(caller.problems) if caller is not None else 0
+async def _check(name: str, run: Callable[[], Awaitable[str]], caller: _Caller) -> CheckResult:
+    seen = len(caller.problems)
     try:
         result = CheckResult(name, True, await run())
     except _Failed as failed:
         result = CheckResult(name, False, str(failed))
     except Exception as error:  # a broken participant must not stop the other checks
         result = CheckResult(name, False, f"{type(error).__name__}: {error}")
-    if caller is None or len(caller.problems) == seen:
+    if len(caller.problems) == seen:
         return result
     # The answers' mapping outranks the check's own verdict: the coordinator would misread them.
     unique = list(dict.fromkeys(caller.problems[seen:]))

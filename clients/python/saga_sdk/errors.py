@@ -61,7 +61,7 @@ from grpc_status import rpc_status
 # The trailing metadata key under which gRPC carries a serialized google.rpc.Status.
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # ErrorInfo.reason's documented shape.
-_REASON = re.compile(r"^[A-Z][A-Z0-9_]*[A-Z0-9]$")
+REASON_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]*[A-Z0-9]$")
 
 
 class SagaSdkError(Exception):
@@ -185,7 +185,7 @@ class Rejected(SagaSdkError):
     """
 
     def __init__(self, reason: str, message: str = "") -> None:
-        if not _REASON.match(reason):
+        if not REASON_PATTERN.match(reason):
             raise ValueError(f"a rejection's reason is UPPER_SNAKE, e.g. NO_FUNDS: {reason!r}")
         super().__init__(f"{reason}: {message}" if message else reason)
         self.reason = reason
@@ -252,7 +252,7 @@ class PermanentFailure(SagaSdkError):
 
 
 def _check_reason(reason: str, what: str) -> None:
-    if not _REASON.match(reason):
+    if not REASON_PATTERN.match(reason):
         raise ValueError(f"a {what}'s reason is UPPER_SNAKE, e.g. LEDGER_DOWN: {reason!r}")
 
 
