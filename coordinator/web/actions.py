@@ -155,15 +155,17 @@ def _not_waiting(saga: Saga, what: str) -> str:
     return what
 
 
+def _on(action: Action, step: StepRun | None, why_not: str) -> ActionView:
+    """The action on `step`, or disabled for `why_not` when there is no step it fits."""
+    return (
+        ActionView(action, step.name, "") if step is not None else ActionView(action, "", why_not)
+    )
+
+
 def _retry(saga: Saga) -> ActionView:
     step = parked_forward(saga) or _backoff(saga, "execute") or _backoff(saga, "compensate")
-    if step is not None:
-        return ActionView(Action.RETRY, step.name, "")
-    return ActionView(
-        Action.RETRY,
-        "",
-        _not_waiting(saga, "no call waits out a backoff, and no pivot or retriable step is parked"),
-    )
+    why_not = "no call waits out a backoff, and no pivot or retriable step is parked"
+    return _on(Action.RETRY, step, _not_waiting(saga, why_not))
 
 
 def _resume(saga: Saga) -> ActionView:
@@ -185,13 +187,8 @@ def _resume(saga: Saga) -> ActionView:
 
 def _mark_compensated(saga: Saga) -> ActionView:
     step = parked_backward(saga) or _backoff(saga, "compensate")
-    if step is not None:
-        return ActionView(Action.MARK_COMPENSATED, step.name, "")
-    return ActionView(
-        Action.MARK_COMPENSATED,
-        "",
-        _not_waiting(saga, "no compensation is parked or waiting out a backoff"),
-    )
+    why_not = "no compensation is parked or waiting out a backoff"
+    return _on(Action.MARK_COMPENSATED, step, _not_waiting(saga, why_not))
 
 
 def _complete(saga: Saga) -> ActionView:
@@ -200,17 +197,11 @@ def _complete(saga: Saga) -> ActionView:
         waiting = _backoff(saga, "execute")
         if waiting is not None and waiting.kind is not StepKind.COMPENSATABLE:
             step = waiting
-    if step is not None:
-        return ActionView(Action.COMPLETE, step.name, "")
-    return ActionView(
-        Action.COMPLETE,
-        "",
-        _not_waiting(
-            saga,
-            "only a pivot or retriable step that is parked or waiting out a backoff is "
-            "completed by hand",
-        ),
+    why_not = (
+        "only a pivot or retriable step that is parked or waiting out a backoff is completed "
+        "by hand"
     )
+    return _on(Action.COMPLETE, step, _not_waiting(saga, why_not))
 
 
 def action_views(saga: Saga) -> tuple[ActionView, ...]:

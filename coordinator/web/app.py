@@ -22,7 +22,7 @@ from coordinator.web.gateway import Gateway, SagaPage, utc_text
 from coordinator.web.graph import build_graph
 from coordinator.web.query import FILTER_STATES, QueryError, SagaFilters
 from coordinator.web.security import CSRF_FIELD, HEADERS, SESSION_COOKIE, Forbidden, Guard
-from coordinator.web.timeline import build_timeline, duration_text
+from coordinator.web.timeline import build_timeline, duration_text, event_words
 from coordinator.web.views import (
     attention_groups,
     is_failure,
@@ -390,7 +390,7 @@ async def sagas_live(request: web.Request) -> web.StreamResponse:
                             "saga_id": change.saga_id,
                             "state": change.state.value,
                             "state_class": state_class(change.state),
-                            "event": change.event.type.value.replace("_", " ").lower(),
+                            "event": event_words(change.event.type),
                             "time": utc_text(change.event.time),
                             "new": change.event.type.value == "CREATED"
                             and _matches(filters, change),

@@ -146,10 +146,15 @@ def duration_text(value: timedelta | None) -> str:
     return f"{days} d {hour} h"
 
 
+def event_words(kind: SagaEventType) -> str:
+    """An event type for people: STEP_ATTEMPT_FAILED is "step attempt failed"."""
+    return kind.value.replace("_", " ").lower()
+
+
 def attempt_title(event: SagaEvent) -> str:
     """A bar's tooltip: the step, the call, its attempt and outcome."""
     text = f"{event.step} {event.operation or ''} {event.action} attempt {event.attempt}: "
-    text += event.type.value.replace("_", " ").lower()
+    text += event_words(event.type)
     if event.failure is not None:
         text += f" ({event.failure.code} {event.failure.reason}: {event.failure.message})"
     if event.reason:

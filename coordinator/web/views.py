@@ -12,7 +12,7 @@ from saga.v1 import saga_pb2
 
 from coordinator.core.model import Operation, request_id
 from coordinator.web.actions import waiting_step
-from coordinator.web.timeline import FAILURE_EVENTS, duration_text, event_type
+from coordinator.web.timeline import FAILURE_EVENTS, duration_text, event_type, event_words
 from saga_sdk.model import (
     Saga,
     SagaEvent,
@@ -141,7 +141,7 @@ def _attempt(saga_id: str, event: SagaEvent) -> Attempt:
         operation=event.operation or ("operator" if event.type.by_operator else ""),
         attempt=event.attempt,
         time=event.time,
-        outcome=event.type.value.replace("_", " ").lower(),
+        outcome=event_words(event.type),
         code=failure.code if failure else ("OK" if "SUCCEEDED" in event.type else ""),
         reason=failure.reason if failure else event.reason,
         message=failure.message if failure else (event.actor and f"by {event.actor}"),
