@@ -11,7 +11,6 @@ import pg from 'pg';
 import {
   BarrierKey,
   ExecuteAfterCompensate,
-  MINIMUM_RETENTION_MS,
   OutcomeKind,
   Participant,
   PermanentFailure,
@@ -21,6 +20,7 @@ import {
 import { PostgresBarrier } from '../src/postgres.js';
 import { ParticipantTestKit } from '../src/testing.js';
 import { call, compensateRequest, executeRequest, serve, silentLogger } from './helpers.js';
+import { DAY_MS, pruneContract, sagaKey } from './prune_contract.js';
 
 const URL = process.env.SAGA_TEST_POSTGRES_URL ?? '';
 const skip = URL
@@ -377,142 +377,40 @@ test('the test kit finds the PostgreSQL barrier safe for retries, duplicates and
 
 // --- pruning ------------------------------------------------------------------------------------
 
-const DAY_MS = 24 * 60 * 60 * 1000;
-
-const sagaKey = (sagaId, requestId = `exec-${sagaId}`) =>
-  new BarrierKey({ sagaId, step: 'charge', operation: 'execute', requestId });
-
-/** A barrier table to prune: record calls first seen some days ago, read what is left. */
+/** A barrier table for prune_contract.js: record calls first seen some days ago, read what is left. */
 async function prunable(t) {
   const { barrier, admin } = await ledger(t);
-  const callSeen = async (sagaId, days, requestId = `exec-${sagaId}`) => {
-    await barrier.runEffect(sagaKey(sagaId, requestId), () => Buffer.from(`charged ${sagaId}`));
-    await admin.query(
-      `UPDATE ${barrier.table} SET created_at = now() - make_interval(secs => $1) ` +
-        'WHERE saga_id = $2 AND request_id = $3',
-      [days * 86400, sagaId, requestId],
-    );
+  return {
+    barrier,
+    callSeen: async (sagaId, days, requestId = `exec-${sagaId}`) => {
+      await barrier.runEffect(sagaKey(sagaId, requestId), () => Buffer.from(`charged ${sagaId}`));
+      await admin.query(
+        `UPDATE ${barrier.table} SET created_at = now() - make_interval(secs => $1) ` +
+          'WHERE saga_id = $2 AND request_id = $3',
+        [days * 86400, sagaId, requestId],
+      );
+    },
+    remaining: async () =>
+      (
+        await admin.query(`SELECT saga_id, request_id FROM ${barrier.table} ORDER BY saga_id, request_id`)
+      ).rows.map((row) => `${row.saga_id}/${row.request_id}`),
+    seedOldSagas: async () => {
+      await barrier.migrate(); // the table is made on first use
+      await admin.query(
+        `INSERT INTO ${barrier.table} (saga_id, step, operation, request_id, state, created_at) ` +
+          "SELECT 'saga-' || lpad(i::text, 4, '0'), 'charge', 'execute', 'exec', 'done', " +
+          "now() - interval '9 days' FROM generate_series(0, 599) AS i",
+      );
+    },
+    count: async () => Number((await admin.query(`SELECT count(*) AS n FROM ${barrier.table}`)).rows[0].n),
+    sagaIds: async () => (await admin.query(`SELECT saga_id FROM ${barrier.table}`)).rows.map((row) => row.saga_id),
   };
-  const remaining = async () =>
-    (
-      await admin.query(`SELECT saga_id, request_id FROM ${barrier.table} ORDER BY saga_id, request_id`)
-    ).rows.map((row) => `${row.saga_id}/${row.request_id}`);
-  const fourSagas = async () => {
-    await callSeen('old', 8);
-    await callSeen('mixed', 40, 'exec-first');
-    await callSeen('mixed', 1, 'exec-retried');
-    await callSeen('edge', 6.9);
-    await callSeen('new', 0);
-  };
-  return { barrier, admin, callSeen, remaining, fourSagas };
 }
 
-test('prune deletes the rows first seen before the window and keeps every newer row', { skip }, async (t) => {
-  const { barrier, remaining, fourSagas } = await prunable(t);
-  await fourSagas();
-  assert.equal(await barrier.prune({ olderThanMs: 30 * DAY_MS }), 1);
-  assert.deepEqual(await remaining(), ['edge/exec-edge', 'mixed/exec-retried', 'new/exec-new', 'old/exec-old']);
-  assert.equal(await barrier.prune({ olderThanMs: MINIMUM_RETENTION_MS }), 1);
-  assert.deepEqual(await remaining(), ['edge/exec-edge', 'mixed/exec-retried', 'new/exec-new']);
-  assert.equal(await barrier.prune({ olderThanMs: MINIMUM_RETENTION_MS }), 0, 'nothing left to prune');
-});
-
-test('a dry run counts the rows it would delete and deletes nothing', { skip }, async (t) => {
-  const { barrier, remaining, fourSagas } = await prunable(t);
-  await fourSagas();
-  const before = await remaining();
-  assert.equal(await barrier.prune({ olderThanMs: 7 * DAY_MS, dryRun: true }), 2);
-  assert.equal(await barrier.prune({ olderThanMs: 7 * DAY_MS, dryRun: true, ended: async () => ['old'] }), 1);
-  assert.deepEqual(await remaining(), before);
-});
-
-test('a window shorter than the minimum, or not a window at all, is refused and deletes nothing', { skip }, async (t) => {
-  const { barrier, remaining, fourSagas } = await prunable(t);
-  await fourSagas();
-  const before = await remaining();
-  await assert.rejects(barrier.prune({ olderThanMs: 6 * DAY_MS }), (error) => {
-    assert.ok(error instanceof RangeError);
-    assert.match(error.message, /6 days is shorter than the minimum of 7 days/);
-    assert.match(error.message, /a duplicate arriving after the prune would apply again/);
-    return true;
-  });
-  for (const olderThanMs of [0, -DAY_MS, Number.NaN, Number.POSITIVE_INFINITY]) {
-    await assert.rejects(barrier.prune({ olderThanMs }), /positive finite number/);
-  }
-  await assert.rejects(barrier.prune({ olderThanMs: '30d' }), TypeError);
-  await assert.rejects(barrier.prune(), TypeError);
-  await assert.rejects(barrier.prune({ olderThanMs: 30 * DAY_MS, ended: 'old' }), TypeError);
-  assert.deepEqual(await remaining(), before);
-});
-
-test('with ended, only the old rows of the sagas it names go, asked 500 at a time', { skip }, async (t) => {
-  const { barrier, admin, callSeen, remaining } = await prunable(t);
-  await callSeen('done', 10, 'exec-old');
-  await callSeen('done', 2, 'exec-late-retry');
-  await callSeen('running', 10);
-  await callSeen('recent', 1);
-  const asked = [];
-  const deleted = await barrier.prune({
-    olderThanMs: 7 * DAY_MS,
-    ended: async (sagaIds) => {
-      asked.push(sagaIds);
-      // 'recent' was not asked (no old row) and 'elsewhere' has no row: both are ignored.
-      return new Set(['done', 'recent', 'elsewhere']);
-    },
-  });
-  assert.equal(deleted, 1);
-  assert.deepEqual(asked, [['done', 'running']]);
-  assert.deepEqual(await remaining(), ['done/exec-late-retry', 'recent/exec-recent', 'running/exec-running']);
-
-  await admin.query(`DELETE FROM ${barrier.table}`);
-  await admin.query(
-    `INSERT INTO ${barrier.table} (saga_id, step, operation, request_id, state, created_at) ` +
-      "SELECT 'saga-' || lpad(i::text, 4, '0'), 'charge', 'execute', 'exec', 'done', " +
-      "now() - interval '9 days' FROM generate_series(0, 599) AS i",
-  );
-  const failingLate = barrier.prune({
-    olderThanMs: 7 * DAY_MS,
-    ended: async (sagaIds) => {
-      if (sagaIds.includes('saga-0599')) throw new Error('coordinator unreachable');
-      return sagaIds;
-    },
-  });
-  await assert.rejects(failingLate, /coordinator unreachable/);
-  const count = async () => Number((await admin.query(`SELECT count(*) AS n FROM ${barrier.table}`)).rows[0].n);
-  assert.equal(await count(), 600, 'every chunk is asked before anything is deleted');
-  const sizes = [];
-  const evens = await barrier.prune({
-    olderThanMs: 7 * DAY_MS,
-    ended: async (sagaIds) => {
-      sizes.push(sagaIds.length);
-      const even = sagaIds.filter((id) => Number(id.slice(5)) % 2 === 0);
-      // saga-9999 has no row: an id that was not a candidate is ignored.
-      return sizes.length === 1 ? [...even, 'saga-9999'] : even;
-    },
-  });
-  assert.deepEqual(sizes, [500, 100]);
-  assert.equal(evens, 300);
-  const left = (await admin.query(`SELECT saga_id FROM ${barrier.table}`)).rows.map((row) => row.saga_id);
-  assert.equal(left.length, 300);
-  assert.ok(left.includes('saga-0599'));
-  assert.ok(left.every((id) => Number(id.slice(5)) % 2 === 1));
-});
-
-test('after a prune, a duplicate of a call within the window is still absorbed', { skip }, async (t) => {
-  const { barrier, callSeen } = await prunable(t);
-  await callSeen('recent', 6);
-  await callSeen('old', 8);
-  assert.equal(await barrier.prune({ olderThanMs: 7 * DAY_MS }), 1);
-  let prepared = 0;
-  const prepare = () => {
-    prepared += 1;
-    return async () => Buffer.from('charged again');
-  };
-  const duplicate = await barrier.run(sagaKey('recent'), prepare);
-  assert.equal(duplicate.kind, OutcomeKind.REPLAYED);
-  assert.equal(duplicate.output.toString(), 'charged recent');
-  assert.equal(prepared, 0, 'the handler is not run again');
-  // Beyond the window the row is gone, and a duplicate would apply again: why the minimum.
-  assert.equal((await barrier.run(sagaKey('old'), prepare)).kind, OutcomeKind.APPLIED);
-  assert.equal(prepared, 1);
+pruneContract(prunable, {
+  skip,
+  chunksInEndedTest: true,
+  async moreRefusals(barrier) {
+    await assert.rejects(barrier.prune({ olderThanMs: 30 * DAY_MS, ended: 'old' }), TypeError);
+  },
 });
